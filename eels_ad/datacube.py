@@ -1,0 +1,288 @@
+"""The datacube convention: an EELS spectrum image as a labelled :class:`xarray.DataArray`.
+
+A datacube has dims ``("y", "x", "energy")``; ``energy`` is a strictly increasing, uniform
+coordinate in eV; ``attrs["units"]`` is ``"counts"``. Line scans and single spectra are cubes with
+size-1 spatial dims, so every function in eels-ad sees one shape of data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import numpy as np
+import xarray as xr
+
+DIMS: tuple[str, str, str] = ("y", "x", "energy")
+"""The dims of every datacube, in this order."""
+
+ENERGY_UNIT_TOLERANCE = 1e-3
+"""Largest allowed spread of the energy steps, relative to the mean step (dispersion)."""
+
+NegativePolicy = Literal["raise", "clip", "allow"]
+
+
+def as_datacube(
+    counts: np.ndarray | Sequence,
+    energy: np.ndarray | Sequence | None = None,
+    *,
+    energy_offset: float | None = None,
+    dispersion: float | None = None,
+    y: np.ndarray | Sequence | None = None,
+    x: np.ndarray | Sequence | None = None,
+    spatial_units: str = "px",
+    attrs: Mapping[str, Any] | None = None,
+    negative: NegativePolicy = "raise",
+    name: str = "counts",
+) -> xr.DataArray:
+    """Build a validated datacube from a numpy array of counts.
+
+    Parameters
+    ----------
+    counts
+        Array of shape ``(y, x, energy)``. A 1-D array is taken as a single spectrum and a 2-D
+        array as a line scan ``(x, energy)``; both get size-1 spatial dims.
+    energy
+        Energy-loss of each channel in eV (strictly increasing, uniform). Alternatively give
+        ``energy_offset`` and ``dispersion``.
+    energy_offset, dispersion
+        Energy of the first channel and eV per channel, used when ``energy`` is not given.
+    y, x
+        Spatial coordinates (default: pixel indices).
+    spatial_units
+        Units of ``y`` and ``x`` (``"px"`` for indices, ``"nm"`` when calibrated).
+    attrs
+        Acquisition metadata to keep (beam energy, dwell time, source file ...).
+    negative
+        What to do with negative counts: ``"raise"`` (default), ``"clip"`` them to zero (for
+        dark-reference-corrected data) or ``"allow"`` them.
+    name
+        Name of the DataArray.
+
+    Returns
+    -------
+    xarray.DataArray
+        The validated datacube with dims ``("y", "x", "energy")``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> cube = as_datacube(np.ones((2, 3, 4)), energy_offset=700.0, dispersion=0.25)
+    >>> cube.dims, float(cube.energy[-1])
+    (('y', 'x', 'energy'), 700.75)
+    """
+    array = np.asarray(counts)
+    if array.ndim == 1:
+        array = array[np.newaxis, np.newaxis, :]
+    elif array.ndim == 2:
+        array = array[np.newaxis, :, :]
+    elif array.ndim != 3:
+        raise ValueError(
+            f"counts must have 1 (spectrum), 2 (line scan) or 3 (y, x, energy) dims, got shape {array.shape}"
+        )
+    n_channels = array.shape[2]
+    if energy is None:
+        if energy_offset is None or dispersion is None:
+            raise ValueError("give either `energy` or both `energy_offset` and `dispersion` (eV)")
+        if not dispersion > 0:
+            raise ValueError(f"dispersion must be > 0 eV per channel, got {dispersion}")
+        energy = energy_offset + dispersion * np.arange(n_channels)
+    energy = np.asarray(energy, dtype=float)
+    if energy.shape != (n_channels,):
+        raise ValueError(
+            f"energy has {energy.size} values but counts has {n_channels} channels (last axis)"
+        )
+    coords: dict[str, Any] = {"energy": ("energy", energy, {"units": "eV", "long_name": "energy loss"})}
+    for dim, values, size in (("y", y, array.shape[0]), ("x", x, array.shape[1])):
+        values = np.arange(size) if values is None else np.asarray(values)
+        if values.shape != (size,):
+            raise ValueError(f"{dim} has {values.size} values but counts has {size} along {dim}")
+        coords[dim] = (dim, values, {"units": spatial_units})
+    cube_attrs = {"units": "counts", "long_name": "electron counts"}
+    cube_attrs.update(attrs or {})
+    cube = xr.DataArray(array, dims=DIMS, coords=coords, attrs=cube_attrs, name=name)
+    return validate(cube, negative=negative)
+
+
+def validate(cube: xr.DataArray, *, negative: NegativePolicy = "raise") -> xr.DataArray:
+    """Check that ``cube`` follows the datacube convention and return it.
+
+    Parameters
+    ----------
+    cube
+        The spectrum image to check.
+    negative
+        ``"raise"`` on negative counts (default), ``"clip"`` them to zero (the count of clipped
+        voxels is kept in ``attrs["clipped_negative_voxels"]``) or ``"allow"`` them.
+
+    Returns
+    -------
+    xarray.DataArray
+        ``cube`` itself, or a clipped copy when ``negative="clip"`` and there were negatives.
+
+    Raises
+    ------
+    TypeError
+        Not a DataArray, or not a numeric dtype.
+    ValueError
+        Wrong dims, an empty axis, non-finite values, an energy axis that is missing, not strictly
+        increasing or not uniform, or negative counts (with ``negative="raise"``).
+    """
+    if not isinstance(cube, xr.DataArray):
+        raise TypeError(f"a datacube must be an xarray.DataArray, got {type(cube).__name__}")
+    if tuple(cube.dims) != DIMS:
+        raise ValueError(
+            f"a datacube must have dims {DIMS} in this order, got {tuple(cube.dims)}; "
+            "use cube.transpose('y', 'x', 'energy') or as_datacube()"
+        )
+    for dim, size in zip(DIMS, cube.shape, strict=True):
+        if size == 0:
+            raise ValueError(f"the {dim!r} axis of the datacube is empty")
+    if not (np.issubdtype(cube.dtype, np.number) and not np.issubdtype(cube.dtype, np.complexfloating)):
+        raise TypeError(f"datacube values must be real numbers, got dtype {cube.dtype}")
+    if "energy" not in cube.coords:
+        raise ValueError("the datacube has no 'energy' coordinate (eV)")
+    energy = np.asarray(cube["energy"].values, dtype=float)
+    if not np.all(np.isfinite(energy)):
+        raise ValueError("the energy axis has non-finite values")
+    if energy.size > 1:
+        steps = np.diff(energy)
+        if np.any(steps <= 0):
+            bad = int(np.argmax(steps <= 0))
+            raise ValueError(
+                f"the energy axis must be strictly increasing; channel {bad + 1} "
+                f"({energy[bad + 1]:.4f} eV) does not exceed channel {bad} ({energy[bad]:.4f} eV)"
+            )
+        mean_step = (energy[-1] - energy[0]) / (energy.size - 1)
+        spread = float(np.max(np.abs(steps - mean_step)))
+        if spread > ENERGY_UNIT_TOLERANCE * mean_step:
+            raise ValueError(
+                f"the energy axis must be uniform: steps range from {steps.min():.6g} to "
+                f"{steps.max():.6g} eV; resample it onto a uniform grid first"
+            )
+    if np.issubdtype(cube.dtype, np.floating):
+        finite = np.isfinite(cube.values)
+        if not finite.all():
+            n_bad = int(finite.size - np.count_nonzero(finite))
+            where = np.argwhere(~finite)[0]
+            raise ValueError(
+                f"the datacube has {n_bad} non-finite values (NaN or inf), the first at "
+                f"y={where[0]}, x={where[1]}, energy index {where[2]}"
+            )
+    if negative not in ("raise", "clip", "allow"):
+        raise ValueError(f"negative must be 'raise', 'clip' or 'allow', got {negative!r}")
+    if negative != "allow":
+        n_negative = int(np.count_nonzero(cube.values < 0))
+        if n_negative:
+            if negative == "raise":
+                raise ValueError(
+                    f"the datacube has {n_negative} negative counts (minimum {float(cube.min()):.4g}); "
+                    "dark-reference-corrected data has some: pass negative='clip' to set them to 0"
+                )
+            cube = cube.clip(min=0)
+            cube.attrs["clipped_negative_voxels"] = n_negative
+    return cube
+
+
+def energy_axis(cube: xr.DataArray) -> tuple[float, float, int]:
+    """Return ``(offset, dispersion, size)`` of the energy axis in eV."""
+    energy = np.asarray(cube["energy"].values, dtype=float)
+    dispersion = float((energy[-1] - energy[0]) / (energy.size - 1)) if energy.size > 1 else float("nan")
+    return float(energy[0]), dispersion, int(energy.size)
+
+
+@xr.register_dataarray_accessor("eels")
+class EELSAccessor:
+    """Everyday operations on a datacube: ``cube.eels.<method>``.
+
+    Examples
+    --------
+    >>> import numpy as np, eels_ad
+    >>> cube = eels_ad.as_datacube(np.ones((4, 4, 8)), energy_offset=700.0, dispersion=0.5)
+    >>> cube.eels.crop(701, 702).sizes["energy"]
+    3
+    >>> float(cube.eels.total_counts().sum())
+    128.0
+    """
+
+    def __init__(self, cube: xr.DataArray) -> None:
+        self._cube = cube
+
+    @property
+    def dispersion(self) -> float:
+        """Energy step in eV per channel."""
+        return energy_axis(self._cube)[1]
+
+    @property
+    def offset(self) -> float:
+        """Energy of the first channel in eV."""
+        return energy_axis(self._cube)[0]
+
+    @property
+    def n_pixels(self) -> int:
+        """Number of spectra (y x x)."""
+        return int(self._cube.sizes["y"] * self._cube.sizes["x"])
+
+    def validate(self, *, negative: NegativePolicy = "raise") -> xr.DataArray:
+        """Validate the cube (see :func:`validate`)."""
+        return validate(self._cube, negative=negative)
+
+    def crop(self, e_min: float | None = None, e_max: float | None = None) -> xr.DataArray:
+        """Keep the channels with ``e_min <= energy <= e_max`` (eV)."""
+        cropped = self._cube.sel(energy=slice(e_min, e_max))
+        if cropped.sizes["energy"] == 0:
+            lo, hi = float(self._cube.energy[0]), float(self._cube.energy[-1])
+            raise ValueError(f"energy range ({e_min}, {e_max}) eV holds no channel of the cube ({lo}-{hi} eV)")
+        return cropped
+
+    def bin(self, y: int = 1, x: int = 1, energy: int = 1) -> xr.DataArray:
+        """Sum neighbouring pixels and/or channels (counts add; a ragged edge is dropped)."""
+        factors = {"y": y, "x": x, "energy": energy}
+        for dim, factor in factors.items():
+            if int(factor) != factor or factor < 1:
+                raise ValueError(f"binning factor for {dim!r} must be a positive integer, got {factor}")
+            if factor > self._cube.sizes[dim]:
+                raise ValueError(f"binning factor {factor} exceeds the {dim!r} size {self._cube.sizes[dim]}")
+        binned = self._cube.coarsen({d: f for d, f in factors.items() if f > 1}, boundary="trim").sum()
+        binned.attrs = dict(self._cube.attrs)
+        return binned.transpose(*DIMS)
+
+    def total_counts(self, energy_range: tuple[float, float] | None = None) -> xr.DataArray:
+        """Map (y, x) of the counts summed over the whole axis or an ``(e_min, e_max)`` window."""
+        cube = self._cube if energy_range is None else self.crop(*energy_range)
+        total = cube.sum("energy")
+        total.name = "total_counts"
+        total.attrs = {"units": "counts", "energy_range": list(energy_range) if energy_range else "all"}
+        return total
+
+    def mean_spectrum(self, mask: xr.DataArray | np.ndarray | None = None) -> xr.DataArray:
+        """Mean spectrum over all pixels or over the pixels where ``mask`` is True."""
+        if mask is None:
+            return self._cube.mean(("y", "x"))
+        mask = as_mask(mask, self._cube)
+        if not bool(mask.any()):
+            raise ValueError("the mask selects no pixel")
+        return self._cube.where(mask).mean(("y", "x"))
+
+    def spectra(self, mask: xr.DataArray | np.ndarray | None = None) -> np.ndarray:
+        """The spectra as a 2-D array (pixels, channels), optionally only where ``mask`` is True."""
+        values = np.asarray(self._cube.values).reshape(self.n_pixels, -1)
+        if mask is None:
+            return values
+        return values[np.asarray(as_mask(mask, self._cube)).ravel()]
+
+
+def as_mask(mask: xr.DataArray | np.ndarray, cube: xr.DataArray) -> xr.DataArray:
+    """Turn a (y, x) boolean array into a DataArray aligned with ``cube``, checking its shape."""
+    shape = (cube.sizes["y"], cube.sizes["x"])
+    if isinstance(mask, xr.DataArray):
+        values = mask.transpose("y", "x").values
+    else:
+        values = np.asarray(mask)
+    if values.shape != shape:
+        raise ValueError(f"mask has shape {values.shape} but the cube has (y, x) = {shape}")
+    if values.dtype != bool:
+        raise TypeError(f"mask must be boolean, got dtype {values.dtype}")
+    return xr.DataArray(values, dims=("y", "x"), coords={"y": cube["y"], "x": cube["x"]})
+
+

@@ -1,0 +1,28 @@
+"""Anomaly detection: learn the bulk, score every pixel, threshold the score map.
+
+Every detector follows one contract (scikit-learn style): ``fit(cube, mask=None)`` returns the
+detector, ``score(cube)`` gives a (y, x) DataArray (higher = more anomalous), ``reconstruct(cube)``
+the bulk model of each spectrum, ``predict(cube)`` boolean labels, ``save(path)``/``load(path)``.
+"""
+
+from ._base import BaseDetector, NotFittedError
+from ._scores import SCORES, one_minus_correlation, pearson_residual, poisson_deviance
+from .pca import PCADetector
+from .sklearn import SklearnDetector
+from .threshold import bimodality, choose_threshold, false_alarm_threshold, gmm_threshold, otsu_threshold
+
+__all__ = [
+    "SCORES",
+    "BaseDetector",
+    "NotFittedError",
+    "PCADetector",
+    "SklearnDetector",
+    "bimodality",
+    "choose_threshold",
+    "false_alarm_threshold",
+    "gmm_threshold",
+    "one_minus_correlation",
+    "otsu_threshold",
+    "pearson_residual",
+    "poisson_deviance",
+]

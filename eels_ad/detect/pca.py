@@ -1,0 +1,224 @@
+"""PCA of the bulk spectra, with Keenan-Kotula Poisson noise normalisation: the baseline detector."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import numpy as np
+
+from ._base import BaseDetector
+from .threshold import ThresholdMethod
+
+
+class PCADetector(BaseDetector):
+    """Anomalies are spectra the principal components of the bulk cannot reconstruct.
+
+    With ``poisson_normalize=True`` (default) the unfolded spectra X (pixels x channels) are
+    weighted as Keenan & Kotula do (and HyperSpy's ``decomposition(normalize_poissonian_noise=True)``):
+    divided by sqrt(g_i h_j), g the pixel totals and h the channel totals, scaled so that Poisson noise
+    has unit variance, without centring; a spectrum is projected in that space and rescaled. With
+    ``poisson_normalize=False`` it is plain centred, unweighted PCA.
+
+    The fit accumulates the channels x channels cross-product matrix over chunks of pixels, so a cube
+    larger than memory (a dask-backed DataArray) is fitted exactly with one chunk in memory at a time.
+
+    Parameters
+    ----------
+    n_components
+        Number of components, or ``"auto"``: the components whose eigenvalue rises above the
+        Marchenko-Pastur edge of pure noise, ``sigma**2 (1 + sqrt(channels / pixels))**2`` times
+        ``1 + auto_margin`` (``sigma**2`` = 1 after Poisson normalisation, the mean count otherwise),
+        at most ``max_components``.
+    poisson_normalize
+        Keenan-Kotula weighting (True) or plain centred PCA (False).
+    energy_range
+        ``(e_min, e_max)`` eV of the channels to model (default: all).
+    scoring
+        ``"deviance"`` (mean Poisson deviance, default), ``"residual"`` (RMS Pearson residual) or
+        ``"correlation"`` (1 - Pearson r, as Sultanov et al.).
+    score_range
+        ``(e_min, e_max)`` eV of the channels that enter the score (default: the fitted ones).
+    threshold
+        ``"auto"`` (default: the larger of the GMM crossing and the ``false_alarm_rate`` quantile of the
+        training scores), ``"otsu"``, ``"gmm"``, ``"fpr"`` or a number; see
+        :func:`~eels_ad.detect.choose_threshold`.
+    false_alarm_rate
+        For ``threshold="fpr"``.
+    max_components, auto_margin
+        For ``n_components="auto"``.
+    robust
+        Train on a cube that may hold anomalies: after each fit, drop the training spectra whose
+        component scores are outliers (robust Mahalanobis distance of a minimum covariance
+        determinant fit above the ``robust_quantile`` of chi-squared) and fit again, up to 3 times.
+        A few anomalous pixels otherwise get a component of their own and are reconstructed well.
+    robust_quantile
+        For ``robust``.
+    chunk_pixels
+        Pixels per chunk when fitting and scoring.
+
+    Attributes
+    ----------
+    components_ : ndarray (n_components, channels)
+        Principal axes in the (weighted) channel space.
+    explained_variance_ratio_ : ndarray
+        Fraction of the (weighted) variance of each component; all components, not only those kept.
+    n_components_ : int
+        Number of components kept.
+    n_trimmed_ : int
+        Training spectra left out as outliers by ``robust`` (0 otherwise).
+    channel_weights_ : ndarray (channels,)
+        sqrt of the mean bulk spectrum (Poisson) or ones.
+    mean_ : ndarray (channels,)
+        Mean bulk spectrum (zeros when ``poisson_normalize``: no centring).
+    energy_ : ndarray
+        The fitted energy axis in eV.
+    training_scores_ : ndarray
+        Scores of the training spectra.
+
+    Examples
+    --------
+    >>> import eels_ad
+    >>> from eels_ad.detect import PCADetector
+    >>> bulk = eels_ad.simulate_fe_l23((24, 24), anomaly_fraction=0.0, seed=1)["counts"]
+    >>> test = eels_ad.simulate_fe_l23((24, 24), anomaly_fraction=0.02, shift=1.0, seed=2)
+    >>> det = PCADetector(n_components=3).fit(bulk)
+    >>> scores = det.score(test["counts"])
+    >>> bool(scores.where(test.anomaly).min() > scores.where(~test.anomaly).median())
+    True
+    """
+
+    def __init__(
+        self,
+        n_components: int | str = "auto",
+        *,
+        poisson_normalize: bool = True,
+        energy_range: tuple[float, float] | None = None,
+        scoring: str = "deviance",
+        score_range: tuple[float, float] | None = None,
+        threshold: ThresholdMethod | float = "auto",
+        false_alarm_rate: float = 0.001,
+        max_components: int = 20,
+        auto_margin: float = 0.1,
+        robust: bool = False,
+        robust_quantile: float = 0.999,
+        chunk_pixels: int = 8192,
+    ) -> None:
+        super().__init__(energy_range=energy_range, scoring=scoring, score_range=score_range,
+                         threshold=threshold, false_alarm_rate=false_alarm_rate, chunk_pixels=chunk_pixels)
+        self.n_components = n_components
+        self.poisson_normalize = poisson_normalize
+        self.max_components = max_components
+        self.auto_margin = auto_margin
+        self.robust = robust
+        self.robust_quantile = robust_quantile
+
+    def _fit_spectra(
+        self, chunks: Callable[[], Iterator[np.ndarray]], energy: np.ndarray, n_train: int
+    ) -> np.ndarray | None:
+        self._fit_once(chunks, energy, n_train)
+        self.n_trimmed_ = 0
+        if not self.robust:
+            return None
+        from scipy import stats
+        from sklearn.covariance import MinCovDet
+
+        keep_all: np.ndarray | None = None
+        for _ in range(3):
+            coefficients = np.concatenate([self._coefficients(s) for s in chunks()])
+            # the first Poisson component is the mean spectrum x thickness: leave it out
+            features = coefficients[:, 1:] if self.poisson_normalize and coefficients.shape[1] > 1 else coefficients
+            distance = MinCovDet(random_state=0).fit(features).mahalanobis(features)
+            keep = distance <= stats.chi2.ppf(self.robust_quantile, features.shape[1])
+            if keep_all is not None and np.array_equal(keep, keep_all):
+                break
+            keep_all = keep
+            kept_chunks = self._split_like(chunks, keep)
+            self._fit_once(kept_chunks, energy, int(keep.sum()))
+            self.n_trimmed_ = int((~keep).sum())
+        return keep_all
+
+    @staticmethod
+    def _split_like(chunks: Callable[[], Iterator[np.ndarray]], keep: np.ndarray):
+        def kept() -> Iterator[np.ndarray]:
+            start = 0
+            for spectra in chunks():
+                yield spectra[keep[start:start + spectra.shape[0]]]
+                start += spectra.shape[0]
+        return kept
+
+    def _coefficients(self, spectra: np.ndarray) -> np.ndarray:
+        """Component scores of spectra, per unit pixel weight."""
+        weighted = (spectra - self.mean_) / self.channel_weights_
+        if self.poisson_normalize:
+            weighted = weighted / np.sqrt(np.maximum(spectra.sum(axis=1, keepdims=True), 1e-12))
+        return weighted @ self.components_.T
+
+    def _fit_once(self, chunks: Callable[[], Iterator[np.ndarray]], energy: np.ndarray, n_train: int) -> None:
+        if not (self.n_components == "auto" or (isinstance(self.n_components, (int, np.integer))
+                                                and self.n_components >= 1)):
+            raise ValueError(f"n_components must be a positive integer or 'auto', got {self.n_components!r}")
+        n_channels = energy.size
+        # pass 1: channel totals (Poisson weights) or the mean (centring)
+        channel_sum = np.zeros(n_channels)
+        total = 0.0
+        for spectra in chunks():
+            channel_sum += spectra.sum(axis=0)
+            total += spectra.sum()
+        mean_spectrum = channel_sum / n_train
+        if self.poisson_normalize:
+            if total <= 0:
+                raise ValueError("the training spectra hold no counts: Poisson normalisation needs counts")
+            # weights such that x_ij / (sqrt(g_i) w_j) has unit Poisson variance: mu_ij ~ g_i h_j / T
+            channel_weights = np.sqrt(np.maximum(channel_sum / total, 1e-12))
+            mean = np.zeros(n_channels)
+        else:
+            channel_weights = np.ones(n_channels)
+            mean = mean_spectrum
+        # pass 2: the cross-product matrix in the weighted space
+        gram = np.zeros((n_channels, n_channels))
+        for spectra in chunks():
+            if self.poisson_normalize:
+                pixel_totals = np.maximum(spectra.sum(axis=1, keepdims=True), 1e-12)
+                weighted = spectra / np.sqrt(pixel_totals) / channel_weights
+            else:
+                weighted = spectra - mean
+            gram += weighted.T @ weighted
+        eigenvalues, eigenvectors = np.linalg.eigh(gram / n_train)
+        order = np.argsort(eigenvalues)[::-1]
+        eigenvalues = np.maximum(eigenvalues[order], 0.0)
+        eigenvectors = eigenvectors[:, order]
+        if self.n_components == "auto":
+            noise_variance = 1.0 if self.poisson_normalize else max(float(mean_spectrum.mean()), 1e-12)
+            edge = noise_variance * (1 + np.sqrt(n_channels / n_train)) ** 2 * (1 + self.auto_margin)
+            n_keep = int(np.clip(np.sum(eigenvalues > edge), 1, self.max_components))
+            self.noise_edge_ = float(edge)
+        else:
+            n_keep = int(self.n_components)
+            if n_keep > min(n_channels, n_train):
+                raise ValueError(
+                    f"n_components={n_keep} exceeds min(channels, training spectra) = {min(n_channels, n_train)}"
+                )
+        self.eigenvalues_ = eigenvalues
+        self.explained_variance_ratio_ = eigenvalues / eigenvalues.sum() if eigenvalues.sum() > 0 else eigenvalues
+        self.components_ = eigenvectors[:, :n_keep].T.copy()
+        self.n_components_ = n_keep
+        self.channel_weights_ = channel_weights
+        self.mean_ = mean
+
+    def _reconstruct_spectra(self, spectra: np.ndarray) -> np.ndarray:
+        # a pixel's own weight sqrt(g_i) cancels in projection then rescaling, so each spectrum is
+        # reconstructed from itself alone (scores never depend on the rest of the cube)
+        weighted = (spectra - self.mean_) / self.channel_weights_
+        projected = (weighted @ self.components_.T) @ self.components_
+        return projected * self.channel_weights_ + self.mean_
+
+    def _state(self) -> dict[str, np.ndarray]:
+        return {
+            "components_": self.components_, "channel_weights_": self.channel_weights_, "mean_": self.mean_,
+            "eigenvalues_": self.eigenvalues_, "explained_variance_ratio_": self.explained_variance_ratio_,
+        }
+
+    def _set_state(self, state: dict[str, np.ndarray]) -> None:
+        for name, value in state.items():
+            setattr(self, name, np.asarray(value))
+        self.n_components_ = int(self.components_.shape[0])

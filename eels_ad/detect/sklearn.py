@@ -1,0 +1,68 @@
+"""Any scikit-learn (or PyOD) outlier detector as an eels-ad detector."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import numpy as np
+
+from ._base import BaseDetector
+from .threshold import ThresholdMethod
+
+
+class SklearnDetector(BaseDetector):
+    """Wrap an estimator with ``fit(X)`` and ``score_samples(X)`` (higher = more normal).
+
+    Spectra are divided by their total counts (so thickness does not count as an anomaly) and
+    square-rooted (Anscombe-like variance stabilisation) before they reach the estimator.
+    ``reconstruct`` is not available: such models do not reconstruct spectra.
+
+    Parameters
+    ----------
+    estimator
+        E.g. ``sklearn.ensemble.IsolationForest(random_state=0)``; it is fitted in place.
+    energy_range, threshold, false_alarm_rate, chunk_pixels
+        As for :class:`~eels_ad.detect.PCADetector`.
+
+    Examples
+    --------
+    >>> from sklearn.ensemble import IsolationForest
+    >>> det = SklearnDetector(IsolationForest(random_state=0))
+    """
+
+    def __init__(
+        self,
+        estimator,
+        *,
+        energy_range: tuple[float, float] | None = None,
+        threshold: ThresholdMethod | float = "auto",
+        false_alarm_rate: float = 0.001,
+        chunk_pixels: int = 8192,
+    ) -> None:
+        super().__init__(energy_range=energy_range, scoring="deviance", threshold=threshold,
+                         false_alarm_rate=false_alarm_rate, chunk_pixels=chunk_pixels)
+        self.estimator = estimator
+
+    @staticmethod
+    def _features(spectra: np.ndarray) -> np.ndarray:
+        totals = np.maximum(spectra.sum(axis=1, keepdims=True), 1e-12)
+        return np.sqrt(np.maximum(spectra, 0.0) / totals)
+
+    def _fit_spectra(self, chunks: Callable[[], Iterator[np.ndarray]], energy: np.ndarray, n_train: int) -> None:
+        self.estimator.fit(np.concatenate([self._features(s) for s in chunks()]))
+        return None
+
+    def _score_array(self, cube) -> np.ndarray:
+        scores = np.empty((cube.sizes["y"], cube.sizes["x"]))
+        for block, _, spectra in self._pixel_chunks(cube):
+            scores[block] = -self.estimator.score_samples(self._features(spectra)).reshape(-1, cube.sizes["x"])
+        return scores
+
+    def _reconstruct_spectra(self, spectra: np.ndarray) -> np.ndarray:
+        raise NotImplementedError(f"{type(self.estimator).__name__} does not reconstruct spectra")
+
+    def get_params(self) -> dict:
+        params = super().get_params()
+        params.pop("scoring", None)
+        params.pop("score_range", None)
+        return params

@@ -1,0 +1,505 @@
+"""Ground-truth Fe L2,3 spectrum images with injected anomalies.
+
+The simulator builds, for every pixel, the expected counts
+
+    t(y, x) * [ B * (E / E_ref)^-r  +  c(y, x) * F(E - dE(y, x)) ]
+
+where ``t`` is a smooth thickness (intensity) map, the first term the power-law background, ``c`` a
+smooth Fe concentration map and ``F`` the Fe L2,3 edge: two white lines (Voigt profiles: Lorentzian
+lifetime broadening convolved with the Gaussian energy resolution) with a chosen L3/L2 area ratio,
+on arctan continuum steps with the 2:1 statistical weights of L3 and L2. Channels integrate the
+model over their width. The cube is scaled so that the mean pre-edge count per channel equals the
+``dose``, then drawn with Poisson noise, or gamma-Poisson (negative-binomial) noise when
+``overdispersion > 0`` (variance ``mu + overdispersion * mu**2``).
+
+Anomalies (a chemical shift of the whole edge, a change of the L3/L2 ratio, a change of Fe
+intensity) are injected in an exact fraction of pixels laid out as single pixels, blobs or a line,
+and returned with their ground truth. :func:`roll_l3_window` reproduces the anomaly protocol of
+Sultanov, Buban & Klie (arXiv:2412.16200): a circular roll of the L3 peak window.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import xarray as xr
+from scipy import ndimage, special
+from scipy.interpolate import CubicSpline
+
+from .datacube import DIMS, validate
+
+Layout = Literal["pixels", "clusters", "line"]
+
+DEFAULT_ENERGY = 670.0 + 0.25 * np.arange(320)
+"""Default energy axis: 670 - 749.75 eV at 0.25 eV per channel (320 channels)."""
+
+FE_L3_ONSET = 708.5
+"""Energy of the Fe L3 white-line maximum in eV (Fe2+, wustite-like)."""
+
+FE_SPIN_ORBIT = 12.9
+"""L2 - L3 separation of Fe in eV."""
+
+_OVERSAMPLE = 8
+
+
+def _voigt(energy: np.ndarray, centre: float, lorentz_hwhm: float, gauss_sigma: float) -> np.ndarray:
+    return special.voigt_profile(energy - centre, gauss_sigma, lorentz_hwhm)
+
+
+def fe_l23_edge(
+    energy: np.ndarray,
+    *,
+    l3: float = FE_L3_ONSET,
+    spin_orbit: float = FE_SPIN_ORBIT,
+    l3_l2_ratio: float = 4.0,
+    white_line_area: float = 4.0,
+    continuum: float = 1.0,
+    l3_width: float = 0.6,
+    l2_width: float = 1.0,
+    energy_resolution: float = 1.0,
+) -> np.ndarray:
+    """Noise-free Fe L2,3 edge (no background), evaluated at the given energies.
+
+    Parameters
+    ----------
+    energy
+        Energies in eV.
+    l3
+        Position of the L3 white line in eV; L2 lies ``spin_orbit`` eV above.
+    spin_orbit
+        L2 - L3 separation in eV.
+    l3_l2_ratio
+        Ratio of the L3 to the L2 white-line areas (about 4 for Fe2+, 5 for Fe3+).
+    white_line_area
+        Total white-line area in units of the continuum step height x 1 eV.
+    continuum
+        Height of the continuum step far above the edge (2/3 from L3, 1/3 from L2).
+    l3_width, l2_width
+        Lorentzian half widths (lifetime broadening) of the white lines in eV.
+    energy_resolution
+        Full width at half maximum of the Gaussian energy resolution in eV.
+
+    Returns
+    -------
+    numpy.ndarray
+        The edge, same shape as ``energy``.
+    """
+    if l3_l2_ratio <= 0:
+        raise ValueError(f"l3_l2_ratio must be > 0, got {l3_l2_ratio}")
+    if energy_resolution <= 0:
+        raise ValueError(f"energy_resolution must be > 0 eV, got {energy_resolution}")
+    energy = np.asarray(energy, dtype=float)
+    sigma = energy_resolution / (2.0 * np.sqrt(2.0 * np.log(2.0)))
+    l2 = l3 + spin_orbit
+    a3 = white_line_area * l3_l2_ratio / (1.0 + l3_l2_ratio)
+    a2 = white_line_area / (1.0 + l3_l2_ratio)
+    step_width = np.hypot(energy_resolution, 2 * l3_width) / 2
+    step = (2.0 / 3.0) * (0.5 + np.arctan((energy - l3) / step_width) / np.pi)
+    step += (1.0 / 3.0) * (0.5 + np.arctan((energy - l2) / step_width) / np.pi)
+    decay = np.where(energy > l3, (np.maximum(energy, l3) / l3) ** -2.0, 1.0)
+    lines = a3 * _voigt(energy, l3, l3_width, sigma) + a2 * _voigt(energy, l2, l2_width, sigma)
+    return continuum * step * decay + lines
+
+
+def shift_spectrum(values: np.ndarray, energy: np.ndarray, shift: float) -> np.ndarray:
+    """Move spectra along energy by ``shift`` eV with cubic-spline interpolation.
+
+    The value at energy E becomes the old value at ``E - shift``. Energies that come from outside
+    the axis take the nearest end value (never wrapped around, unlike a circular roll).
+
+    Parameters
+    ----------
+    values
+        Spectra with energy on the last axis.
+    energy
+        The energy axis in eV (strictly increasing).
+    shift
+        Shift in eV (positive: towards higher energy loss).
+
+    Returns
+    -------
+    numpy.ndarray
+        The shifted spectra.
+    """
+    energy = np.asarray(energy, dtype=float)
+    if shift == 0:
+        return np.array(values, dtype=float, copy=True)
+    spline = CubicSpline(energy, np.asarray(values, dtype=float), axis=-1, extrapolate=False)
+    source = np.clip(energy - shift, energy[0], energy[-1])
+    return spline(source)
+
+
+def _channel_average(profile_fine: np.ndarray) -> np.ndarray:
+    return profile_fine.reshape(*profile_fine.shape[:-1], -1, _OVERSAMPLE).mean(axis=-1)
+
+
+def _fine_grid(energy: np.ndarray) -> np.ndarray:
+    dispersion = (energy[-1] - energy[0]) / (energy.size - 1) if energy.size > 1 else 0.25
+    offsets = (np.arange(_OVERSAMPLE) + 0.5) / _OVERSAMPLE - 0.5
+    return (energy[:, None] + dispersion * offsets[None, :]).ravel()
+
+
+def smooth_field(
+    shape: tuple[int, int], variation: float, correlation: float, rng: np.random.Generator
+) -> np.ndarray:
+    """A smooth positive random map with mean 1 and relative spread ``variation``.
+
+    ``correlation`` is the correlation length as a fraction of the larger image side.
+    """
+    noise = rng.standard_normal(shape)
+    sigma = max(correlation * max(shape), 0.5)
+    field = ndimage.gaussian_filter(noise, sigma, mode="reflect")
+    spread = field.std()
+    field = (field - field.mean()) / spread if spread > 0 else np.zeros(shape)
+    return np.clip(1.0 + variation * field, 0.05, None)
+
+
+def anomaly_mask(
+    shape: tuple[int, int],
+    fraction: float,
+    layout: Layout = "pixels",
+    *,
+    cluster_radius: float = 2.0,
+    seed: int | np.random.Generator = 0,
+) -> np.ndarray:
+    """Choose exactly ``round(fraction * ny * nx)`` anomalous pixels.
+
+    Parameters
+    ----------
+    shape
+        ``(ny, nx)``.
+    fraction
+        Fraction of anomalous pixels, in [0, 1].
+    layout
+        ``"pixels"``: scattered single pixels; ``"clusters"``: disk-shaped blobs of radius
+        ``cluster_radius`` pixels at random centres; ``"line"``: a band along a random straight line
+        across the image, like a grain boundary.
+    cluster_radius
+        Blob radius in pixels for ``"clusters"``.
+    seed
+        Seed or generator.
+
+    Returns
+    -------
+    numpy.ndarray
+        Boolean mask of shape ``shape``.
+    """
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"anomaly fraction must be in [0, 1], got {fraction}")
+    if layout not in ("pixels", "clusters", "line"):
+        raise ValueError(f"layout must be 'pixels', 'clusters' or 'line', got {layout!r}")
+    rng = np.random.default_rng(seed)
+    ny, nx = shape
+    n_total = ny * nx
+    n_anomalous = int(round(fraction * n_total))
+    mask = np.zeros(n_total, dtype=bool)
+    if n_anomalous == 0:
+        return mask.reshape(shape)
+    yy, xx = np.mgrid[0:ny, 0:nx]
+    if layout == "pixels":
+        mask[rng.choice(n_total, n_anomalous, replace=False)] = True
+    elif layout == "clusters":
+        if cluster_radius <= 0:
+            raise ValueError(f"cluster_radius must be > 0 pixels, got {cluster_radius}")
+        while mask.sum() < n_anomalous:
+            cy, cx = rng.uniform(0, ny), rng.uniform(0, nx)
+            distance = np.hypot(yy - cy + 0.5, xx - cx + 0.5).ravel()
+            inside = np.flatnonzero((distance <= cluster_radius) & ~mask)
+            inside = inside[np.argsort(distance[inside], kind="stable")]
+            mask[inside[: n_anomalous - int(mask.sum())]] = True
+    else:  # line
+        angle = rng.uniform(0, np.pi)
+        cy, cx = rng.uniform(0.3, 0.7) * ny, rng.uniform(0.3, 0.7) * nx
+        distance = np.abs((yy - cy) * np.cos(angle) - (xx - cx) * np.sin(angle)).ravel()
+        distance += 1e-9 * rng.random(n_total)  # break ties at random
+        mask[np.argsort(distance, kind="stable")[:n_anomalous]] = True
+    return mask.reshape(shape)
+
+
+def _oxygen_k_edge(energy: np.ndarray, energy_resolution: float) -> np.ndarray:
+    sigma = energy_resolution / (2.0 * np.sqrt(2.0 * np.log(2.0)))
+    step = 0.5 + np.arctan((energy - 532.0) / 1.0) / np.pi
+    decay = np.where(energy > 532.0, (np.maximum(energy, 532.0) / 532.0) ** -3.0, 1.0)
+    peaks = 1.2 * _voigt(energy, 530.5, 0.5, sigma) + 3.0 * _voigt(energy, 540.0, 2.5, sigma)
+    return step * decay + peaks
+
+
+def simulate_fe_l23(
+    shape: tuple[int, int] = (64, 64),
+    *,
+    energy: np.ndarray | None = None,
+    dose: float = 200.0,
+    edge_jump: float = 0.7,
+    white_line_area: float = 10.0,
+    l3: float = FE_L3_ONSET,
+    l3_l2_ratio: float = 4.0,
+    energy_resolution: float = 1.0,
+    background_exponent: float = 3.0,
+    thickness_variation: float = 0.2,
+    concentration_variation: float = 0.05,
+    correlation_length: float = 0.25,
+    oxygen: bool = False,
+    overdispersion: float = 0.0,
+    anomaly_fraction: float = 0.01,
+    layout: Layout = "pixels",
+    shift: float = 1.0,
+    anomaly_l3_l2_ratio: float | None = None,
+    anomaly_intensity: float = 1.0,
+    cluster_radius: float = 2.0,
+    noise: bool = True,
+    include_expected: bool = False,
+    seed: int = 0,
+) -> xr.Dataset:
+    """Simulate an Fe L2,3 spectrum image with anomalies and their ground truth.
+
+    Parameters
+    ----------
+    shape
+        ``(ny, nx)`` pixels.
+    energy
+        Energy axis in eV (default :data:`DEFAULT_ENERGY`, 670 - 749.75 eV at 0.25 eV).
+    dose
+        Mean counts per channel in the pre-edge window (``l3`` - 15 to ``l3`` - 3 eV), averaged over
+        the image (about 200 in the real Fe-oxide SI; 20 is low dose). Over the whole axis when the
+        axis has no pre-edge channel.
+    edge_jump
+        Height of the Fe continuum step relative to the background just before the edge.
+    white_line_area
+        Area of the two white lines together, in units of the continuum step x 1 eV.
+    l3, l3_l2_ratio, energy_resolution
+        Bulk edge position (eV), white-line area ratio and resolution FWHM (eV); see
+        :func:`fe_l23_edge`.
+    background_exponent
+        ``r`` of the power-law background ``E**-r``.
+    thickness_variation, concentration_variation
+        Relative spread of the smooth thickness map (scales everything) and of the Fe concentration
+        map (scales the edge only).
+    correlation_length
+        Correlation length of those maps as a fraction of the image side.
+    oxygen
+        Add an O K edge near 532 eV (seen only when the axis reaches it).
+    overdispersion
+        Gamma-Poisson over-dispersion ``alpha``: variance ``mu + alpha * mu**2`` (0: pure Poisson).
+    anomaly_fraction
+        Exact fraction of anomalous pixels (rounded to a whole number of pixels).
+    layout
+        ``"pixels"``, ``"clusters"`` or ``"line"`` (see :func:`anomaly_mask`).
+    shift
+        Chemical shift of the whole Fe edge (onset, L3 and L2) in anomalous pixels, eV.
+    anomaly_l3_l2_ratio
+        L3/L2 ratio in anomalous pixels (a valence-like change); ``None`` keeps the bulk ratio.
+    anomaly_intensity
+        Factor on the Fe edge intensity in anomalous pixels.
+    cluster_radius
+        Blob radius in pixels for ``layout="clusters"``.
+    noise
+        Draw counts (True) or return the noise-free expectation as ``counts`` (False).
+    include_expected
+        Also return the noise-free expectation as ``expected``.
+    seed
+        Seed of every random step: the same seed gives the same cube.
+
+    Returns
+    -------
+    xarray.Dataset
+        ``counts`` (y, x, energy), ``anomaly`` (y, x, bool), ``shift`` (y, x, eV) and
+        ``l3_l2_ratio`` (y, x); ``expected`` when asked. ``attrs`` hold every parameter.
+
+    Examples
+    --------
+    >>> sim = simulate_fe_l23((16, 16), shift=1.0, anomaly_fraction=0.05, seed=1)
+    >>> int(sim.anomaly.sum())
+    13
+    """
+    if len(shape) != 2 or min(shape) < 1:
+        raise ValueError(f"shape must be (ny, nx) with positive sizes, got {shape}")
+    if not dose > 0:
+        raise ValueError(f"dose must be > 0 counts per channel, got {dose}")
+    if overdispersion < 0:
+        raise ValueError(f"overdispersion must be >= 0, got {overdispersion}")
+    if anomaly_intensity < 0:
+        raise ValueError(f"anomaly_intensity must be >= 0, got {anomaly_intensity}")
+    energy = DEFAULT_ENERGY.copy() if energy is None else np.asarray(energy, dtype=float)
+    if energy.ndim != 1 or energy.size < 2 or np.any(np.diff(energy) <= 0):
+        raise ValueError("energy must be a strictly increasing 1-D axis of at least 2 channels (eV)")
+    rng = np.random.default_rng(seed)
+    thickness = smooth_field(shape, thickness_variation, correlation_length, rng)
+    concentration = smooth_field(shape, concentration_variation, correlation_length, rng)
+    anomalous = anomaly_mask(shape, anomaly_fraction, layout, cluster_radius=cluster_radius, seed=rng)
+
+    fine = _fine_grid(energy)
+    reference_energy = l3 - 5.0
+    background = _channel_average((fine / reference_energy) ** -background_exponent)
+    if oxygen:
+        background = background + _channel_average(0.6 * _oxygen_k_edge(fine, energy_resolution))
+    # the continuum step is `edge_jump` times the background just before the edge
+    edge_kwargs = dict(
+        l3=l3, white_line_area=white_line_area, energy_resolution=energy_resolution, continuum=edge_jump
+    )
+    bulk_edge_fine = fe_l23_edge(fine, l3_l2_ratio=l3_l2_ratio, **edge_kwargs)
+    anomaly_ratio = l3_l2_ratio if anomaly_l3_l2_ratio is None else anomaly_l3_l2_ratio
+    anomalous_edge_fine = fe_l23_edge(fine, l3_l2_ratio=anomaly_ratio, **edge_kwargs)
+    anomalous_edge_fine = shift_spectrum(anomalous_edge_fine, fine, shift)
+    bulk_edge = _channel_average(bulk_edge_fine)
+    anomalous_edge = _channel_average(anomalous_edge_fine)
+
+    edge_map = concentration * np.where(anomalous, anomaly_intensity, 1.0)
+    expected = thickness[..., None] * (
+        background[None, None, :]
+        + edge_map[..., None] * np.where(anomalous[..., None], anomalous_edge, bulk_edge)
+    )
+    pre_edge = (energy >= l3 - 15.0) & (energy <= l3 - 3.0)
+    dose_window = [float(l3 - 15.0), float(l3 - 3.0)]
+    if not pre_edge.any():
+        pre_edge = np.ones_like(energy, dtype=bool)
+        dose_window = [float(energy[0]), float(energy[-1])]
+    expected *= dose / expected[..., pre_edge].mean()
+
+    if noise:
+        rate = expected
+        if overdispersion > 0:
+            rate = rng.gamma(1.0 / overdispersion, expected * overdispersion)
+        counts = rng.poisson(rate).astype(np.int32)
+    else:
+        counts = expected.astype(np.float64)
+
+    coords = {
+        "y": ("y", np.arange(shape[0]), {"units": "px"}),
+        "x": ("x", np.arange(shape[1]), {"units": "px"}),
+        "energy": ("energy", energy, {"units": "eV", "long_name": "energy loss"}),
+    }
+    attrs = {
+        "simulator": "eels_ad.simulate.simulate_fe_l23",
+        "seed": int(seed),
+        "dose": float(dose),
+        "dose_window_eV": dose_window,
+        "edge_jump": float(edge_jump),
+        "white_line_area": float(white_line_area),
+        "l3_eV": float(l3),
+        "l3_l2_ratio": float(l3_l2_ratio),
+        "energy_resolution_eV": float(energy_resolution),
+        "background_exponent": float(background_exponent),
+        "thickness_variation": float(thickness_variation),
+        "concentration_variation": float(concentration_variation),
+        "oxygen": int(oxygen),
+        "overdispersion": float(overdispersion),
+        "anomaly_fraction": float(anomaly_fraction),
+        "layout": layout,
+        "shift_eV": float(shift),
+        "anomaly_l3_l2_ratio": float(anomaly_ratio),
+        "anomaly_intensity": float(anomaly_intensity),
+        "noise": int(noise),
+    }
+    data_vars = {
+        "counts": (DIMS, counts, {"units": "counts", "long_name": "electron counts"}),
+        "anomaly": (("y", "x"), anomalous, {"long_name": "injected anomaly (ground truth)"}),
+        "shift": (("y", "x"), np.where(anomalous, shift, 0.0), {"units": "eV", "long_name": "edge shift"}),
+        "l3_l2_ratio": (("y", "x"), np.where(anomalous, anomaly_ratio, l3_l2_ratio), {"long_name": "L3/L2"}),
+    }
+    if include_expected:
+        data_vars["expected"] = (DIMS, expected, {"units": "counts", "long_name": "noise-free counts"})
+    return xr.Dataset(data_vars, coords=coords, attrs=attrs)
+
+
+def l3_peak_energy(spectrum: np.ndarray | xr.DataArray, energy: np.ndarray | None = None,
+                   window: tuple[float, float] | None = None) -> float:
+    """Sub-channel position (eV) of the highest peak, by a parabola through its 3 top channels.
+
+    Parameters
+    ----------
+    spectrum
+        One spectrum; a DataArray brings its own ``energy`` coordinate.
+    energy
+        The energy axis when ``spectrum`` is a plain array.
+    window
+        ``(e_min, e_max)`` in eV to search in (default: the whole axis).
+
+    Returns
+    -------
+    float
+        Energy of the maximum in eV.
+    """
+    if isinstance(spectrum, xr.DataArray):
+        energy = spectrum["energy"].values
+    values = np.asarray(spectrum, dtype=float)
+    energy = np.asarray(energy, dtype=float)
+    if values.shape != energy.shape:
+        raise ValueError(f"spectrum has shape {values.shape} but energy has {energy.shape}")
+    inside = np.ones_like(energy, dtype=bool) if window is None else (energy >= window[0]) & (energy <= window[1])
+    if inside.sum() < 3:
+        raise ValueError(f"the window {window} eV holds fewer than 3 channels")
+    index = np.flatnonzero(inside)[np.argmax(values[inside])]
+    index = int(np.clip(index, 1, energy.size - 2))
+    left, centre, right = values[index - 1 : index + 2]
+    curvature = left - 2 * centre + right
+    offset = 0.0 if curvature == 0 else 0.5 * (left - right) / curvature
+    step = energy[index + 1] - energy[index]
+    return float(energy[index] + offset * step)
+
+
+def roll_l3_window(
+    cube: xr.DataArray,
+    shift_channels: int,
+    *,
+    fraction: float = 0.014,
+    layout: Layout = "pixels",
+    half_width: int = 20,
+    peak_window: tuple[float, float] | None = None,
+    seed: int = 0,
+) -> xr.Dataset:
+    """The anomaly protocol of Sultanov, Buban & Klie (arXiv:2412.16200).
+
+    In a random ``fraction`` of pixels the window of ``2 * half_width + 1`` channels centred on the
+    L3 maximum of the mean spectrum is rolled circularly by ``shift_channels`` channels. Unlike a
+    physical chemical shift this wraps intensity from one end of the window to the other; it is
+    here to compare with the paper's numbers side by side.
+
+    Parameters
+    ----------
+    cube
+        A datacube (``validate`` conventions).
+    shift_channels
+        Roll in channels (the paper uses 0.9 to 11.4 eV).
+    fraction, layout, seed
+        The anomalous pixels (see :func:`anomaly_mask`).
+    half_width
+        Channels on each side of the L3 maximum (the paper: 20).
+    peak_window
+        ``(e_min, e_max)`` eV to look for the L3 maximum (default: the whole axis).
+
+    Returns
+    -------
+    xarray.Dataset
+        ``counts``, ``anomaly`` and ``shift`` (eV) like :func:`simulate_fe_l23`.
+    """
+    cube = validate(cube, negative="allow")
+    mean = cube.mean(("y", "x"))
+    energy = cube["energy"].values
+    inside = np.ones(energy.size, dtype=bool)
+    if peak_window is not None:
+        inside = (energy >= peak_window[0]) & (energy <= peak_window[1])
+    peak = int(np.flatnonzero(inside)[np.argmax(mean.values[inside])])
+    lo, hi = peak - half_width, peak + half_width + 1
+    if lo < 0 or hi > energy.size:
+        raise ValueError(
+            f"the L3 window (channel {peak} +/- {half_width}) runs off the energy axis of {energy.size} channels"
+        )
+    mask = anomaly_mask((cube.sizes["y"], cube.sizes["x"]), fraction, layout, seed=seed)
+    counts = cube.values.copy()
+    window = counts[mask, lo:hi]
+    counts[mask, lo:hi] = np.roll(window, shift_channels, axis=-1)
+    dispersion = (energy[-1] - energy[0]) / (energy.size - 1)
+    dataset = xr.Dataset(
+        {
+            "counts": (DIMS, counts, dict(cube.attrs)),
+            "anomaly": (("y", "x"), mask),
+            "shift": (("y", "x"), np.where(mask, shift_channels * dispersion, 0.0), {"units": "eV"}),
+        },
+        coords={d: cube[d] for d in DIMS},
+        attrs={"protocol": "circular roll of the L3 window (arXiv:2412.16200)",
+               "shift_channels": int(shift_channels), "half_width": int(half_width),
+               "window_eV": [float(energy[lo]), float(energy[hi - 1])], "fraction": float(fraction),
+               "seed": int(seed)},
+    )
+    return dataset

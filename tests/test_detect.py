@@ -1,0 +1,231 @@
+import numpy as np
+import pytest
+import xarray as xr
+
+import eels_ad
+from eels_ad import as_datacube
+from eels_ad.detect import (
+    NotFittedError,
+    PCADetector,
+    SklearnDetector,
+    bimodality,
+    choose_threshold,
+    false_alarm_threshold,
+    gmm_threshold,
+    one_minus_correlation,
+    otsu_threshold,
+    pearson_residual,
+    poisson_deviance,
+)
+from eels_ad.evaluate import detection_metrics
+
+
+@pytest.fixture(scope="module")
+def bulk():
+    return eels_ad.simulate_fe_l23((32, 32), anomaly_fraction=0.0, seed=11)["counts"]
+
+
+@pytest.fixture(scope="module")
+def shifted():
+    return eels_ad.simulate_fe_l23((32, 32), anomaly_fraction=0.03, shift=1.0, seed=12)
+
+
+def low_rank_cube(rank=3, shape=(20, 30), channels=50, seed=0):
+    rng = np.random.default_rng(seed)
+    basis = rng.uniform(1, 10, (rank, channels))
+    loadings = rng.uniform(0.5, 2, (shape[0] * shape[1], rank))
+    return as_datacube((loadings @ basis).reshape(*shape, channels), energy_offset=700, dispersion=0.5)
+
+
+@pytest.mark.parametrize("poisson_normalize", [True, False])
+def test_pca_reconstructs_noise_free_low_rank_cube(poisson_normalize):
+    cube = low_rank_cube()
+    detector = PCADetector(n_components=3, poisson_normalize=poisson_normalize).fit(cube)
+    np.testing.assert_allclose(detector.reconstruct(cube).values, cube.values, rtol=1e-8)
+    assert detector.explained_variance_ratio_[:3].sum() == pytest.approx(1.0)
+    if poisson_normalize:  # uncentred: rank 3 needs all 3
+        assert not np.allclose(PCADetector(n_components=2).fit(cube).reconstruct(cube).values, cube.values)
+
+
+def test_auto_components_on_poisson_noise(bulk):
+    detector = PCADetector().fit(bulk)
+    # thickness x (background + edge) and the Fe concentration map: 2 real components
+    assert 2 <= detector.n_components_ <= 3
+    assert detector.eigenvalues_[detector.n_components_] < detector.noise_edge_
+
+
+@pytest.mark.parametrize("scoring", ["deviance", "residual", "correlation"])
+@pytest.mark.parametrize("poisson_normalize", [True, False])
+def test_scores_rank_injected_anomalies_above_bulk(bulk, shifted, scoring, poisson_normalize):
+    detector = PCADetector(n_components=3, poisson_normalize=poisson_normalize, scoring=scoring).fit(bulk)
+    scores = detector.score(shifted["counts"])
+    assert scores.dims == ("y", "x")
+    metrics = detection_metrics(scores, shifted["anomaly"], threshold=np.inf)
+    assert metrics["roc_auc"] > 0.97
+
+
+def test_scores_do_not_depend_on_cube_size(bulk, shifted):
+    detector = PCADetector(n_components=3).fit(bulk)
+    whole = detector.score(shifted["counts"])
+    part = detector.score(shifted["counts"].isel(y=slice(5, 12), x=slice(3, 20)))
+    xr.testing.assert_allclose(whole.isel(y=slice(5, 12), x=slice(3, 20)), part)
+    small_chunks = PCADetector(n_components=3, chunk_pixels=50).fit(bulk)
+    np.testing.assert_allclose(small_chunks.score(shifted["counts"]).values, whole.values, rtol=1e-9)
+    np.testing.assert_allclose(np.abs(small_chunks.components_), np.abs(detector.components_), atol=1e-9)
+
+
+def test_predict_finds_a_one_ev_shift(bulk, shifted):
+    detector = PCADetector().fit(bulk)
+    labels = detector.predict(shifted["counts"])
+    assert labels.dtype == bool
+    metrics = detection_metrics(detector.score(shifted["counts"]), shifted["anomaly"], labels)
+    assert metrics["f1"] > 0.9
+
+
+def test_robust_fit_on_a_contaminated_cube(shifted):
+    naive = PCADetector().fit(shifted["counts"])
+    robust = PCADetector(robust=True).fit(shifted["counts"])
+    naive_auc = detection_metrics(naive.score(shifted["counts"]), shifted["anomaly"], threshold=0)["roc_auc"]
+    robust_scores = robust.score(shifted["counts"])
+    robust_metrics = detection_metrics(robust_scores, shifted["anomaly"], robust.predict(shifted["counts"]))
+    assert robust.n_trimmed_ >= shifted["anomaly"].sum()
+    assert robust_metrics["roc_auc"] > 0.99 > naive_auc
+    assert robust_metrics["f1"] > 0.9
+
+
+def test_mask_selects_training_pixels(shifted):
+    mask = ~shifted["anomaly"]
+    detector = PCADetector(n_components=2).fit(shifted["counts"], mask=mask)
+    assert detector.n_training_spectra_ == int(mask.sum())
+    assert detector.training_scores_.size == int(mask.sum())
+    with pytest.raises(ValueError, match="selects no pixel"):
+        PCADetector().fit(shifted["counts"], mask=np.zeros((32, 32), bool))
+
+
+def test_score_before_fit_is_a_clear_error(shifted):
+    with pytest.raises(NotFittedError, match="not fitted yet: call fit"):
+        PCADetector().score(shifted["counts"])
+
+
+def test_energy_axis_mismatch_names_both_ranges(bulk):
+    detector = PCADetector(n_components=2, energy_range=(690.0, 740.0)).fit(bulk)
+    other = bulk.assign_coords(energy=bulk["energy"] - 30.0)
+    with pytest.raises(ValueError, match=r"640\.000 - 719\.750 eV.*690\.000 - 740\.000 eV"):
+        detector.score(other)
+    # a wider cube on the same grid is fine: the fitted channels are picked out
+    assert detector.score(bulk).shape == (32, 32)
+
+
+def test_bad_parameters():
+    cube = low_rank_cube()
+    with pytest.raises(ValueError, match="scoring must be one of"):
+        PCADetector(scoring="mse").fit(cube)
+    with pytest.raises(ValueError, match="n_components must be"):
+        PCADetector(n_components=0).fit(cube)
+    with pytest.raises(ValueError, match="threshold must be"):
+        PCADetector(threshold="median").fit(cube)
+    with pytest.raises(ValueError, match="energy_range"):
+        PCADetector(energy_range=(750, 700)).fit(cube)
+
+
+def test_save_load_gives_identical_scores(tmp_path, bulk, shifted):
+    detector = PCADetector(n_components=3, energy_range=(690.0, 740.0), threshold="fpr").fit(bulk)
+    path = detector.save(tmp_path / "pca.nc")
+    loaded = PCADetector.load(path)
+    xr.testing.assert_identical(loaded.score(shifted["counts"]), detector.score(shifted["counts"]))
+    assert loaded.threshold_ == detector.threshold_
+    assert loaded.get_params() == detector.get_params()
+    with pytest.raises(FileExistsError):
+        detector.save(path)
+
+
+def test_sklearn_adapter_isolation_forest(bulk, shifted):
+    from sklearn.ensemble import IsolationForest
+
+    detector = SklearnDetector(IsolationForest(n_estimators=50, random_state=0)).fit(bulk)
+    scores = detector.score(shifted["counts"])
+    assert detection_metrics(scores, shifted["anomaly"], threshold=np.inf)["roc_auc"] > 0.5
+    with pytest.raises(NotImplementedError, match="IsolationForest does not reconstruct"):
+        detector.reconstruct(shifted["counts"])
+
+
+# ---- scores ------------------------------------------------------------------------------------
+
+def test_score_functions_by_hand():
+    counts = np.array([[2.0, 0.0, 4.0]])
+    model = np.array([[1.0, 1.0, 4.0]])
+    expected_deviance = 2 * np.mean([2 * np.log(2) - 1, 0 - (0 - 1), 0])
+    assert poisson_deviance(counts, model)[0] == pytest.approx(expected_deviance)
+    assert pearson_residual(counts, model)[0] == pytest.approx(np.sqrt(np.mean([1.0, 1.0, 0.0])))
+    assert one_minus_correlation(model, 3 * model + 1)[0] == pytest.approx(0.0, abs=1e-12)
+    assert one_minus_correlation(model, -model)[0] == pytest.approx(2.0)
+
+
+# ---- thresholds --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def bimodal_sample():
+    rng = np.random.default_rng(3)
+    return np.concatenate([rng.normal(1.0, 0.1, 950), rng.normal(2.0, 0.1, 50)])
+
+
+def test_otsu_and_gmm_split_a_bimodal_sample(bimodal_sample):
+    for threshold in (otsu_threshold(bimodal_sample), gmm_threshold(bimodal_sample),
+                      otsu_threshold(bimodal_sample, log_scale=True)):
+        assert 1.25 < threshold < 1.75
+        assert np.sum(bimodal_sample > threshold) == pytest.approx(50, abs=2)
+
+
+def test_false_alarm_threshold(bimodal_sample):
+    bulk = np.arange(1, 1001, dtype=float)
+    assert false_alarm_threshold(bulk, 0.01) == 991.0
+    with pytest.raises(ValueError, match="false-alarm rate"):
+        false_alarm_threshold(bulk, 0.0)
+
+
+def test_auto_threshold_is_the_larger_of_gmm_and_fpr(bimodal_sample):
+    rng = np.random.default_rng(4)
+    bulk_scores = rng.normal(1.0, 0.1, 5000)
+    auto = choose_threshold(bimodal_sample, "auto", bulk_scores=bulk_scores, false_alarm_rate=0.001)
+    assert auto == max(gmm_threshold(bimodal_sample), false_alarm_threshold(bulk_scores, 0.001))
+    unimodal = rng.normal(1.0, 0.1, 1000)  # no anomalies: GMM splits the bulk, fpr keeps it
+    auto = choose_threshold(unimodal, "auto", bulk_scores=bulk_scores, false_alarm_rate=0.001)
+    assert np.mean(unimodal > auto) < 0.01
+    assert choose_threshold(bimodal_sample, 1.5) == 1.5
+    with pytest.raises(ValueError, match="needs the scores of bulk"):
+        choose_threshold(bimodal_sample, "fpr")
+
+
+def test_bimodality_measures(bimodal_sample):
+    rng = np.random.default_rng(5)
+    two = bimodality(bimodal_sample)
+    one = bimodality(rng.normal(0, 1, 1000))
+    assert two["ashman_d"] > 5 > one["ashman_d"]
+    assert two["coefficient"] > 5 / 9 > one["coefficient"]
+    assert two["upper_weight"] == pytest.approx(0.05, abs=0.01)
+
+
+# ---- metrics -----------------------------------------------------------------------------------
+
+def test_metrics_against_hand_computed_values():
+    scores = np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+    truth = np.array([False, False, True, False, True, True])
+    metrics = detection_metrics(scores, truth, threshold=0.35)
+    # flagged: 0.4, 0.5, 0.6 -> TP 2, FP 1, FN 1
+    assert metrics["precision"] == pytest.approx(2 / 3)
+    assert metrics["recall"] == pytest.approx(2 / 3)
+    assert metrics["f1"] == pytest.approx(2 / 3)
+    # AUC: of 9 (positive, negative) pairs, the positive wins 8 (0.3 loses to 0.4)
+    assert metrics["roc_auc"] == pytest.approx(8 / 9)
+    # AP: precision at each positive's rank, 1/1, 2/2, 3/4 -> mean
+    assert metrics["average_precision"] == pytest.approx((1 + 1 + 0.75) / 3)
+    assert metrics["n_flagged"] == 3 and metrics["n_true"] == 3
+
+
+def test_metrics_errors():
+    with pytest.raises(TypeError, match="boolean"):
+        detection_metrics([0.1, 0.2], [0, 1], threshold=0.1)
+    with pytest.raises(ValueError, match="labels or a threshold"):
+        detection_metrics([0.1, 0.2], [False, True])
+    single = detection_metrics([0.1, 0.2], [False, False], threshold=0.15)
+    assert np.isnan(single["roc_auc"])

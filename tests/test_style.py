@@ -1,0 +1,16 @@
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_ruff_clean():
+    ruff = shutil.which("ruff")
+    if ruff is None:
+        pytest.skip("ruff is not installed (pip install -e '.[dev]')")
+    run = subprocess.run([ruff, "check", "eels_ad", "tests", "benchmarks", "data"], cwd=REPO,
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
