@@ -99,7 +99,7 @@ def test_hyperspy_round_trip(cube):
     assert back.attrs["beam_energy_keV"] == 200.0
 
 
-@pytest.mark.parametrize("suffix", [".hspy", ".msa"])
+@pytest.mark.parametrize("suffix", [".hspy", ".msa", ".emd"])
 def test_microscope_formats_written_by_hyperspy(tmp_path, cube, suffix):
     source = cube.isel(y=[0], x=[0]) if suffix == ".msa" else cube  # msa holds one spectrum
     signal = eels_ad.to_hyperspy(source)

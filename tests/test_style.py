@@ -1,5 +1,6 @@
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -8,7 +9,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_ruff_clean():
-    ruff = shutil.which("ruff")
+    beside_python = Path(sys.executable).parent / "ruff"
+    ruff = str(beside_python) if beside_python.exists() else shutil.which("ruff")
     if ruff is None:
         pytest.skip("ruff is not installed (pip install -e '.[dev]')")
     run = subprocess.run([ruff, "check", "eels_ad", "tests", "benchmarks", "data"], cwd=REPO,

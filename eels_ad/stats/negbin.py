@@ -1,0 +1,480 @@
+"""Negative-binomial (NB2) regression, vectorised over features.
+
+For feature g (an energy channel, or any count variable) and sample i (a pixel):
+``y_gi ~ NB(mu_gi, alpha_g)`` with variance ``mu + alpha mu**2`` and ``log mu_gi = log s_i + x_i . beta_g``.
+
+Two estimators, both batched over all features at once:
+
+- ``"mom"`` (two groups): group means of size-factor-normalised counts and a pooled method-of-moments
+  dispersion, clipped at 0 (Poisson fall-back); closed form, millions of features per second. As
+  Svensson (arXiv:2508.04111) found, about as accurate as maximum likelihood for two-group problems.
+- ``"mle"`` (any design): joint maximum likelihood of ``beta`` and ``alpha``: IRLS steps for ``beta``
+  alternating with Newton steps on ``log alpha``, each feature with its own convergence flag.
+
+Tests: Wald (``se`` from the observed information of the joint fit for MLE, the delta method for
+MoM) and likelihood ratio (MLE of the full and the reduced model). With few samples the dispersion
+is uncertain and normal reference distributions are anti-conservative; by default p-values use a
+t (Wald) or F (LRT) distribution on ``n - p`` residual degrees of freedom (``reference="t"``);
+``reference="normal"`` gives the textbook (and statsmodels') asymptotic p-values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+from scipy import special, stats
+
+Method = Literal["mom", "mle"]
+Test = Literal["wald", "lrt"]
+
+ALPHA_MIN = 1e-8
+ALPHA_MAX = 1e4
+PSEUDO_COUNT = 0.5
+
+
+@dataclass
+class NBFit:
+    """The result of :func:`nb_fit` (arrays over features).
+
+    Attributes
+    ----------
+    coef : ndarray (features, p)
+        ``beta``: natural-log coefficients of the design columns.
+    dispersion : ndarray (features,)
+        ``alpha`` (variance ``mu + alpha mu**2``).
+    mu : ndarray (features, samples)
+        Fitted means.
+    loglik : ndarray (features,)
+        NB log-likelihood at the fit.
+    cov : ndarray (features, p, p)
+        Covariance of ``coef`` (inverse observed information; MoM: delta method).
+    converged : ndarray of bool (features,)
+    n_iter : int
+        Iterations used (MLE).
+    reason : ndarray of str (features,)
+        Why a feature has NaN results ("" when it has none).
+    method : str
+    """
+
+    coef: np.ndarray
+    dispersion: np.ndarray
+    mu: np.ndarray
+    loglik: np.ndarray
+    cov: np.ndarray
+    converged: np.ndarray
+    n_iter: int
+    reason: np.ndarray
+    method: str
+    df_residual: int = field(default=0)
+
+
+def _as_counts(counts) -> np.ndarray:
+    array = np.asarray(counts, dtype=np.float64)
+    if array.ndim == 1:
+        array = array[None, :]
+    if array.ndim != 2:
+        raise ValueError(f"counts must be (features, samples), got shape {array.shape}")
+    if not np.all(np.isfinite(array)):
+        raise ValueError("counts hold NaN or inf")
+    if np.any(array < 0):
+        raise ValueError(f"counts must be >= 0 (minimum {array.min():g}); clip dark-reference negatives first")
+    return array
+
+
+def _as_size_factors(size_factors, n_samples: int) -> np.ndarray:
+    if size_factors is None:
+        return np.ones(n_samples)
+    factors = np.asarray(size_factors, dtype=np.float64).ravel()
+    if factors.shape != (n_samples,):
+        raise ValueError(f"size_factors has {factors.size} values but counts has {n_samples} samples")
+    if not np.all(np.isfinite(factors) & (factors > 0)):
+        raise ValueError("size_factors must be finite and > 0")
+    return factors
+
+
+def nb_loglik(counts: np.ndarray, mu: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """NB2 log-likelihood summed over samples (last axis); ``alpha`` per feature."""
+    alpha = np.clip(np.asarray(alpha, dtype=float), ALPHA_MIN, None)[..., None]
+    r = 1.0 / alpha
+    mu = np.maximum(mu, 1e-300)
+    terms = (special.gammaln(counts + r) - special.gammaln(r) - special.gammaln(counts + 1)
+             + r * np.log(r / (r + mu)) + counts * np.log(mu / (r + mu)))
+    return terms.sum(axis=-1)
+
+
+def _dispersion_newton(counts, mu, log_alpha, steps: int = 1):
+    """Newton steps on log(alpha) of the NB2 likelihood with mu fixed (batched, step-limited).
+
+    Where the counts are not over-dispersed about mu, sum((y - mu)**2 - y) <= 0, the likelihood rises
+    all the way to alpha = 0 (Levin & Reeds 1977): jump to the Poisson boundary instead of crawling.
+    """
+    floor = np.log(ALPHA_MIN)
+    poisson = ((counts - mu) ** 2 - counts).sum(1) <= 0
+    for _ in range(steps):
+        r = np.exp(-log_alpha)[:, None]
+        rm = r + mu
+        gradient_r = (special.digamma(counts + r) - special.digamma(r) + np.log(r / rm) + (mu - counts) / rm).sum(1)
+        hessian_r = (special.zeta(2, counts + r) - special.zeta(2, r) + 1.0 / r - 1.0 / rm
+                     - (mu - counts) / rm**2).sum(1)
+        r1 = r[:, 0]
+        gradient = -r1 * gradient_r  # d loglik / d log alpha
+        hessian = r1**2 * hessian_r + r1 * gradient_r
+        step = np.where(hessian < 0, -gradient / np.where(hessian < 0, hessian, -1.0), np.sign(gradient))
+        log_alpha = np.clip(log_alpha + np.clip(step, -2.0, 2.0), floor, np.log(ALPHA_MAX))
+    log_alpha = np.where(poisson, floor, log_alpha)
+    gradient = np.where(poisson, -1.0, gradient)
+    return log_alpha, gradient
+
+
+def _information(design: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """X^T diag(w_g) X for every feature g at once, as one matrix product: (features, p, p)."""
+    p = design.shape[1]
+    outer = (design[:, :, None] * design[:, None, :]).reshape(design.shape[0], p * p)
+    return (weights @ outer).reshape(-1, p, p)
+
+
+def _irls_step(counts, design, offset, beta, alpha):
+    """One IRLS (Fisher scoring) step for beta with alpha fixed, batched over features."""
+    eta = offset[None, :] + beta @ design.T
+    mu = np.exp(np.clip(eta, -700, 700))
+    weights = mu / (1.0 + alpha[:, None] * mu)
+    working = (eta - offset[None, :]) + (counts - mu) / np.maximum(mu, 1e-300)
+    information = _information(design, weights) + 1e-10 * np.eye(design.shape[1])
+    rhs = (weights * working) @ design
+    return np.linalg.solve(information, rhs[..., None])[..., 0]
+
+
+def _closed_form_beta(counts, design, factors) -> np.ndarray | None:
+    """The exact MLE of beta when it does not depend on alpha, else None.
+
+    With equal size factors and a design whose rows fall into groups each with its own mean
+    (intercept only, or intercept + one 0/1 column), the NB2 score equations
+    sum_i (y_i - mu) / (1 + alpha mu) = 0 give mu = the group mean, whatever alpha is.
+    """
+    if not np.allclose(factors, factors[0]):
+        return None
+    scale = np.log(factors[0])
+    if design.shape[1] == 1 and np.allclose(design[:, 0], 1.0):
+        mean = np.maximum(counts.mean(1), 1e-300)
+        return (np.log(mean) - scale)[:, None]
+    if design.shape[1] == 2 and np.allclose(design[:, 0], 1.0) and np.isin(design[:, 1], (0.0, 1.0)).all():
+        in_b = design[:, 1] == 1.0
+        if in_b.all() or not in_b.any():
+            return None
+        mean_a = np.maximum(counts[:, ~in_b].mean(1), 1e-300)
+        mean_b = np.maximum(counts[:, in_b].mean(1), 1e-300)
+        return np.column_stack([np.log(mean_a) - scale, np.log(mean_b) - np.log(mean_a)])
+    return None
+
+
+def _observed_information(counts, design, mu, alpha):
+    """Observed information of (beta, alpha) for NB2 with log link (batched)."""
+    r = 1.0 / alpha[:, None]
+    rm = r + mu
+    h_eta = r * mu * (r + counts) / rm**2  # -d2l/deta2
+    h_eta_alpha = (counts - mu) * mu / (1.0 + alpha[:, None] * mu) ** 2  # -d2l/deta dalpha
+    gradient_r = special.digamma(counts + r) - special.digamma(r) + np.log(r / rm) + (mu - counts) / rm
+    hessian_r = (special.zeta(2, counts + r) - special.zeta(2, r) + 1.0 / r - 1.0 / rm
+                 - (mu - counts) / rm**2)
+    r1 = r[:, 0]
+    h_alpha = -(2 * r1**3 * gradient_r.sum(1) + r1**4 * hessian_r.sum(1))  # -d2l/dalpha2
+    p = design.shape[1]
+    information = np.empty((counts.shape[0], p + 1, p + 1))
+    information[:, :p, :p] = _information(design, h_eta)
+    information[:, :p, p] = information[:, p, :p] = h_eta_alpha @ design
+    information[:, p, p] = h_alpha
+    return information
+
+
+def _fit_mle(counts, design, offset, max_iter: int, tol: float):
+    n_features = counts.shape[0]
+    fixed_beta = _closed_form_beta(counts, design, np.exp(offset))
+    if fixed_beta is not None:
+        beta = fixed_beta
+    else:  # start: log-linear least squares on pseudo-counted, size-normalised counts
+        normalised = (counts + PSEUDO_COUNT) / np.exp(offset)[None, :]
+        beta = np.linalg.lstsq(design, np.log(normalised).T, rcond=None)[0].T
+    mu = np.exp(np.clip(offset[None, :] + beta @ design.T, -700, 700))
+    moment = ((counts - mu) ** 2 - mu).sum(1) / np.maximum((mu**2).sum(1), 1e-300)
+    log_alpha = np.log(np.clip(moment, 1e-3, ALPHA_MAX))
+    converged = np.zeros(n_features, dtype=bool)
+    active = np.arange(n_features)
+    log_alpha_floor = np.log(ALPHA_MIN)
+    iterations = 0
+    for iterations in range(1, max_iter + 1):
+        c, b, la = counts[active], beta[active], log_alpha[active]
+        if fixed_beta is None:
+            b_new = _irls_step(c, design, offset, b, np.exp(la))
+            m = np.exp(np.clip(offset[None, :] + b_new @ design.T, -700, 700))
+        else:
+            b_new, m = b, mu[active]
+        la_new, gradient = _dispersion_newton(c, m, la)
+        beta_change = np.max(np.abs(b_new - b), axis=1) if b.size else np.zeros(0)
+        # at the Poisson boundary (alpha -> 0) the likelihood keeps rising towards alpha = 0
+        boundary = (la_new <= log_alpha_floor + 1e-9) & (gradient <= 0)
+        # a flat likelihood in log alpha (tiny alpha: practically Poisson) is converged too
+        flat = np.abs(gradient) <= 1e-6
+        done = (beta_change <= tol) & ((np.abs(la_new - la) <= tol) | boundary | flat)
+        beta[active], log_alpha[active] = b_new, la_new
+        converged[active[done]] = True
+        active = active[~done]
+        if active.size == 0:
+            break
+    alpha = np.exp(log_alpha)
+    mu = np.exp(np.clip(offset[None, :] + beta @ design.T, -700, 700))
+    return beta, alpha, mu, nb_loglik(counts, mu, alpha), converged, iterations
+
+
+def _validate_design(design, n_samples: int) -> np.ndarray:
+    design = np.asarray(design, dtype=np.float64)
+    if design.ndim == 1:
+        design = design[:, None]
+    if design.shape[0] != n_samples:
+        raise ValueError(f"design has {design.shape[0]} rows but counts has {n_samples} samples")
+    if np.linalg.matrix_rank(design) < design.shape[1]:
+        raise ValueError(f"design of shape {design.shape} is not of full column rank")
+    return design
+
+
+def nb_fit(
+    counts,
+    design,
+    size_factors=None,
+    *,
+    method: Method = "mle",
+    max_iter: int = 100,
+    tol: float = 1e-8,
+    loglik: bool = True,
+) -> NBFit:
+    """Fit NB2 regressions to every feature at once.
+
+    Parameters
+    ----------
+    counts
+        Counts, shape (features, samples).
+    design
+        Design matrix (samples, p), e.g. ``[[1, 0], [1, 0], [1, 1], ...]`` (intercept + group).
+    size_factors
+        Exposure of each sample (samples,): offsets ``log s_i``. Default: all 1.
+    method
+        ``"mle"`` (any design) or ``"mom"`` (two-group designs: intercept + one 0/1 column).
+    max_iter, tol
+        MLE iterations, and the tolerance on the change of ``beta`` and ``log alpha`` per iteration.
+    loglik
+        Compute the log-likelihood of a MoM fit (MLE fits always have it).
+
+    Returns
+    -------
+    NBFit
+
+    References
+    ----------
+    .. [1] V. Svensson, "Negative binomial regression and inference using a pre-trained transformer",
+       arXiv:2508.04111.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> y = rng.negative_binomial(5, 5 / (5 + np.r_[[10.0] * 50, [30.0] * 50]), size=(3, 100))
+    >>> fit = nb_fit(y, np.c_[np.ones(100), np.r_[np.zeros(50), np.ones(50)]])
+    >>> bool(np.allclose(fit.coef[:, 1], np.log(3), atol=0.3))
+    True
+    """
+    counts = _as_counts(counts)
+    n_features, n_samples = counts.shape
+    design = _validate_design(design, n_samples)
+    factors = _as_size_factors(size_factors, n_samples)
+    offset = np.log(factors)
+    p = design.shape[1]
+    reason = np.full(n_features, "", dtype=object)
+    if n_samples <= p:
+        reason[:] = f"{n_samples} samples for {p} coefficients"
+    reason[(counts.sum(1) == 0) & (reason == "")] = "all counts zero"
+    if method == "mle":
+        # a group (of a 0/1 design column) with no counts puts the MLE of its coefficient at -infinity
+        for column in range(p):
+            values = design[:, column]
+            if np.isin(values, (0.0, 1.0)).all() and 0 < values.sum() < n_samples:
+                empty = (counts[:, values == 1.0].sum(1) == 0) | (counts[:, values == 0.0].sum(1) == 0)
+                reason[empty & (reason == "")] = "a group has no counts: the MLE of its log fold change is infinite"
+    ok = reason == ""
+    coef = np.full((n_features, p), np.nan)
+    dispersion = np.full(n_features, np.nan)
+    mu = np.full((n_features, n_samples), np.nan)
+    compute_loglik = loglik
+    loglik = np.full(n_features, np.nan)
+    cov = np.full((n_features, p, p), np.nan)
+    converged = np.zeros(n_features, dtype=bool)
+    n_iter = 0
+    if method == "mle":
+        if ok.any():
+            b, a, m, ll, conv, n_iter = _fit_mle(counts[ok], design, offset, max_iter, tol)
+            coef[ok], dispersion[ok], mu[ok], loglik[ok], converged[ok] = b, a, m, ll, conv
+            information = _observed_information(counts[ok], design, m, a)
+            # at the Poisson boundary alpha is not estimable: use the beta block alone there
+            boundary = a <= 1.01 * ALPHA_MIN
+            covariance = np.empty((int(ok.sum()), p, p))
+            interior = ~boundary
+            if interior.any():
+                covariance[interior] = _safe_inverse(information[interior])[:, :p, :p]
+            if boundary.any():
+                covariance[boundary] = _safe_inverse(information[boundary][:, :p, :p])
+            cov[ok] = covariance
+            failed = ok.copy()
+            failed[ok] = ~conv
+            reason[failed] = f"not converged in {max_iter} iterations"
+    elif method == "mom":
+        groups = _two_group_columns(design)
+        result = _fit_mom(counts[ok], groups, factors)
+        coef[ok], dispersion[ok], mu[ok], cov[ok] = result
+        if compute_loglik:
+            loglik[ok] = nb_loglik(counts[ok], mu[ok], dispersion[ok])
+        converged[ok] = True
+    else:
+        raise ValueError(f"method must be 'mom' or 'mle', got {method!r}")
+    return NBFit(coef=coef, dispersion=dispersion, mu=mu, loglik=loglik, cov=cov, converged=converged,
+                 n_iter=n_iter, reason=reason, method=method, df_residual=n_samples - p)
+
+
+def _safe_inverse(matrices: np.ndarray) -> np.ndarray:
+    try:
+        return np.linalg.inv(matrices)
+    except np.linalg.LinAlgError:
+        return np.linalg.pinv(matrices)
+
+
+def _two_group_columns(design: np.ndarray) -> np.ndarray:
+    """The 0/1 group column of an intercept + indicator design, else a clear error."""
+    if design.shape[1] != 2 or not np.allclose(design[:, 0], 1.0) or not np.isin(design[:, 1], (0.0, 1.0)).all():
+        raise ValueError("method='mom' needs a two-group design: a column of ones and one 0/1 group column")
+    return design[:, 1].astype(bool)
+
+
+def _fit_mom(counts: np.ndarray, in_b: np.ndarray, factors: np.ndarray):
+    """Method-of-moments two-group fit: ratio means, pooled moment dispersion, delta-method covariance."""
+    n_features, n_samples = counts.shape
+    mu = np.empty_like(counts)
+    group_means, variances_of_log = [], []
+    numerator = np.zeros(n_features)
+    denominator = np.zeros(n_features)
+    for members in (~in_b, in_b):
+        s = factors[members]
+        y = counts[:, members]
+        total_s = s.sum()
+        sums = y.sum(1)
+        zero = sums == 0
+        mean = np.where(zero, PSEUDO_COUNT, sums) / total_s  # pseudo-count keeps log finite for zero groups
+        fitted = mean[:, None] * s[None, :]
+        mu[:, members] = fitted
+        n_k = members.sum()
+        correction = n_k / (n_k - 1) if n_k > 1 else np.nan
+        numerator += ((y - fitted) ** 2 * correction - fitted).sum(1)
+        denominator += (fitted**2).sum(1)
+        group_means.append(mean)
+    alpha = np.clip(numerator / np.maximum(denominator, 1e-300), 0.0, ALPHA_MAX)
+    for members, mean in zip((~in_b, in_b), group_means, strict=True):
+        s = factors[members]
+        variances_of_log.append(1.0 / (mean * s.sum()) + alpha * (s**2).sum() / s.sum() ** 2)
+    coef = np.stack([np.log(group_means[0]), np.log(group_means[1]) - np.log(group_means[0])], axis=1)
+    var_a, var_b = variances_of_log
+    cov = np.empty((n_features, 2, 2))
+    cov[:, 0, 0] = var_a
+    cov[:, 0, 1] = cov[:, 1, 0] = -var_a
+    cov[:, 1, 1] = var_a + var_b
+    return coef, alpha, mu, cov
+
+
+def benjamini_hochberg(pvalues: np.ndarray) -> np.ndarray:
+    """Benjamini-Hochberg q-values; NaN p-values stay NaN and do not count as tests."""
+    pvalues = np.asarray(pvalues, dtype=float)
+    qvalues = np.full_like(pvalues, np.nan)
+    finite = np.isfinite(pvalues)
+    if finite.any():
+        qvalues[finite] = stats.false_discovery_control(pvalues[finite], method="bh")
+    return qvalues
+
+
+def nb_test(
+    counts,
+    groups,
+    size_factors=None,
+    *,
+    method: Method = "mom",
+    test: Test = "wald",
+    reference: Literal["t", "normal"] = "t",
+    max_iter: int = 100,
+) -> pd.DataFrame:
+    """Two-group NB test for every feature: does group B differ from group A?
+
+    Parameters
+    ----------
+    counts
+        Counts, shape (features, samples).
+    groups
+        One label per sample, two distinct values; the first in sorted order is A (the reference).
+    size_factors
+        Exposure per sample (default all 1).
+    method
+        ``"mom"`` (method of moments, fast) or ``"mle"`` (maximum likelihood).
+    test
+        ``"wald"`` or ``"lrt"`` (likelihood ratio; needs ``method="mle"``).
+    reference
+        ``"t"``: Wald p-values from t, LRT from F, on ``n - 2`` degrees of freedom (better calibrated
+        for small groups); ``"normal"``: asymptotic normal / chi-squared.
+    max_iter
+        MLE iterations.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per feature: ``mean_a``, ``mean_b`` (size-factor-normalised), ``log_fold_change``
+        (natural log, B over A), ``se``, ``statistic``, ``pvalue``, ``qvalue`` (Benjamini-Hochberg),
+        ``dispersion``, ``converged`` and ``reason`` (why a row is NaN).
+    """
+    counts = _as_counts(counts)
+    labels = np.asarray(groups)
+    if labels.shape != (counts.shape[1],):
+        raise ValueError(f"groups has {labels.size} labels but counts has {counts.shape[1]} samples")
+    levels = np.unique(labels)
+    if levels.size != 2:
+        raise ValueError(f"groups must hold exactly two distinct labels, got {levels.size}: {levels[:5]}")
+    in_b = labels == levels[1]
+    n_a, n_b = int((~in_b).sum()), int(in_b.sum())
+    design = np.column_stack([np.ones(counts.shape[1]), in_b.astype(float)])
+    factors = _as_size_factors(size_factors, counts.shape[1])
+    if test not in ("wald", "lrt"):
+        raise ValueError(f"test must be 'wald' or 'lrt', got {test!r}")
+    if test == "lrt" and method != "mle":
+        raise ValueError("the likelihood-ratio test needs method='mle'")
+    if reference not in ("t", "normal"):
+        raise ValueError(f"reference must be 't' or 'normal', got {reference!r}")
+    fit = nb_fit(counts, design, factors, method=method, max_iter=max_iter, loglik=test == "lrt")
+    df = fit.df_residual
+    lfc = fit.coef[:, 1]
+    se = np.sqrt(fit.cov[:, 1, 1])
+    if test == "wald":
+        statistic = lfc / se
+        pvalue = (2 * special.stdtr(df, -np.abs(statistic)) if reference == "t" and df > 0
+                  else 2 * special.ndtr(-np.abs(statistic)))
+    else:
+        null = nb_fit(counts, design[:, :1], factors, method="mle", max_iter=max_iter)
+        statistic = np.maximum(2 * (fit.loglik - null.loglik), 0.0)
+        pvalue = special.fdtrc(1, df, statistic) if reference == "t" and df > 0 else special.chdtrc(1, statistic)
+        fit.converged &= null.converged
+    reason = fit.reason.copy()
+    if n_a < 2 or n_b < 2:
+        reason[:] = f"fewer than two samples in a group (A: {n_a}, B: {n_b})"
+    bad = reason != ""
+    for array in (lfc, se, statistic, pvalue):
+        array[bad] = np.nan
+    mean_a = (counts[:, ~in_b].sum(1) / factors[~in_b].sum()) if n_a else np.full(counts.shape[0], np.nan)
+    mean_b = (counts[:, in_b].sum(1) / factors[in_b].sum()) if n_b else np.full(counts.shape[0], np.nan)
+    return pd.DataFrame({
+        "mean_a": mean_a, "mean_b": mean_b, "log_fold_change": lfc, "se": se, "statistic": statistic,
+        "pvalue": pvalue, "qvalue": benjamini_hochberg(pvalue), "dispersion": np.where(bad, np.nan, fit.dispersion),
+        "converged": fit.converged & ~bad, "reason": reason,
+    })
