@@ -1,8 +1,9 @@
 """``eels-ad demo``: the whole pipeline on the embedded sample cube.
 
 Load the sample, detect anomalies with PCA trained robustly on the image itself, compare with
-the sample's ground truth, and write the results (NetCDF) and the metrics (JSON) to a folder.
-Later stages (3D-CVAE, SPIRAL-TAP, negative-binomial tests, the HTML report) join as they land.
+the sample's ground truth, test every energy channel of the flagged pixels against the bulk with a
+negative-binomial model, and write the results (NetCDF), the metrics (JSON) and a figure (PNG) to a
+folder. Later stages (3D-CVAE, SPIRAL-TAP, the HTML report) join as they land.
 """
 
 from __future__ import annotations
@@ -50,8 +51,9 @@ def run_demo(out: str | os.PathLike = "eels-ad-demo", *, overwrite: bool = False
 
     out = Path(out)
     results_path, metrics_path = out / "results.nc", out / "metrics.json"
+    channels_path, figure_path = out / "nb_channels.nc", out / "nb_channels.png"
     if not overwrite:
-        for path in (results_path, metrics_path):
+        for path in (results_path, metrics_path, channels_path, figure_path):
             if path.exists():
                 raise FileExistsError(f"{path} exists from an earlier demo; pass --overwrite to replace it")
 
@@ -62,9 +64,9 @@ def run_demo(out: str | os.PathLike = "eels-ad-demo", *, overwrite: bool = False
     started = time.perf_counter()
     truth = data.sample_dataset()
     cube = data.sample_cube()
-    say(f"[1/3] loaded the sample cube {dict(cube.sizes)} from {data.sample_path()}")
+    say(f"[1/4] loaded the sample cube {dict(cube.sizes)} from {data.sample_path()}")
 
-    say("[2/3] PCA (Poisson-normalised, robust fit on the image itself) ...")
+    say("[2/4] PCA (Poisson-normalised, robust fit on the image itself) ...")
     tic = time.perf_counter()
     detector = PCADetector(robust=True).fit(cube)
     scores = detector.score(cube)
@@ -76,7 +78,23 @@ def run_demo(out: str | os.PathLike = "eels-ad-demo", *, overwrite: bool = False
         bimodality=bimodality(scores, seed=seed),
     )
 
-    say("[3/3] writing results ...")
+    say("[3/4] negative-binomial test of every energy channel: flagged pixels against the bulk ...")
+    from .stats import compare_regions
+
+    nb_metrics: dict[str, Any] = {}
+    channels = None
+    if int(labels.sum()) >= 2:
+        pre_edge = (float(cube["energy"][0]), float(cube["energy"][0]) + 30.0)
+        channels = compare_regions(cube, ~labels, labels, method="mom", normalize_range=pre_edge)
+        significant = channels["energy"].values[channels["significant"].values]
+        nb_metrics = {"n_significant_channels": int(significant.size),
+                      "significant_range_eV": [float(significant.min()), float(significant.max())]
+                      if significant.size else None,
+                      "normalize_range_eV": list(pre_edge)}
+    else:
+        nb_metrics = {"skipped": "fewer than 2 flagged pixels"}
+
+    say("[4/4] writing results ...")
     results = xr.Dataset(
         {
             "pca_score": scores,
@@ -88,19 +106,34 @@ def run_demo(out: str | os.PathLike = "eels-ad-demo", *, overwrite: bool = False
     )
     out.mkdir(parents=True, exist_ok=True)
     save(results, results_path, overwrite=overwrite)
+    if channels is not None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from .io import atomic_path
+        from .viz import plot_channel_tests
+
+        save(channels, channels_path, overwrite=overwrite)
+        figure = plot_channel_tests(channels, title="flagged pixels (B) against the bulk (A)")
+        with atomic_path(figure_path, overwrite=overwrite) as temporary:
+            figure.savefig(temporary, format="png", dpi=100)
     summary: dict[str, Any] = {
         "sample": {"shape": dict(cube.sizes), "n_true_anomalies": int(truth["anomaly"].sum()),
                    "shift_eV": float(truth.attrs["shift_eV"]), "dose": float(truth.attrs["dose"])},
         "pca": pca_metrics,
+        "negative_binomial": nb_metrics,
         "seconds": round(time.perf_counter() - started, 2),
-        "outputs": {"results": str(results_path), "metrics": str(metrics_path)},
+        "outputs": {"results": str(results_path), "metrics": str(metrics_path),
+                    "channels": str(channels_path), "figure": str(figure_path)},
     }
     _write_json(summary, metrics_path, overwrite)
     summary["text"] = (
         f"PCA: {pca_metrics['n_flagged']} pixels flagged, {pca_metrics['n_true']} true anomalies; "
         f"ROC AUC {pca_metrics['roc_auc']:.3f}, F1 {pca_metrics['f1']:.3f} "
         f"({detector.n_components_} components, {detector.n_trimmed_} training spectra trimmed)\n"
-        f"results: {results_path}\nmetrics: {metrics_path}\n"
+        f"NB test: {nb_metrics.get('n_significant_channels', 0)} energy channels differ at 5 % FDR, "
+        f"{nb_metrics.get('significant_range_eV')} eV\n"
+        f"results: {results_path}\nmetrics: {metrics_path}\nfigure: {figure_path}\n"
         f"done in {summary['seconds']:.1f} s"
     )
     return summary

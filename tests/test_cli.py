@@ -62,6 +62,14 @@ def test_demo_runs_and_refuses_to_overwrite(tmp_path):
     assert metrics["pca"]["roc_auc"] > 0.99
     results = eels_ad.open_results(out / "results.nc")
     assert results["pca_anomalous"].dtype == bool
+    # the NB step finds the Fe L3 / L2 channels of the +1 eV shift
+    channels = eels_ad.open_results(out / "nb_channels.nc")
+    significant = channels["energy"].values[channels["significant"].values]
+    near_edges = (significant > 700) & (significant < 730)
+    assert near_edges.mean() >= 0.95  # a 5 % FDR allows a stray discovery elsewhere
+    lfc = channels["log_fold_change"]
+    assert float(lfc.sel(energy=707.5)) < 0 < float(lfc.sel(energy=710.0))
+    assert (out / "nb_channels.png").stat().st_size > 10_000
     again = subprocess.run([sys.executable, "-m", "eels_ad.cli", "demo", "--out", str(out)],
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 1 and "--overwrite" in again.stderr

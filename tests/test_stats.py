@@ -186,3 +186,20 @@ def test_compare_regions_errors():
         compare_regions(sim["counts"], np.ones((8, 8), bool), sim["anomaly"])
     with pytest.raises(ValueError, match="region B has 0 pixels"):
         compare_regions(sim["counts"], np.ones((8, 8), bool))
+
+
+def test_channel_test_figures(tmp_path):
+    import holoviews as hv
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from eels_ad import viz
+
+    sim = eels_ad.simulate_fe_l23((16, 16), anomaly_fraction=0.1, layout="clusters", shift=1.5, seed=8)
+    table = compare_regions(sim["counts"], ~sim["anomaly"], sim["anomaly"])
+    figure = viz.plot_channel_tests(table)
+    assert len(figure.axes) == 3
+    figure.savefig(tmp_path / "nb.png")
+    assert (tmp_path / "nb.png").stat().st_size > 10_000
+    layout = viz.channel_tests_hv(table)
+    assert isinstance(layout, hv.Layout) and len(layout) == 3

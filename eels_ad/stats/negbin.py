@@ -204,7 +204,8 @@ def _fit_mle(counts, design, offset, max_iter: int, tol: float):
     active = np.arange(n_features)
     log_alpha_floor = np.log(ALPHA_MIN)
     iterations = 0
-    for iterations in range(1, max_iter + 1):
+    while iterations < max_iter and active.size:
+        iterations += 1
         c, b, la = counts[active], beta[active], log_alpha[active]
         if fixed_beta is None:
             b_new = _irls_step(c, design, offset, b, np.exp(la))
@@ -221,8 +222,6 @@ def _fit_mle(counts, design, offset, max_iter: int, tol: float):
         beta[active], log_alpha[active] = b_new, la_new
         converged[active[done]] = True
         active = active[~done]
-        if active.size == 0:
-            break
     alpha = np.exp(log_alpha)
     mu = np.exp(np.clip(offset[None, :] + beta @ design.T, -700, 700))
     return beta, alpha, mu, nb_loglik(counts, mu, alpha), converged, iterations
