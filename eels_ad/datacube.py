@@ -184,11 +184,16 @@ def validate(cube: xr.DataArray, *, negative: NegativePolicy = "raise") -> xr.Da
     return cube
 
 
+def axis_scale(values: np.ndarray | Sequence[float]) -> tuple[float, float, int]:
+    """``(offset, step, size)`` of a uniform coordinate; the step is NaN for a single value."""
+    values = np.asarray(values, dtype=float)
+    step = float((values[-1] - values[0]) / (values.size - 1)) if values.size > 1 else float("nan")
+    return float(values[0]), step, int(values.size)
+
+
 def energy_axis(cube: xr.DataArray) -> tuple[float, float, int]:
     """Return ``(offset, dispersion, size)`` of the energy axis in eV."""
-    energy = np.asarray(cube["energy"].values, dtype=float)
-    dispersion = float((energy[-1] - energy[0]) / (energy.size - 1)) if energy.size > 1 else float("nan")
-    return float(energy[0]), dispersion, int(energy.size)
+    return axis_scale(cube["energy"].values)
 
 
 @xr.register_dataarray_accessor("eels")

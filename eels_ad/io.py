@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from .datacube import DIMS, NegativePolicy, as_datacube, validate
+from .datacube import DIMS, NegativePolicy, as_datacube, axis_scale, validate
 
 MICROSCOPE_FORMATS: dict[str, str] = {
     ".dm3": "digitalmicrograph",
@@ -393,13 +393,14 @@ def to_hyperspy(cube: xr.DataArray):
     cube = validate(cube, negative="allow")
     signal = hs.signals.Signal1D(np.asarray(cube.values))
     signal.set_signal_type("EELS")
-    offset, dispersion, _ = _axis_scale(cube["energy"].values)
+    offset, dispersion, _ = axis_scale(cube["energy"].values)
     energy = signal.axes_manager.signal_axes[0]
-    energy.name, energy.units, energy.offset, energy.scale = "Energy loss", "eV", offset, dispersion
+    energy.name, energy.units, energy.offset = "Energy loss", "eV", offset
+    energy.scale = dispersion if np.isfinite(dispersion) else 1.0
     units = cube["x"].attrs.get("units", "px")
     for axis, dim in zip(signal.axes_manager.navigation_axes, ("x", "y"), strict=False):
-        start, step, _ = _axis_scale(cube[dim].values)
-        axis.name, axis.offset, axis.scale = dim, start, step
+        start, step, _ = axis_scale(cube[dim].values)
+        axis.name, axis.offset, axis.scale = dim, start, step if np.isfinite(step) else 1.0
         axis.units = units if units != "px" else "<undefined>"
     signal.metadata.General.title = str(cube.attrs.get("title", cube.name or "datacube"))
     tem = "Acquisition_instrument.TEM."
@@ -412,12 +413,6 @@ def to_hyperspy(cube: xr.DataArray):
         if attr in cube.attrs:
             signal.metadata.set_item(node, float(cube.attrs[attr]))
     return signal
-
-
-def _axis_scale(values: np.ndarray) -> tuple[float, float, int]:
-    values = np.asarray(values, dtype=float)
-    step = float((values[-1] - values[0]) / (values.size - 1)) if values.size > 1 else 1.0
-    return float(values[0]), step, int(values.size)
 
 
 def from_hyperspy(signal, *, negative: NegativePolicy = "clip") -> xr.DataArray:
