@@ -84,29 +84,31 @@ def main() -> None:
     n_accuracy = 2000 if args.quick else 20_000
     n_speed = {"mom": 100_000 if args.quick else 1_000_000, "mle": 20_000 if args.quick else 200_000}
     n_statsmodels = 50 if args.quick else 300
-    variants = [("mom", "wald", "t"), ("mom", "wald", "normal"), ("mle", "wald", "t"), ("mle", "wald", "normal"),
-                ("mle", "lrt", "t"), ("mle", "lrt", "normal")]
+    variants = [("mom", "wald", "t", False), ("mom", "wald", "normal", False), ("mle", "wald", "t", False),
+                ("mle", "wald", "normal", False), ("mle", "lrt", "t", False), ("mle", "lrt", "normal", False),
+                ("mle", "wald", "t", True)]
 
     results: dict = {"anchor_5_plus_5": ANCHOR, "accuracy": [], "throughput": {}}
     for n_per_group in (3, 5, 10):
         counts, groups, lfc, alpha, null = simulate(n_accuracy, n_per_group, seed=n_per_group)
-        for method, test, reference in variants:
-            table = nb_test(counts, groups, method=method, test=test, reference=reference)
+        for method, test, reference, shrink in variants:
+            table = nb_test(counts, groups, method=method, test=test, reference=reference, shrink=shrink)
             row = {"n_per_group": n_per_group, "method": method, "test": test, "reference": reference,
-                   **accuracy(table, lfc, alpha, null)}
+                   "shrink": shrink, **accuracy(table, lfc, alpha, null)}
             results["accuracy"].append(row)
             print({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
 
-    for method in ("mom", "mle"):
+    nb_test(*simulate(100, 5, seed=1)[:2], method="mle", backend="torch")  # import torch before timing
+    for label, method, backend in (("mom", "mom", "numpy"), ("mle", "mle", "numpy"), ("mle_torch_cpu", "mle", "torch")):
         counts, groups, *_ = simulate(n_speed[method], 5, seed=99)
         started = time.perf_counter()
-        nb_test(counts, groups, method=method)
+        nb_test(counts, groups, method=method, backend=backend)
         rate = n_speed[method] / (time.perf_counter() - started)
-        results["throughput"][method] = {"problems": n_speed[method], "per_s": rate}
+        results["throughput"][label] = {"problems": n_speed[method], "per_s": rate}
     counts, groups, *_ = simulate(n_statsmodels, 5, seed=99)
     sm_rate = statsmodels_rate(counts, groups, n_statsmodels)
     results["throughput"]["statsmodels_one_by_one"] = {"problems": n_statsmodels, "per_s": sm_rate}
-    for method in ("mom", "mle"):
+    for method in ("mom", "mle", "mle_torch_cpu"):
         results["throughput"][method]["times_statsmodels"] = results["throughput"][method]["per_s"] / sm_rate
     print(json.dumps(results["throughput"], indent=1))
     args.out.mkdir(parents=True, exist_ok=True)

@@ -203,3 +203,34 @@ def test_channel_test_figures(tmp_path):
     assert (tmp_path / "nb.png").stat().st_size > 10_000
     layout = viz.channel_tests_hv(table)
     assert isinstance(layout, hv.Layout) and len(layout) == 3
+
+
+def test_torch_backend_matches_numpy(random_problems):
+    counts, groups, size_factors = random_problems
+    design = np.column_stack([np.ones(groups.size), groups])
+    for factors in (None, size_factors):  # closed-form beta, then IRLS
+        reference = nb_fit(counts, design, factors)
+        on_torch = nb_fit(counts, design, factors, backend="torch", device="cpu")
+        np.testing.assert_allclose(on_torch.coef, reference.coef, rtol=1e-8, atol=1e-10)
+        np.testing.assert_allclose(on_torch.dispersion, reference.dispersion, rtol=1e-6)
+        np.testing.assert_allclose(on_torch.loglik, reference.loglik, rtol=1e-10)
+    with pytest.raises(ValueError, match="backend must be"):
+        nb_fit(counts, design, backend="jax")
+
+
+def test_shrinkage_helps_small_groups():
+    rng = np.random.default_rng(9)
+    n_features, alpha = 3000, 0.1
+    groups = np.r_[np.zeros(3), np.ones(3)]
+    mean = np.exp(rng.uniform(np.log(20), np.log(500), n_features))
+    counts = nb_counts(rng, mean[:, None].repeat(6, 1), alpha)
+    design = np.column_stack([np.ones(6), groups])
+    plain = nb_fit(counts, design)
+    shrunk = nb_fit(counts, design, shrink=True)
+    error = lambda fit: np.sqrt(np.mean((np.log(np.maximum(fit.dispersion, 1e-4)) - np.log(alpha)) ** 2))  # noqa: E731
+    assert error(shrunk) < 0.5 * error(plain)
+    assert (shrunk.dispersion > 1e-6).all()  # MAP is interior: no Poisson boundary
+    table = nb_test(counts, groups, method="mle", shrink=True)
+    assert 0.02 < (table.pvalue < 0.05).mean() < 0.07  # all null
+    with pytest.raises(ValueError, match="shrinkage needs method='mle'"):
+        nb_fit(counts, design, method="mom", shrink=True)
