@@ -5,6 +5,8 @@ detector, ``score(cube)`` gives a (y, x) DataArray (higher = more anomalous), ``
 the bulk model of each spectrum, ``predict(cube)`` boolean labels, ``save(path)``/``load(path)``.
 """
 
+from typing import Any
+
 from ._base import BaseDetector, NotFittedError
 from ._scores import SCORES, one_minus_correlation, pearson_residual, poisson_deviance
 from .pca import PCADetector
@@ -14,6 +16,7 @@ from .threshold import bimodality, choose_threshold, false_alarm_threshold, gmm_
 __all__ = [
     "SCORES",
     "BaseDetector",
+    "CVAEDetector",
     "NotFittedError",
     "PCADetector",
     "SklearnDetector",
@@ -26,3 +29,12 @@ __all__ = [
     "pearson_residual",
     "poisson_deviance",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # the CVAE needs torch and Lightning: import them only when it is asked for
+    if name == "CVAEDetector":
+        from .cvae import CVAEDetector
+
+        return CVAEDetector
+    raise AttributeError(f"module 'eels_ad.detect' has no attribute {name!r}")

@@ -71,9 +71,11 @@ class BaseDetector:
         params = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
         return f"{type(self).__name__}({params})"
 
+    _SCORINGS: tuple[str, ...] = SCORES
+
     def _check_params(self) -> None:
-        if self.scoring not in SCORES:
-            raise ValueError(f"scoring must be one of {SCORES}, got {self.scoring!r}")
+        if self.scoring not in self._SCORINGS:
+            raise ValueError(f"scoring must be one of {self._SCORINGS}, got {self.scoring!r}")
         if self.chunk_pixels < 1:
             raise ValueError(f"chunk_pixels must be >= 1, got {self.chunk_pixels}")
         for name in ("energy_range", "score_range"):
@@ -157,9 +159,7 @@ class BaseDetector:
         energy = np.asarray(cube["energy"].values, dtype=float)
         self._score_channels(energy)
         n_train = int(mask_values.sum()) if mask_values is not None else cube.eels.n_pixels
-        kept = self._fit_spectra(
-            lambda: ((s[keep]) for _, keep, s in self._pixel_chunks(cube, mask_values)), energy, n_train
-        )
+        kept = self._fit_model(cube, mask_values, energy, n_train)
         self.energy_ = energy
         self.n_training_spectra_ = n_train
         training_scores = self._score_array(cube).ravel()
@@ -172,6 +172,12 @@ class BaseDetector:
             if self.threshold == "fpr" or isinstance(self.threshold, (int, float)) else None
         )
         return self
+
+    def _fit_model(self, cube: xr.DataArray, mask: np.ndarray | None, energy: np.ndarray, n_train: int):
+        """Learn from the training spectra (one chunk of pixels at a time); see ``_fit_spectra``."""
+        return self._fit_spectra(
+            lambda: ((s[keep]) for _, keep, s in self._pixel_chunks(cube, mask)), energy, n_train
+        )
 
     def _score_array(self, cube: xr.DataArray) -> np.ndarray:
         channels = self._score_channels(cube["energy"].values)

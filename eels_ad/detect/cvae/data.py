@@ -1,0 +1,103 @@
+"""Patches of a spectrum image for the 3D-CVAE, as a LightningDataModule."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+
+def patch_starts(size: int, patch: int, stride: int) -> list[int]:
+    """Start indices of patches along one axis: every ``stride``, and one flush with the far end."""
+    if size <= patch:
+        return [0]
+    starts = list(range(0, size - patch + 1, stride))
+    if starts[-1] != size - patch:
+        starts.append(size - patch)
+    return starts
+
+
+def pad_to_patch(counts: np.ndarray, patch: tuple[int, int]) -> np.ndarray:
+    """Reflect-pad (y, x, E) counts so that each spatial side is at least the patch side."""
+    pad_y, pad_x = max(0, patch[0] - counts.shape[0]), max(0, patch[1] - counts.shape[1])
+    if pad_y or pad_x:
+        counts = np.pad(counts, ((0, pad_y), (0, pad_x), (0, 0)), mode="symmetric")
+    return counts
+
+
+def pixel_scale(counts: np.ndarray) -> np.ndarray:
+    """Mean count per channel of every pixel (y, x), at least 1e-3: the Poisson exposure of a spectrum."""
+    return np.maximum(counts.mean(axis=-1), 1e-3)
+
+
+def extract_patches(counts: np.ndarray, patch: tuple[int, int], stride: tuple[int, int]):
+    """All patches of a (y, x, E) array as tensors (N, 1, E, py, px) with their scales and corners."""
+    counts = pad_to_patch(counts, patch)
+    scale = pixel_scale(counts)
+    corners = [(y, x) for y in patch_starts(counts.shape[0], patch[0], stride[0])
+               for x in patch_starts(counts.shape[1], patch[1], stride[1])]
+    blocks = np.stack([counts[y:y + patch[0], x:x + patch[1]] for y, x in corners])  # N, py, px, E
+    scales = np.stack([scale[y:y + patch[0], x:x + patch[1]] for y, x in corners])
+    counts_t = torch.from_numpy(np.ascontiguousarray(blocks.transpose(0, 3, 1, 2)[:, None], dtype=np.float32))
+    scale_t = torch.from_numpy(np.ascontiguousarray(scales[:, None, None], dtype=np.float32))
+    return counts_t, scale_t, corners
+
+
+class PatchDataModule(pl.LightningDataModule):
+    """Overlapping patches of the bulk pixels of a spectrum image, split into training and validation.
+
+    Parameters
+    ----------
+    counts
+        Counts (y, x, E).
+    mask
+        (y, x) bulk pixels to learn from; a patch is used when all its pixels are in the mask.
+        None: every pixel.
+    patch_size, stride
+        Patch side and step in pixels, (py, px) each.
+    batch_size
+        Patches per batch.
+    val_fraction
+        Fraction of patches held out for validation (early stopping).
+    seed
+        Seed of the split and the shuffling.
+    """
+
+    def __init__(self, counts: np.ndarray, mask: np.ndarray | None = None, *, patch_size=(8, 8), stride=(4, 4),
+                 batch_size: int = 16, val_fraction: float = 0.15, seed: int = 0) -> None:
+        super().__init__()
+        self.counts = np.asarray(counts, dtype=np.float32)
+        self.mask = mask
+        self.patch_size = tuple(patch_size)
+        self.stride = tuple(stride)
+        self.batch_size = batch_size
+        self.val_fraction = val_fraction
+        self.seed = seed
+
+    def setup(self, stage: str | None = None) -> None:
+        if hasattr(self, "train_set"):
+            return
+        patches, scales, corners = extract_patches(self.counts, self.patch_size, self.stride)
+        if self.mask is not None:
+            mask = pad_to_patch(np.asarray(self.mask)[..., None], self.patch_size)[..., 0]
+            keep = np.array([mask[y:y + self.patch_size[0], x:x + self.patch_size[1]].all() for y, x in corners])
+            if keep.sum() < 2:
+                raise ValueError(
+                    f"the training mask leaves {int(keep.sum())} patches of {self.patch_size} pixels wholly in the "
+                    "bulk; use a smaller patch_size or a larger bulk region"
+                )
+            patches, scales = patches[torch.from_numpy(keep)], scales[torch.from_numpy(keep)]
+        order = np.random.default_rng(self.seed).permutation(len(patches))
+        n_val = int(round(self.val_fraction * len(patches))) if len(patches) >= 4 else 0
+        val, train = order[:n_val], order[n_val:]
+        self.n_patches = len(patches)
+        self.train_set = TensorDataset(patches[train], scales[train])
+        self.val_set = TensorDataset(patches[val] if n_val else patches[train], scales[val] if n_val else scales[train])
+
+    def train_dataloader(self) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, generator=generator)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=self.batch_size)

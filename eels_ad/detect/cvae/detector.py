@@ -1,0 +1,331 @@
+"""CVAEDetector: the user-facing 3D-CVAE anomaly detector (Sultanov, Buban & Klie, arXiv:2412.16200)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import xarray as xr
+
+from .._base import BaseDetector
+from .._scores import SCORES, score_spectra
+from ..threshold import ThresholdMethod
+from .data import PatchDataModule, extract_patches
+from .module import CVAE3D, Likelihood
+
+
+def _pair(value: int | tuple[int, int], name: str) -> tuple[int, int]:
+    pair = (value, value) if isinstance(value, (int, np.integer)) else tuple(value)
+    if len(pair) != 2 or min(pair) < 1:
+        raise ValueError(f"{name} must be a positive int or a pair of them, got {value!r}")
+    return int(pair[0]), int(pair[1])
+
+
+@contextlib.contextmanager
+def _quiet_lightning(quiet: bool):
+    """Silence Lightning's informational messages (GPU available ..., tips) when asked for no progress."""
+    logger = logging.getLogger("lightning.pytorch")
+    level = logger.level
+    if quiet:
+        logger.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            if quiet:
+                warnings.filterwarnings("ignore", message=".*(treespec|LeafSpec|num_workers|does not have many workers).*")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+class _History:
+    """Collects the epoch losses Lightning logs (no logger, nothing leaves the machine)."""
+
+    def __init__(self) -> None:
+        import lightning.pytorch as pl
+
+        class Callback(pl.Callback):
+            def __init__(inner) -> None:
+                inner.rows: list[dict[str, float]] = []
+
+            def on_validation_epoch_end(inner, trainer, module) -> None:
+                if trainer.sanity_checking:
+                    return
+                metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+                inner.rows.append({"epoch": trainer.current_epoch, **metrics})
+
+        self.callback = Callback()
+
+
+class CVAEDetector(BaseDetector):
+    """3D convolutional VAE trained on bulk patches; pixels it cannot reconstruct are anomalous.
+
+    The model (:class:`~eels_ad.detect.cvae.module.CVAE3D`) sees patches of ``patch_size`` pixels x
+    all fitted energy channels, so a pixel is judged with its neighbours. Scores come from the
+    posterior mean (no sampling) and are averaged over every patch that covers a pixel.
+
+    Parameters
+    ----------
+    patch_size, stride
+        Patch side and the step between patches, in pixels (an int or a (y, x) pair).
+    latent_dim, widths
+        Latent size and the channels of the three 3D convolutions.
+    likelihood
+        ``"poisson"``: Poisson NLL of the raw counts (default); ``"gaussian"``: Gaussian NLL of the
+        normalised spectra with a learned per-voxel variance.
+    beta
+        Weight of the KL term.
+    learning_rate, batch_size, max_epochs, patience, val_fraction
+        Training: Adam, early stopping on the validation loss after ``patience`` epochs.
+    accelerator, devices, strategy, precision
+        Passed to the Lightning ``Trainer`` (``"auto"``: a GPU when there is one, else the CPU;
+        ``precision=None``: 16-bit mixed on a GPU, 32-bit on the CPU). Several GPUs: e.g.
+        ``devices=4, strategy="ddp"``.
+    energy_range, scoring, score_range, threshold, false_alarm_rate
+        As for :class:`~eels_ad.detect.PCADetector`; ``scoring`` can also be ``"nll"``, the model's
+        own mean negative log-likelihood per channel.
+    seed
+        Seed of the initial weights, the split and the batches: same seed, same model on the CPU.
+    progress
+        Show Lightning's progress bar.
+    checkpoint_dir
+        Keep Lightning's checkpoints there (default: a temporary folder, removed after training).
+
+    Attributes
+    ----------
+    model_ : CVAE3D
+        The trained network (best validation loss), in evaluation mode.
+    history_ : list of dict
+        Losses per epoch.
+    n_parameters_ : int
+    training_seconds_ : float
+
+    Examples
+    --------
+    >>> import eels_ad
+    >>> from eels_ad.detect import CVAEDetector
+    >>> bulk = eels_ad.simulate_fe_l23((16, 16), anomaly_fraction=0.0, seed=1)["counts"]
+    >>> detector = CVAEDetector(max_epochs=1, progress=False).fit(bulk)
+    >>> detector.score(bulk).shape
+    (16, 16)
+    """
+
+    _SCORINGS = (*SCORES, "nll")
+
+    def __init__(
+        self,
+        *,
+        patch_size: int | tuple[int, int] = 8,
+        stride: int | tuple[int, int] = 4,
+        latent_dim: int = 16,
+        widths: tuple[int, int, int] = (8, 16, 32),
+        likelihood: Likelihood = "poisson",
+        beta: float = 1.0,
+        learning_rate: float = 1e-3,
+        batch_size: int = 16,
+        max_epochs: int = 25,
+        patience: int = 6,
+        val_fraction: float = 0.15,
+        accelerator: str = "auto",
+        devices: int | str = "auto",
+        strategy: str = "auto",
+        precision: str | None = None,
+        energy_range: tuple[float, float] | None = None,
+        scoring: str = "deviance",
+        score_range: tuple[float, float] | None = None,
+        threshold: ThresholdMethod | float = "auto",
+        false_alarm_rate: float = 0.001,
+        seed: int = 0,
+        progress: bool = True,
+        checkpoint_dir: str | None = None,
+    ) -> None:
+        super().__init__(energy_range=energy_range, scoring=scoring, score_range=score_range,
+                         threshold=threshold, false_alarm_rate=false_alarm_rate)
+        self.patch_size = patch_size
+        self.stride = stride
+        self.latent_dim = latent_dim
+        self.widths = widths
+        self.likelihood = likelihood
+        self.beta = beta
+        self.learning_rate = learning_rate
+        self.batch_size = batch_size
+        self.max_epochs = max_epochs
+        self.patience = patience
+        self.val_fraction = val_fraction
+        self.accelerator = accelerator
+        self.devices = devices
+        self.strategy = strategy
+        self.precision = precision
+        self.seed = seed
+        self.progress = progress
+        self.checkpoint_dir = checkpoint_dir
+
+    def get_params(self) -> dict[str, Any]:
+        params = super().get_params()
+        params.pop("chunk_pixels", None)
+        return params
+
+    # -- training ---------------------------------------------------------------------------------
+    def _trainer_kwargs(self) -> dict[str, Any]:
+        on_gpu = torch.cuda.is_available() and self.accelerator in ("auto", "gpu", "cuda")
+        precision = self.precision or ("16-mixed" if on_gpu else "32-true")
+        return dict(accelerator=self.accelerator, devices=self.devices, strategy=self.strategy, precision=precision,
+                    max_epochs=self.max_epochs, deterministic=not on_gpu, enable_progress_bar=self.progress,
+                    enable_model_summary=False, logger=False, log_every_n_steps=1)
+
+    def _fit_model(self, cube: xr.DataArray, mask: np.ndarray | None, energy: np.ndarray, n_train: int):
+        import lightning.pytorch as pl
+        from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+        if self.likelihood not in ("poisson", "gaussian"):
+            raise ValueError(f"likelihood must be 'poisson' or 'gaussian', got {self.likelihood!r}")
+        patch, stride = _pair(self.patch_size, "patch_size"), _pair(self.stride, "stride")
+        counts = np.asarray(cube.transpose("y", "x", "energy").values, dtype=np.float32)
+        pl.seed_everything(self.seed, workers=True, verbose=False)
+        data = PatchDataModule(counts, mask, patch_size=patch, stride=stride, batch_size=self.batch_size,
+                               val_fraction=self.val_fraction, seed=self.seed)
+        model = CVAE3D(n_channels=energy.size, patch_size=patch, latent_dim=self.latent_dim,
+                       widths=tuple(self.widths), likelihood=self.likelihood, beta=self.beta,
+                       learning_rate=self.learning_rate)
+        history = _History()
+        started = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="eels-ad-cvae-") as scratch, _quiet_lightning(not self.progress):
+            directory = self.checkpoint_dir or scratch
+            checkpoint = ModelCheckpoint(dirpath=directory, monitor="val_loss", save_top_k=1, filename="best")
+            stopping = EarlyStopping(monitor="val_loss", patience=self.patience)
+            trainer = pl.Trainer(callbacks=[checkpoint, stopping, history.callback], default_root_dir=directory,
+                                 **self._trainer_kwargs())
+            trainer.fit(model, datamodule=data)
+            if checkpoint.best_model_path:
+                state = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
+                model.load_state_dict(state)
+        self.training_seconds_ = time.perf_counter() - started
+        self.model_ = model.to("cpu").eval()
+        self.history_ = history.callback.rows
+        self.n_parameters_ = int(sum(p.numel() for p in model.parameters()))
+        self.n_training_patches_ = int(data.n_patches)
+        self.epochs_ = int(trainer.current_epoch)
+        return None
+
+    # -- inference --------------------------------------------------------------------------------
+    def _device(self) -> torch.device:
+        wants_gpu = self.accelerator in ("auto", "gpu", "cuda")
+        return torch.device("cuda" if wants_gpu and torch.cuda.is_available() else "cpu")
+
+    @torch.no_grad()
+    def _patch_outputs(self, cube: xr.DataArray, batch_size: int = 64):
+        """Yield (corners, counts, scale, expected counts, voxel NLL) per batch of patches, as numpy."""
+        patch, stride = _pair(self.patch_size, "patch_size"), _pair(self.stride, "stride")
+        counts = np.asarray(cube.transpose("y", "x", "energy").values, dtype=np.float32)
+        patches, scales, corners = extract_patches(counts, patch, stride)
+        device = self._device()
+        model = self.model_.to(device)
+        for start in range(0, len(patches), batch_size):
+            block = patches[start:start + batch_size].to(device)
+            scale = scales[start:start + batch_size].to(device)
+            decoded, _, _ = model(block / scale.clamp_min(1e-12), sample=False)
+            expected = model.expected_counts(scale, decoded)
+            nll = model.voxel_nll(block, scale, decoded) if self.scoring == "nll" else None
+            yield (corners[start:start + batch_size], block.cpu().numpy()[:, 0], expected.float().cpu().numpy()[:, 0],
+                   None if nll is None else nll.float().cpu().numpy()[:, 0])
+        self.model_.to("cpu")
+
+    def _accumulate(self, cube: xr.DataArray, per_patch) -> np.ndarray:
+        """Average a per-patch, per-pixel quantity (N, [E,] py, px) over the patches covering each pixel."""
+        patch = _pair(self.patch_size, "patch_size")
+        ny, nx = cube.sizes["y"], cube.sizes["x"]
+        total, covered = None, np.zeros((max(ny, patch[0]), max(nx, patch[1])))
+        for corners, values in per_patch:
+            for (y, x), value in zip(corners, values, strict=True):
+                if total is None:
+                    total = np.zeros(value.shape[:-2] + covered.shape)
+                total[..., y:y + patch[0], x:x + patch[1]] += value
+                covered[y:y + patch[0], x:x + patch[1]] += 1
+        return (total / covered)[..., :ny, :nx]
+
+    def _score_array(self, cube: xr.DataArray) -> np.ndarray:
+        channels = self._score_channels(cube["energy"].values)
+
+        def per_patch():
+            for corners, counts, expected, nll in self._patch_outputs(cube):
+                if self.scoring == "nll":
+                    yield corners, nll[:, channels].mean(axis=1)
+                    continue
+                n, e, py, px = counts.shape
+                flat_counts = counts.transpose(0, 2, 3, 1).reshape(-1, e)[:, channels]
+                flat_expected = expected.transpose(0, 2, 3, 1).reshape(-1, e)[:, channels]
+                yield corners, score_spectra(flat_counts, flat_expected, self.scoring).reshape(n, py, px)
+
+        return self._accumulate(cube, per_patch())
+
+    def reconstruct(self, cube: xr.DataArray) -> xr.DataArray:
+        """The model's expected counts of every voxel, averaged over the patches covering each pixel."""
+        from ...datacube import validate
+
+        self._check_fitted()
+        cube = self._select_fitted_energy(validate(cube, negative="allow"))
+        mean = self._accumulate(cube, ((corners, expected) for corners, _, expected, _ in self._patch_outputs(cube)))
+        return xr.DataArray(np.moveaxis(mean, 0, -1), dims=("y", "x", "energy"), coords=cube.coords,
+                            name="reconstruction", attrs={"units": "counts", "detector": type(self).__name__})
+
+    # -- persistence ------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write the trained detector (weights, parameters, fitted state) to a torch file, atomically."""
+        from ...io import atomic_path
+
+        self._check_fitted()
+        payload = {
+            "detector": type(self).__name__,
+            "params": {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.get_params().items()},
+            "state_dict": self.model_.state_dict(),
+            "energy_": torch.as_tensor(self.energy_),
+            "training_scores_": torch.as_tensor(self.training_scores_),
+            "threshold_": self.threshold_,
+            "n_training_spectra_": self.n_training_spectra_,
+            "history_": self.history_,
+            "n_parameters_": self.n_parameters_,
+            "training_seconds_": self.training_seconds_,
+        }
+        with atomic_path(path, overwrite=overwrite) as temporary:
+            torch.save(payload, temporary)
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> CVAEDetector:
+        """Read a detector written by :meth:`save` (weights only: no code is unpickled)."""
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such file")
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:
+            raise ValueError(f"{path}: not a saved CVAEDetector ({type(error).__name__}: {error})") from error
+        if payload.get("detector") != cls.__name__:
+            raise ValueError(f"{path}: holds a {payload.get('detector', 'unknown')} detector, not a {cls.__name__}")
+        params = payload["params"]
+        for key in ("energy_range", "score_range", "widths", "patch_size", "stride"):
+            if isinstance(params.get(key), list):
+                params[key] = tuple(params[key])
+        detector = cls(**params)
+        energy = payload["energy_"].numpy()
+        detector.model_ = CVAE3D(n_channels=energy.size, patch_size=_pair(detector.patch_size, "patch_size"),
+                                 latent_dim=detector.latent_dim, widths=tuple(detector.widths),
+                                 likelihood=detector.likelihood, beta=detector.beta,
+                                 learning_rate=detector.learning_rate)
+        detector.model_.load_state_dict(payload["state_dict"])
+        detector.model_.eval()
+        detector.energy_ = energy
+        detector.training_scores_ = payload["training_scores_"].numpy()
+        detector.threshold_ = payload["threshold_"]
+        detector.n_training_spectra_ = payload["n_training_spectra_"]
+        detector.history_ = payload["history_"]
+        detector.n_parameters_ = payload["n_parameters_"]
+        detector.training_seconds_ = payload["training_seconds_"]
+        return detector

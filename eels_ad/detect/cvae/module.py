@@ -1,0 +1,158 @@
+"""The 3D convolutional VAE as a LightningModule: model, negative log-likelihood loss, optimiser.
+
+A patch of ``patch x patch`` pixels x ``E`` channels is one sample, laid out for ``Conv3d`` as
+(batch, 1, energy, y, x). Every pixel's spectrum enters divided by its mean count per channel (its
+``scale``), so the network learns spectral shape and thickness is handled exactly: the Poisson
+rate of a voxel is ``scale * exp(decoded log-shape)``. The encoder's strided 3D convolutions reduce
+energy 8x and space 4x; a small dense layer maps that to the latent (mean, log-variance) and back,
+so the model stays at about 0.3 million parameters for the default patch and 320 channels (the model of
+Sultanov et al. had about 777 million, almost all in two dense layers).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+Likelihood = Literal["poisson", "gaussian"]
+_LOG_2PI = math.log(2 * math.pi)
+
+
+def _padded(size: int, multiple: int) -> int:
+    return int(math.ceil(size / multiple) * multiple)
+
+
+def poisson_nll(counts: torch.Tensor, log_rate: torch.Tensor) -> torch.Tensor:
+    """Voxel-wise Poisson negative log-likelihood ``rate - y log(rate) + log(y!)``."""
+    return torch.exp(log_rate) - counts * log_rate + torch.lgamma(counts + 1)
+
+
+def gaussian_nll(target: torch.Tensor, mean: torch.Tensor, log_variance: torch.Tensor) -> torch.Tensor:
+    """Voxel-wise Gaussian negative log-likelihood with a learned (per-voxel) variance."""
+    return 0.5 * (_LOG_2PI + log_variance + (target - mean) ** 2 * torch.exp(-log_variance))
+
+
+class CVAE3D(pl.LightningModule):
+    """3D convolutional variational autoencoder with a Poisson or Gaussian likelihood.
+
+    Parameters
+    ----------
+    n_channels
+        Energy channels of a patch.
+    patch_size
+        ``(py, px)`` pixels of a patch (any size; padded inside to multiples of 4).
+    latent_dim
+        Size of the latent vector.
+    widths
+        Channels of the three encoder convolutions (mirrored in the decoder).
+    likelihood
+        ``"poisson"`` (raw counts) or ``"gaussian"`` (normalised spectra, learned variance).
+    beta
+        Weight of the KL term.
+    learning_rate
+        Adam learning rate.
+    """
+
+    def __init__(
+        self,
+        n_channels: int,
+        patch_size: tuple[int, int] = (8, 8),
+        latent_dim: int = 16,
+        widths: tuple[int, int, int] = (8, 16, 32),
+        likelihood: Likelihood = "poisson",
+        beta: float = 1.0,
+        learning_rate: float = 1e-3,
+    ) -> None:
+        super().__init__()
+        if likelihood not in ("poisson", "gaussian"):
+            raise ValueError(f"likelihood must be 'poisson' or 'gaussian', got {likelihood!r}")
+        self.save_hyperparameters()
+        self.padded_shape = (_padded(n_channels, 8), _padded(patch_size[0], 4), _padded(patch_size[1], 4))
+        w1, w2, w3 = widths
+        self.encoder = nn.Sequential(
+            nn.Conv3d(1, w1, (7, 3, 3), stride=(2, 1, 1), padding=(3, 1, 1)), nn.GELU(),
+            nn.Conv3d(w1, w2, (5, 3, 3), stride=(2, 2, 2), padding=(2, 1, 1)), nn.GELU(),
+            nn.Conv3d(w2, w3, (5, 3, 3), stride=(2, 2, 2), padding=(2, 1, 1)), nn.GELU(),
+        )
+        e, y, x = self.padded_shape
+        self.bottleneck_shape = (w3, e // 8, y // 4, x // 4)
+        flat = w3 * (e // 8) * (y // 4) * (x // 4)
+        self.to_latent = nn.Linear(flat, 2 * latent_dim)
+        self.from_latent = nn.Linear(latent_dim, flat)
+        out_channels = 2 if likelihood == "gaussian" else 1
+        self.decoder = nn.Sequential(
+            nn.GELU(),
+            nn.ConvTranspose3d(w3, w2, (4, 4, 4), stride=(2, 2, 2), padding=(1, 1, 1)), nn.GELU(),
+            nn.ConvTranspose3d(w2, w1, (4, 4, 4), stride=(2, 2, 2), padding=(1, 1, 1)), nn.GELU(),
+            nn.ConvTranspose3d(w1, w1, (4, 3, 3), stride=(2, 1, 1), padding=(1, 1, 1)), nn.GELU(),
+            nn.Conv3d(w1, out_channels, (5, 3, 3), padding=(2, 1, 1)),
+        )
+
+    # -- the network ------------------------------------------------------------------------------
+    def _pad(self, tensor: torch.Tensor) -> torch.Tensor:
+        e, y, x = tensor.shape[-3:]
+        pe, py, px = (target - size for target, size in zip(self.padded_shape, (e, y, x), strict=True))
+        if pe < 0 or py < 0 or px < 0:
+            raise ValueError(f"patch of shape {(e, y, x)} is larger than the model's {self.padded_shape}")
+        return F.pad(tensor, (0, px, 0, py, 0, pe), mode="replicate") if pe or py or px else tensor
+
+    def encode(self, shape: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posterior mean and log-variance of the latent for normalised spectra (N, 1, E, y, x)."""
+        features = self.encoder(self._pad(torch.log1p(shape)))
+        mean, log_variance = self.to_latent(features.flatten(1)).chunk(2, dim=1)
+        return mean, log_variance.clamp(-12.0, 8.0)
+
+    def decode(self, latent: torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:
+        """Decoder output cropped to ``size`` = (E, y, x): (N, 1 or 2, E, y, x)."""
+        features = self.from_latent(latent).view(-1, *self.bottleneck_shape)
+        out = self.decoder(features)
+        e, y, x = size
+        return out[:, :, :e, :y, :x]
+
+    def forward(self, shape: torch.Tensor, sample: bool = False):
+        mean, log_variance = self.encode(shape)
+        latent = mean + torch.randn_like(mean) * torch.exp(0.5 * log_variance) if sample else mean
+        return self.decode(latent, tuple(shape.shape[-3:])), mean, log_variance
+
+    # -- the likelihood ---------------------------------------------------------------------------
+    def voxel_nll(self, counts: torch.Tensor, scale: torch.Tensor, decoded: torch.Tensor) -> torch.Tensor:
+        """Negative log-likelihood of every voxel (N, 1, E, y, x) given the decoder output."""
+        if self.hparams.likelihood == "poisson":
+            log_rate = torch.log(scale.clamp_min(1e-12)) + decoded[:, :1].clamp(-30.0, 30.0)
+            return poisson_nll(counts, log_rate)
+        target = counts / scale.clamp_min(1e-12)
+        return gaussian_nll(target, decoded[:, :1], decoded[:, 1:2].clamp(-15.0, 10.0))
+
+    def expected_counts(self, scale: torch.Tensor, decoded: torch.Tensor) -> torch.Tensor:
+        """The model's mean counts of every voxel."""
+        if self.hparams.likelihood == "poisson":
+            return scale * torch.exp(decoded[:, :1].clamp(-30.0, 30.0))
+        return scale * decoded[:, :1]
+
+    def loss(self, counts: torch.Tensor, scale: torch.Tensor, sample: bool = True) -> dict[str, torch.Tensor]:
+        shape = counts / scale.clamp_min(1e-12)
+        decoded, mean, log_variance = self(shape, sample=sample)
+        nll = self.voxel_nll(counts, scale, decoded).sum(dim=(1, 2, 3, 4))
+        kl = -0.5 * (1 + log_variance - mean**2 - torch.exp(log_variance)).sum(dim=1)
+        voxels = counts[0].numel()
+        total = (nll + self.hparams.beta * kl).mean() / voxels
+        return {"loss": total, "nll": nll.mean() / voxels, "kl": kl.mean()}
+
+    # -- Lightning --------------------------------------------------------------------------------
+    def training_step(self, batch, batch_index):
+        terms = self.loss(*batch, sample=True)
+        self.log_dict({f"train_{k}": v for k, v in terms.items()}, prog_bar=False, on_epoch=True, on_step=False)
+        return terms["loss"]
+
+    def validation_step(self, batch, batch_index):
+        terms = self.loss(*batch, sample=False)
+        self.log("val_loss", terms["loss"], prog_bar=True, on_epoch=True)
+        self.log("val_nll", terms["nll"], on_epoch=True)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=self.hparams.learning_rate)

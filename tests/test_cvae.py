@@ -1,0 +1,125 @@
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+
+import eels_ad
+from eels_ad.detect import CVAEDetector, NotFittedError
+from eels_ad.detect.cvae.data import PatchDataModule, extract_patches, patch_starts
+from eels_ad.detect.cvae.module import CVAE3D, gaussian_nll, poisson_nll
+
+TINY = dict(widths=(4, 8, 8), latent_dim=4, max_epochs=2, batch_size=8, progress=False)
+
+
+@pytest.fixture(scope="module")
+def small_cubes():
+    energy = 690.0 + 0.5 * np.arange(64)
+    bulk = eels_ad.simulate_fe_l23((12, 12), energy=energy, anomaly_fraction=0.0, seed=1)["counts"]
+    test = eels_ad.simulate_fe_l23((13, 11), energy=energy, anomaly_fraction=0.05, shift=2.0, seed=2)
+    return bulk, test
+
+
+@pytest.mark.parametrize("likelihood,outputs", [("poisson", 1), ("gaussian", 2)])
+@pytest.mark.parametrize("channels,patch", [(37, (5, 7)), (64, (8, 8)), (9, (1, 3))])
+def test_shapes_through_the_network(likelihood, outputs, channels, patch):
+    model = CVAE3D(n_channels=channels, patch_size=patch, latent_dim=3, widths=(4, 4, 8), likelihood=likelihood)
+    shape = torch.rand(2, 1, channels, *patch) + 0.5
+    decoded, mean, log_variance = model(shape)
+    assert decoded.shape == (2, outputs, channels, *patch)
+    assert mean.shape == log_variance.shape == (2, 3)
+
+
+def test_loss_is_the_nll_it_claims():
+    torch.manual_seed(0)
+    counts = torch.poisson(torch.full((3, 4), 7.0))
+    log_rate = torch.randn(3, 4)
+    expected = -torch.distributions.Poisson(torch.exp(log_rate)).log_prob(counts)
+    torch.testing.assert_close(poisson_nll(counts, log_rate), expected)
+    target, mean, log_variance = torch.randn(3, 4), torch.randn(3, 4), torch.randn(3, 4)
+    expected = -torch.distributions.Normal(mean, torch.exp(0.5 * log_variance)).log_prob(target)
+    torch.testing.assert_close(gaussian_nll(target, mean, log_variance), expected)
+
+
+def test_module_loss_adds_the_kl_term():
+    torch.manual_seed(1)
+    model = CVAE3D(n_channels=16, patch_size=(4, 4), latent_dim=2, widths=(4, 4, 4), beta=0.0).double()
+    counts = torch.poisson(torch.full((2, 1, 16, 4, 4), 20.0, dtype=torch.float64))
+    scale = counts.mean(dim=2, keepdim=True)
+    with torch.no_grad():
+        without_kl = model.loss(counts, scale, sample=False)
+        model.hparams.beta = 1.0
+        with_kl = model.loss(counts, scale, sample=False)
+    voxels = counts[0].numel()
+    assert float(with_kl["loss"] - without_kl["loss"]) == pytest.approx(float(with_kl["kl"]) / voxels, rel=1e-9)
+
+
+def test_patches_cover_odd_cubes():
+    assert patch_starts(13, 5, 3) == [0, 3, 6, 8]
+    assert patch_starts(4, 8, 4) == [0]
+    counts = np.random.default_rng(0).poisson(5, (13, 11, 6)).astype(float)
+    patches, scales, corners = extract_patches(counts, (5, 5), (3, 3))
+    assert patches.shape[1:] == (1, 6, 5, 5)
+    y, x = corners[-1]
+    np.testing.assert_allclose(patches[-1, 0].numpy(), counts[y:y + 5, x:x + 5].transpose(2, 0, 1), rtol=1e-6)
+    data = PatchDataModule(counts, patch_size=(5, 5), stride=(3, 3), val_fraction=0.25)
+    data.setup()
+    assert len(data.train_set) + len(data.val_set) == len(corners)
+
+
+def test_fit_score_reconstruct_on_odd_cube(small_cubes):
+    bulk, test = small_cubes
+    detector = CVAEDetector(patch_size=5, stride=3, **TINY).fit(bulk)
+    scores = detector.score(test["counts"])
+    assert scores.shape == (13, 11) and np.isfinite(scores.values).all()
+    reconstruction = detector.reconstruct(test["counts"])
+    assert reconstruction.dims == ("y", "x", "energy") and reconstruction.shape == (13, 11, 64)
+    assert float(reconstruction.min()) > 0
+    assert detector.predict(test["counts"], scores).dtype == bool
+    assert detector.n_parameters_ < 1_000_000
+
+
+def test_short_training_lowers_the_loss(small_cubes):
+    bulk, _ = small_cubes
+    detector = CVAEDetector(patch_size=4, stride=2, **{**TINY, "max_epochs": 6, "batch_size": 4, "learning_rate": 0.01}).fit(bulk)
+    losses = [row["val_loss"] for row in detector.history_]
+    assert len(losses) == 6
+    assert losses[-1] < 0.8 * losses[0]
+
+
+def test_same_seed_same_model_on_cpu(small_cubes):
+    bulk, test = small_cubes
+    first = CVAEDetector(patch_size=4, stride=4, seed=3, **TINY).fit(bulk).score(test["counts"])
+    second = CVAEDetector(patch_size=4, stride=4, seed=3, **TINY).fit(bulk).score(test["counts"])
+    other = CVAEDetector(patch_size=4, stride=4, seed=4, **TINY).fit(bulk).score(test["counts"])
+    xr.testing.assert_identical(first, second)
+    assert not np.allclose(first.values, other.values)
+
+
+def test_save_load_gives_identical_scores(tmp_path, small_cubes):
+    bulk, test = small_cubes
+    detector = CVAEDetector(patch_size=4, stride=4, likelihood="gaussian", scoring="nll", **TINY).fit(bulk)
+    path = detector.save(tmp_path / "cvae.pt")
+    loaded = CVAEDetector.load(path)
+    xr.testing.assert_identical(loaded.score(test["counts"]), detector.score(test["counts"]))
+    assert loaded.get_params() == detector.get_params()
+    with pytest.raises(FileExistsError):
+        detector.save(path)
+    (tmp_path / "junk.pt").write_text("not a model")
+    with pytest.raises(ValueError, match="junk.pt: not a saved CVAEDetector"):
+        CVAEDetector.load(tmp_path / "junk.pt")
+
+
+def test_errors_before_fit_and_on_another_energy_axis(small_cubes):
+    bulk, _ = small_cubes
+    with pytest.raises(NotFittedError):
+        CVAEDetector().score(bulk)
+    detector = CVAEDetector(patch_size=4, stride=4, **TINY).fit(bulk)
+    shifted = bulk.assign_coords(energy=bulk["energy"] + 5.0)
+    with pytest.raises(ValueError, match=r"695\.000 - 726\.500 eV.*690\.000 - 721\.500 eV"):
+        detector.score(shifted)
+    with pytest.raises(ValueError, match="likelihood must be"):
+        CVAEDetector(likelihood="laplace", **TINY).fit(bulk)
+    with pytest.raises(ValueError, match="training mask leaves 0 patches"):
+        mask = np.zeros((12, 12), bool)
+        mask[0, 0] = True
+        CVAEDetector(patch_size=4, **TINY).fit(bulk, mask=mask)
