@@ -1,9 +1,9 @@
 """``eels-ad demo``: the whole pipeline on the embedded sample cube.
 
 Load the sample, detect anomalies with PCA trained robustly on the image itself and with a 3D-CVAE
-trained on the pixels PCA left as bulk, compare with the sample's ground truth, test every energy channel of the flagged pixels against the bulk with a
-negative-binomial model, and write the results (NetCDF), the metrics (JSON) and a figure (PNG) to a
-folder. Later stages (SPIRAL-TAP, the HTML report) join as they land.
+trained on the pixels PCA left as bulk, compare with the sample's ground truth, test every energy
+channel of the flagged pixels against the bulk with a negative-binomial model, and write the
+results (NetCDF), the metrics (JSON), a figure (PNG) and an offline HTML report to a folder.
 """
 
 from __future__ import annotations
@@ -88,7 +88,8 @@ def run_demo(out: str | os.PathLike = "eels-ad-demo", *, overwrite: bool = False
     cvae_labels = cvae.predict(cube, cvae_scores)
     cvae_metrics = detection_metrics(cvae_scores, truth["anomaly"], cvae_labels)
     cvae_metrics.update(parameters=cvae.n_parameters_, epochs=cvae.epochs_ + 1,
-                        training_seconds=round(cvae.training_seconds_, 1), bimodality=bimodality(cvae_scores, seed=seed))
+                        training_seconds=round(cvae.training_seconds_, 1),
+                        bimodality=bimodality(cvae_scores, seed=seed))
 
     say("[4/5] negative-binomial test of every energy channel: flagged pixels against the bulk ...")
     from .stats import compare_regions

@@ -80,7 +80,8 @@ def test_fit_score_reconstruct_on_odd_cube(small_cubes):
 
 def test_short_training_lowers_the_loss(small_cubes):
     bulk, _ = small_cubes
-    detector = CVAEDetector(patch_size=4, stride=2, **{**TINY, "max_epochs": 6, "batch_size": 4, "learning_rate": 0.01}).fit(bulk)
+    settings = {**TINY, "max_epochs": 6, "batch_size": 4, "learning_rate": 0.01}
+    detector = CVAEDetector(patch_size=4, stride=2, **settings).fit(bulk)
     losses = [row["val_loss"] for row in detector.history_]
     assert len(losses) == 6
     assert losses[-1] < 0.8 * losses[0]

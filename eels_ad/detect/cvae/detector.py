@@ -39,7 +39,8 @@ def _quiet_lightning(quiet: bool):
     try:
         with warnings.catch_warnings():
             if quiet:
-                warnings.filterwarnings("ignore", message=".*(treespec|LeafSpec|num_workers|does not have many workers).*")
+                noise = ".*(treespec|LeafSpec|num_workers|does not have many workers).*"
+                warnings.filterwarnings("ignore", message=noise)
             yield
     finally:
         logger.setLevel(level)
