@@ -54,8 +54,9 @@ def run_demo(out: str | os.PathLike = "eels-ad-demo", *, overwrite: bool = False
     out = Path(out)
     results_path, metrics_path = out / "results.nc", out / "metrics.json"
     channels_path, figure_path = out / "nb_channels.nc", out / "nb_channels.png"
+    report_path = out / "report.html"
     if not overwrite:
-        for path in (results_path, metrics_path, channels_path, figure_path):
+        for path in (results_path, metrics_path, channels_path, figure_path, report_path):
             if path.exists():
                 raise FileExistsError(f"{path} exists from an earlier demo; pass --overwrite to replace it")
 
@@ -132,6 +133,28 @@ def run_demo(out: str | os.PathLike = "eels-ad-demo", *, overwrite: bool = False
         figure = plot_channel_tests(channels, title="flagged pixels (B) against the bulk (A)")
         with atomic_path(figure_path, overwrite=overwrite) as temporary:
             figure.savefig(temporary, format="png", dpi=100)
+    from .viz import report_layout, save_html
+
+    rows = "".join(
+        f"<tr><td>{name}</td><td>{m['n_flagged']}</td><td>{m['roc_auc']:.3f}</td><td>{m['f1']:.3f}</td>"
+        f"<td>{m['precision']:.3f}</td><td>{m['recall']:.3f}</td></tr>"
+        for name, m in (("PCA (Poisson-normalised, robust)", pca_metrics), ("3D-CVAE (Poisson NLL)", cvae_metrics))
+    )
+    summary_html = (
+        f"<h2>eels-ad demo</h2><p>Sample: simulated Fe L2,3 spectrum image, {cube.sizes['y']} x {cube.sizes['x']} "
+        f"pixels x {cube.sizes['energy']} channels, {int(truth['anomaly'].sum())} pixels with the Fe edge shifted "
+        f"by {float(truth.attrs['shift_eV']):+g} eV (ground truth known).</p>"
+        "<table border='1' cellpadding='4'><tr><th>detector</th><th>flagged</th><th>ROC AUC</th><th>F1</th>"
+        f"<th>precision</th><th>recall</th></tr>{rows}</table>"
+        f"<p>Negative-binomial test of the PCA-flagged pixels against the others: "
+        f"{nb_metrics.get('n_significant_channels', 0)} energy channels differ at 5 % FDR. Maps are outlined "
+        "where PCA flagged a pixel.</p>"
+    )
+    layout = report_layout(
+        cube, {"PCA score": scores, "3D-CVAE score": cvae_scores, "truth": truth["anomaly"].astype(float)},
+        labels=labels, channel_tests=channels,
+    )
+    save_html(layout, report_path, overwrite=overwrite, title="eels-ad demo report", header_html=summary_html)
     summary: dict[str, Any] = {
         "sample": {"shape": dict(cube.sizes), "n_true_anomalies": int(truth["anomaly"].sum()),
                    "shift_eV": float(truth.attrs["shift_eV"]), "dose": float(truth.attrs["dose"])},
@@ -140,7 +163,7 @@ def run_demo(out: str | os.PathLike = "eels-ad-demo", *, overwrite: bool = False
         "negative_binomial": nb_metrics,
         "seconds": round(time.perf_counter() - started, 2),
         "outputs": {"results": str(results_path), "metrics": str(metrics_path),
-                    "channels": str(channels_path), "figure": str(figure_path)},
+                    "channels": str(channels_path), "figure": str(figure_path), "report": str(report_path)},
     }
     _write_json(summary, metrics_path, overwrite)
     summary["text"] = (
@@ -152,6 +175,7 @@ def run_demo(out: str | os.PathLike = "eels-ad-demo", *, overwrite: bool = False
         f"NB test: {nb_metrics.get('n_significant_channels', 0)} energy channels differ at 5 % FDR, "
         f"{nb_metrics.get('significant_range_eV')} eV\n"
         f"results: {results_path}\nmetrics: {metrics_path}\nfigure: {figure_path}\n"
+        f"report (open in a browser, works offline): {report_path}\n"
         f"done in {summary['seconds']:.1f} s"
     )
     return summary

@@ -70,6 +70,9 @@ def test_demo_runs_and_refuses_to_overwrite(tmp_path):
     lfc = channels["log_fold_change"]
     assert float(lfc.sel(energy=707.5)) < 0 < float(lfc.sel(energy=710.0))
     assert (out / "nb_channels.png").stat().st_size > 10_000
+    report = (out / "report.html").read_text()
+    assert "eels-ad demo" in report and "<script src=" not in report
+    assert metrics["cvae"]["roc_auc"] > 0.95
     again = subprocess.run([sys.executable, "-m", "eels_ad.cli", "demo", "--out", str(out)],
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 1 and "--overwrite" in again.stderr

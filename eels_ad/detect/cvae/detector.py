@@ -75,7 +75,11 @@ class CVAEDetector(BaseDetector):
     Parameters
     ----------
     patch_size, stride
-        Patch side and the step between patches, in pixels (an int or a (y, x) pair).
+        Patch side and the step between training patches, in pixels (an int or a (y, x) pair).
+    score_stride
+        Step between the patches that score a cube (default 2; None: ``stride``). Pixels near a patch
+        edge are reconstructed a little worse than central ones; a finer step averages that out
+        (a coarse step leaves a faint grid in the score map) at the cost of more patches.
     latent_dim, widths
         Latent size and the channels of the three 3D convolutions.
     likelihood
@@ -125,6 +129,7 @@ class CVAEDetector(BaseDetector):
         *,
         patch_size: int | tuple[int, int] = 8,
         stride: int | tuple[int, int] = 4,
+        score_stride: int | tuple[int, int] | None = 2,
         latent_dim: int = 16,
         widths: tuple[int, int, int] = (8, 16, 32),
         likelihood: Likelihood = "poisson",
@@ -151,6 +156,7 @@ class CVAEDetector(BaseDetector):
                          threshold=threshold, false_alarm_rate=false_alarm_rate)
         self.patch_size = patch_size
         self.stride = stride
+        self.score_stride = score_stride
         self.latent_dim = latent_dim
         self.widths = widths
         self.likelihood = likelihood
@@ -222,8 +228,9 @@ class CVAEDetector(BaseDetector):
 
     @torch.no_grad()
     def _patch_outputs(self, cube: xr.DataArray, batch_size: int = 64):
-        """Yield (corners, counts, scale, expected counts, voxel NLL) per batch of patches, as numpy."""
-        patch, stride = _pair(self.patch_size, "patch_size"), _pair(self.stride, "stride")
+        """Yield (corners, counts, expected counts, voxel NLL) per batch of patches, as numpy."""
+        patch = _pair(self.patch_size, "patch_size")
+        stride = _pair(self.stride if self.score_stride is None else self.score_stride, "score_stride")
         counts = np.asarray(cube.transpose("y", "x", "energy").values, dtype=np.float32)
         patches, scales, corners = extract_patches(counts, patch, stride)
         device = self._device()
@@ -311,7 +318,7 @@ class CVAEDetector(BaseDetector):
         if payload.get("detector") != cls.__name__:
             raise ValueError(f"{path}: holds a {payload.get('detector', 'unknown')} detector, not a {cls.__name__}")
         params = payload["params"]
-        for key in ("energy_range", "score_range", "widths", "patch_size", "stride"):
+        for key in ("energy_range", "score_range", "widths", "patch_size", "stride", "score_stride"):
             if isinstance(params.get(key), list):
                 params[key] = tuple(params[key])
         detector = cls(**params)

@@ -1,0 +1,110 @@
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import eels_ad
+from eels_ad import viz
+from eels_ad.detect import PCADetector
+from eels_ad.stats import compare_regions
+
+COUNT_CANVASES = """
+function count(root) {
+  let n = root.querySelectorAll('canvas').length;
+  for (const element of root.querySelectorAll('*')) { if (element.shadowRoot) n += count(element.shadowRoot); }
+  return n;
+}
+return count(document);
+"""
+
+
+@pytest.fixture(scope="module")
+def results():
+    sim = eels_ad.simulate_fe_l23((24, 24), anomaly_fraction=0.05, shift=1.0, seed=3)
+    cube = sim["counts"]
+    detector = PCADetector(robust=True).fit(cube)
+    scores = detector.score(cube)
+    labels = detector.predict(cube, scores)
+    return sim, cube, scores, labels, detector.reconstruct(cube)
+
+
+def test_explore_links_map_and_spectrum(results):
+    import holoviews as hv
+
+    sim, cube, scores, labels, recon = results
+    layout = viz.explore(cube, scores, recon, labels)
+    assert isinstance(layout, hv.Layout) and len(layout) == 3
+    spectrum = layout[2]
+    spectrum.streams[0].event(x=3.0, y=5.0)  # a tap on pixel (y=5, x=3)
+    curves = list(spectrum[()])
+    np.testing.assert_allclose(curves[0].dimension_values(1), cube.values[5, 3])
+    np.testing.assert_allclose(curves[2].dimension_values(1), cube.values[5, 3] - recon.values[5, 3])
+    energy_map = layout[1]
+    energy_map.streams[0].event(boundsx=(705.0, 712.0))  # a range dragged on the spectrum
+    window = energy_map[()]
+    np.testing.assert_allclose(window.dimension_values(2, flat=False).sum(),
+                               float(cube.eels.total_counts((705.0, 712.0)).sum()))
+    assert isinstance(viz.explore(cube), hv.Layout)  # no scores: the total-counts map
+
+
+def test_report_html_is_offline_and_png_is_written(tmp_path, results):
+    sim, cube, scores, labels, _ = results
+    table = compare_regions(cube, ~labels, labels)
+    layout = viz.report_layout(cube, {"score": scores, "truth": sim["anomaly"].astype(float)}, labels=labels,
+                               channel_tests=table)
+    html = viz.save_html(layout, tmp_path / "report.html", header_html="<h2>numbers</h2>")
+    text = html.read_text()
+    import re
+
+    # BokehJS is inlined: no script or stylesheet is fetched from anywhere
+    assert re.findall(r"<script[^>]*\bsrc=", text) == []
+    assert re.findall(r"<link[^>]*\bhref=[\"']https?:", text) == []
+    assert "Bokeh" in text and "numbers" in text
+    with pytest.raises(FileExistsError):
+        viz.save_html(layout, html)
+    png = viz.save_png(viz.report_layout(cube, {"score": scores}, labels=labels), tmp_path / "maps.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def _chrome():
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and driver):
+        pytest.skip("no headless Chromium here (Debian packages chromium and chromium-driver; .ci/run installs them)")
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        pytest.skip("selenium is not installed (pip install -e '.[dev]')")
+    options = webdriver.ChromeOptions()
+    for argument in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                     "--window-size=1400,1800"):
+        options.add_argument(argument)
+    options.binary_location = chromium
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return webdriver.Chrome(service=Service(driver), options=options)
+
+
+@pytest.mark.slow
+def test_report_renders_in_a_real_browser(tmp_path, results):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    sim, cube, scores, labels, _ = results
+    layout = viz.report_layout(cube, {"score": scores, "truth": sim["anomaly"].astype(float)}, labels=labels,
+                               channel_tests=compare_regions(cube, ~labels, labels))
+    header = "<h2>numbers</h2><table><tr><td>1</td></tr></table>"
+    html = viz.save_html(layout, tmp_path / "report.html", header_html=header)
+    browser = _chrome()
+    try:
+        browser.get(Path(html).resolve().as_uri())
+        WebDriverWait(browser, 60).until(lambda b: b.execute_script(COUNT_CANVASES) >= 4)
+        errors = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+        screenshot = tmp_path / "report.png"
+        browser.save_screenshot(str(screenshot))
+    finally:
+        browser.quit()
+    assert errors == [], errors
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(screenshot).convert("L"), dtype=float)
+    assert pixels.std() > 10  # something was drawn, not a blank page
