@@ -13,6 +13,6 @@ def test_ruff_clean():
     ruff = str(beside_python) if beside_python.exists() else shutil.which("ruff")
     if ruff is None:
         pytest.skip("ruff is not installed (pip install -e '.[dev]')")
-    run = subprocess.run([ruff, "check", "eels_ad", "tests", "benchmarks", "data"], cwd=REPO,
+    run = subprocess.run([ruff, "check", "eels_ad", "tests", "benchmarks", "data", "notebooks"], cwd=REPO,
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr
