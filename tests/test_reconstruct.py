@@ -1,0 +1,157 @@
+import numpy as np
+import pytest
+
+import eels_ad
+from eels_ad.reconstruct import (
+    WaveletBasis,
+    blur,
+    denoise_cube,
+    l1_prox,
+    onb_prox,
+    rdp_prox,
+    rdp_ti_prox,
+    scan_mask,
+    spiral_tap,
+    tv_prox,
+)
+
+ANCHOR_SETTINGS = dict(max_iter=100, min_iter=50, tol=1e-8, stop="step")
+
+
+@pytest.fixture(scope="module")
+def phantom(shared_dir):
+    from scipy import io
+
+    data = io.loadmat(shared_dir / "anchors" / "spiraltap" / "phantom128.mat")
+    forward, adjoint = blur(data["blur"], method="direct")
+    return data["f"].astype(float), data["y"].astype(float), forward, adjoint
+
+
+@pytest.mark.shared
+@pytest.mark.parametrize("penalty,tau,expected,iterations", [("tv", 3.0e-6, 24.41, 67), ("rdp", 2.0, 24.83, 50)])
+def test_reproduces_the_reference_phantom_demo(phantom, penalty, tau, expected, iterations):
+    truth, counts, forward, adjoint = phantom
+    result = spiral_tap(counts, forward, adjoint, tau=tau, penalty=penalty, truth=truth, **ANCHOR_SETTINGS)
+    assert result.recon_error[0] == pytest.approx(0.4389, abs=5e-4)  # the reference's initialisation
+    assert 100 * result.recon_error[-1] == pytest.approx(expected, abs=0.2)
+    assert abs(result.iterations - iterations) <= 2
+
+
+@pytest.mark.shared
+@pytest.mark.slow
+def test_reproduces_the_reference_phantom_onb_demo(phantom):
+    truth, counts, forward, adjoint = phantom
+    result = spiral_tap(counts, forward, adjoint, tau=1e-5, penalty="onb", truth=truth,
+                        **{**ANCHOR_SETTINGS, "tol": 1e-6})
+    assert 100 * result.recon_error[-1] == pytest.approx(26.66, abs=0.2)
+
+
+def test_objective_decreases_and_history_is_recorded():
+    rng = np.random.default_rng(0)
+    truth = np.zeros((32, 32))
+    truth[8:20, 10:24] = 30.0
+    counts = rng.poisson(truth + 1.0)
+    result = spiral_tap(counts, tau=0.2, penalty="tv", truth=truth, max_iter=30, min_iter=30, stop="iterations")
+    assert result.iterations == 30
+    assert result.objective.shape == result.times.shape == result.recon_error.shape == (31,)
+    assert result.objective[-1] < result.objective[0]
+    assert result.recon_error[-1] < 0.8 * result.recon_error[0]
+    assert np.all(result.x >= 0)
+
+
+def test_canonical_recovers_spikes_in_compressed_sensing():
+    """A small version of the reference's 1-D demo: sparse spikes, random Bernoulli {0, 1/m} rows."""
+    from scipy import sparse
+
+    rng = np.random.default_rng(1)
+    n, m, spikes = 4000, 1600, 40
+    truth = np.zeros(n)
+    truth[rng.choice(n, spikes, replace=False)] = 1e5
+    matrix = sparse.random(m, n, density=4e-3, random_state=2, data_rvs=lambda k: np.full(k, 1.0 / m)).tocsr()
+    counts = rng.poisson(matrix @ truth)
+    result = spiral_tap(counts, lambda x: matrix @ x, lambda v: matrix.T @ v, tau=1e-6, penalty="canonical",
+                        truth=truth, max_iter=100, tol=1e-8)
+    assert result.recon_error[-1] < 0.2
+    assert np.count_nonzero(result.x > 1e3) <= 3 * spikes
+
+
+def test_prox_operators():
+    rng = np.random.default_rng(2)
+    step = rng.normal(1.0, 2.0, (16, 16))
+    np.testing.assert_allclose(l1_prox(step, 0.5), np.maximum(step - 0.5, 0))
+    for prox in (tv_prox, onb_prox, rdp_prox, rdp_ti_prox):
+        assert np.all(prox(step, 0.3) >= -1e-12)
+    # no regularisation: the projection on x >= 0
+    np.testing.assert_allclose(tv_prox(step, 0.0), np.maximum(step, 0))
+    np.testing.assert_allclose(onb_prox(step, 0.0), np.maximum(step, 0), atol=1e-9)
+    # (with negative entries the reference's RDP cost, which it keeps, merges some of them: not a projection)
+    np.testing.assert_allclose(rdp_prox(np.abs(step), 0.0), np.abs(step))
+    # a constant image is a fixed point; huge lam merges everything into one cell at the mean
+    np.testing.assert_allclose(tv_prox(np.full((8, 8), 3.0), 1.0), 3.0)
+    np.testing.assert_allclose(rdp_prox(np.abs(step), 1e9), np.abs(step).mean())
+    # RDP pads a non-power-of-two image and crops back
+    assert rdp_prox(np.abs(step[:12, :10]), 1.0).shape == (12, 10)
+    with pytest.raises(ValueError, match="2-D images"):
+        rdp_prox(np.ones((4, 4, 4)), 1.0)
+
+
+def test_tv_prox_in_3d_with_spectral_weight():
+    rng = np.random.default_rng(3)
+    cube = rng.poisson(20.0, (8, 8, 32)).astype(float)
+    smooth_all = tv_prox(cube, 2.0)
+    spatial_only = tv_prox(cube, 2.0, weights=(1.0, 1.0, 0.0))
+    # with the energy weight off, the spectral roughness stays
+    roughness = lambda x: np.abs(np.diff(x, axis=2)).mean()  # noqa: E731
+    assert roughness(smooth_all) < roughness(spatial_only)
+    with pytest.raises(ValueError, match="TV weights"):
+        tv_prox(cube, 1.0, weights=(1.0, 1.0))
+
+
+def test_haar_basis_is_orthonormal():
+    rng = np.random.default_rng(4)
+    for shape in ((32, 32), (8, 16, 32)):
+        basis = WaveletBasis(shape)
+        x = rng.normal(size=shape)
+        coefficients, layout = basis.analysis(x)
+        assert np.sum(coefficients**2) == pytest.approx(np.sum(x**2))
+        np.testing.assert_allclose(basis.synthesis(coefficients, layout), x, atol=1e-12)
+
+
+def test_bad_input_and_zero_counts():
+    with pytest.raises(ValueError, match="negative"):
+        spiral_tap(np.array([1.0, -2.0]), tau=1.0)
+    with pytest.raises(ValueError, match="NaN"):
+        spiral_tap(np.array([1.0, np.nan]), tau=1.0)
+    with pytest.raises(ValueError, match="tau must be"):
+        spiral_tap(np.ones(4), tau=-1.0)
+    with pytest.raises(ValueError, match="penalty must be one of"):
+        spiral_tap(np.ones(4), tau=1.0, penalty="l2")
+    with pytest.raises(ValueError, match="give both A and AT"):
+        spiral_tap(np.ones(4), A=lambda x: x, tau=1.0)
+    matrix = np.ones((3, 5))
+    with pytest.raises(ValueError, match="shape"):
+        spiral_tap(np.ones(4), lambda x: matrix @ x, lambda v: matrix.T @ v, tau=1.0)
+    zeros = spiral_tap(np.zeros((8, 8)), tau=1.0, penalty="tv")
+    assert not zeros.x.any() and zeros.iterations == 0
+
+
+def test_denoise_cube_keeps_coords_and_lowers_the_error():
+    sim = eels_ad.simulate_fe_l23((16, 16), dose=2.0, anomaly_fraction=0.0, include_expected=True, seed=5)
+    cube, truth = sim["counts"], sim["expected"]
+    clean = denoise_cube(cube, penalty="tv", tau=0.2, weights=(1.0, 1.0, 0.5), truth=truth, max_iter=40)
+    assert clean.dims == cube.dims and np.array_equal(clean["energy"], cube["energy"])
+    raw_error = float(np.linalg.norm(cube.values - truth.values) / np.linalg.norm(truth.values))
+    assert clean.attrs["relative_error"] < 0.6 * raw_error
+
+
+def test_denoise_cube_fills_a_subsampled_scan():
+    sim = eels_ad.simulate_fe_l23((16, 16), dose=50.0, anomaly_fraction=0.0, include_expected=True, seed=6)
+    visited = np.random.default_rng(0).random((16, 16)) < 0.25
+    observed = sim["counts"].where(visited[..., None], 0).astype(int)
+    filled = denoise_cube(observed, penalty="tv", tau=2.0, visited=visited, truth=sim["expected"], max_iter=40)
+    unvisited_error = np.abs(filled.values[~visited] - sim["expected"].values[~visited]).mean()
+    assert unvisited_error < 0.2 * sim["expected"].values.mean()
+    forward, adjoint = scan_mask(visited)
+    assert np.all(forward(np.ones((16, 16, 3)))[~visited] == 0)
+    with pytest.raises(ValueError, match="visited no pixel"):
+        denoise_cube(observed, tau=1.0, visited=np.zeros((16, 16), bool))
