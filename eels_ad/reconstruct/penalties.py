@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-
 # ---- l1 in the canonical basis --------------------------------------------------------------------
 
 def l1_prox(step: np.ndarray, lam: float | np.ndarray, *, lower: float = 0.0) -> np.ndarray:
