@@ -101,6 +101,99 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(results, out_dir: str, quiet: bool) -> int:
+    done = sum(r.status == "done" for r in results)
+    skipped = sum(r.status == "skipped" for r in results)
+    failed = [r for r in results if r.status == "failed"]
+    if not quiet:
+        print(f"{done} done, {skipped} skipped (complete), {len(failed)} failed; summary in {out_dir}/summary.csv")
+    for result in failed:
+        print(f"failed: {result.reason}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .batch import train
+
+    parameters: dict = {}
+    if args.model == "pca":
+        parameters.update(n_components=args.components if args.components else "auto", robust=args.robust,
+                          poisson_normalize=not args.plain)
+    else:
+        parameters.update(max_epochs=args.epochs, likelihood=args.likelihood, accelerator=args.accelerator,
+                          devices=args.devices, strategy=args.strategy, progress=not args.quiet, seed=args.seed)
+    if args.energy_range:
+        parameters["energy_range"] = tuple(args.energy_range)
+    try:
+        detector = train(args.bulk, args.model, args.out, recursive=args.recursive, overwrite=args.overwrite,
+                         **parameters)
+    except (OSError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    if not args.quiet:
+        print(f"trained {type(detector).__name__} on {detector.n_training_spectra_} spectra; saved {args.out}")
+    return 0
+
+
+def _run_batch(args: argparse.Namespace, job, suffix: str, description: str) -> int:
+    from .batch import plan, run
+
+    try:
+        pairs = plan(args.inputs, args.out, suffix=suffix, recursive=args.recursive)
+    except (OSError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    results = run(job, pairs, args.out, overwrite=args.overwrite, workers=args.workers, scheduler=args.scheduler,
+                  quiet=args.quiet, description=description)
+    return _report(results, args.out, args.quiet)
+
+
+def _cmd_detect(args: argparse.Namespace) -> int:
+    from functools import partial
+
+    from .batch import detect_job, load_detector
+
+    try:
+        load_detector(args.model)
+    except (OSError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    chunks = {"y": args.chunk_rows} if args.chunk_rows else None
+    job = partial(detect_job, model=str(Path(args.model).resolve()), reconstruction=args.reconstruction,
+                  chunks=chunks)
+    return _run_batch(args, job, ".detect.nc", "detect")
+
+
+def _cmd_denoise(args: argparse.Namespace) -> int:
+    from functools import partial
+
+    from .batch import denoise_job
+
+    job = partial(denoise_job, penalty=args.penalty, tau=args.tau, weights=args.weights,
+                  options={"max_iter": args.max_iter})
+    return _run_batch(args, job, ".denoised.nc", "denoise")
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from functools import partial
+
+    from .batch import compare_job
+
+    job = partial(compare_job, method=args.method, fdr=args.fdr,
+                  normalize_range=tuple(args.normalize_range) if args.normalize_range else None)
+    return _run_batch(args, job, ".channels.nc", "compare")
+
+
+def _batch_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="datacube files and/or folders")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    parser.add_argument("--recursive", action="store_true", help="also search sub-folders of INPUT folders")
+    parser.add_argument("--overwrite", action="store_true", help="redo inputs whose output exists")
+    parser.add_argument("--workers", type=int, default=1, help="processes on this machine (default 1)")
+    parser.add_argument("--scheduler", metavar="ADDRESS", help="run on a Dask distributed cluster (tcp://...)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar (the log file is still written)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``eels-ad`` (one sub-command per job)."""
     parser = argparse.ArgumentParser(
@@ -143,6 +236,55 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--quiet", action="store_true", help="print nothing but errors")
     demo.set_defaults(run=_cmd_demo)
+
+    train = commands.add_parser("train", help="fit a detector on bulk datacubes and save it",
+                                description="Fit a PCA or 3D-CVAE detector on bulk data (files or folders).")
+    train.add_argument("bulk", nargs="+", metavar="BULK", help="bulk datacube files and/or folders")
+    train.add_argument("--model", choices=("pca", "cvae"), default="pca")
+    train.add_argument("--out", required=True, metavar="MODEL", help="model file: .nc (pca) or .pt (cvae)")
+    train.add_argument("--energy-range", nargs=2, type=float, metavar=("E_MIN", "E_MAX"))
+    train.add_argument("--components", type=int, help="PCA components (default: automatic)")
+    train.add_argument("--plain", action="store_true", help="PCA without Poisson normalisation")
+    train.add_argument("--robust", action="store_true", help="PCA: trim spectra that do not belong to the bulk")
+    train.add_argument("--epochs", type=int, default=25, help="CVAE training epochs (25)")
+    train.add_argument("--likelihood", choices=("poisson", "gaussian"), default="poisson")
+    train.add_argument("--accelerator", default="auto", help="Lightning accelerator (auto, cpu, gpu)")
+    train.add_argument("--devices", default="auto", help="Lightning devices (e.g. 4 GPUs)")
+    train.add_argument("--strategy", default="auto", help="Lightning strategy (e.g. ddp)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--recursive", action="store_true")
+    train.add_argument("--overwrite", action="store_true")
+    train.add_argument("--quiet", action="store_true")
+    train.set_defaults(run=_cmd_train)
+
+    detect = commands.add_parser("detect", help="score every datacube of files/folders with a saved model",
+                                 description="Score datacubes with a saved detector; one NetCDF per input "
+                                 "(scores, labels), summary.csv/json and a log in --out.")
+    detect.add_argument("model", metavar="MODEL", help="a model written by `eels-ad train`")
+    _batch_options(detect)
+    detect.add_argument("--reconstruction", action="store_true", help="also write the reconstructions")
+    detect.add_argument("--chunk-rows", type=int, help="read NetCDF inputs lazily, this many rows at a time")
+    detect.set_defaults(run=_cmd_detect)
+
+    denoise = commands.add_parser("denoise", help="SPIRAL-TAP denoising of every datacube of files/folders",
+                                  description="Denoise datacubes with SPIRAL-TAP; one NetCDF per input.")
+    _batch_options(denoise)
+    denoise.add_argument("--penalty", choices=("tv", "onb", "canonical"), default="tv")
+    denoise.add_argument("--tau", type=float, required=True, help="regularisation weight")
+    denoise.add_argument("--weights", nargs=3, type=float, default=(1.0, 1.0, 0.5), metavar=("WY", "WX", "WE"),
+                         help="TV weights of y, x and energy (default 1 1 0.5)")
+    denoise.add_argument("--max-iter", type=int, default=100)
+    denoise.set_defaults(run=_cmd_denoise)
+
+    compare = commands.add_parser("compare", help="NB test per energy channel: flagged pixels against the bulk",
+                                  description="For each `eels-ad detect` result, test every energy channel of "
+                                  "the flagged pixels against the others (negative binomial).")
+    _batch_options(compare)
+    compare.add_argument("--method", choices=("mom", "mle"), default="mom")
+    compare.add_argument("--fdr", type=float, default=0.05)
+    compare.add_argument("--normalize-range", nargs=2, type=float, metavar=("E_MIN", "E_MAX"),
+                         help="energy window whose counts give the size factors (e.g. the pre-edge)")
+    compare.set_defaults(run=_cmd_compare)
     return parser
 
 

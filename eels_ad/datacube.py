@@ -160,11 +160,11 @@ def validate(cube: xr.DataArray, *, negative: NegativePolicy = "raise") -> xr.Da
                 f"the energy axis must be uniform: steps range from {steps.min():.6g} to "
                 f"{steps.max():.6g} eV; resample it onto a uniform grid first"
             )
+    lazy = cube.chunks is not None  # dask-backed: check chunk by chunk, never load the whole cube
     if np.issubdtype(cube.dtype, np.floating):
-        finite = np.isfinite(cube.values)
-        if not finite.all():
-            n_bad = int(finite.size - np.count_nonzero(finite))
-            where = np.argwhere(~finite)[0]
+        n_bad = int((~np.isfinite(cube.data)).sum().compute()) if lazy else int(np.sum(~np.isfinite(cube.values)))
+        if n_bad:
+            where = np.argwhere(~np.isfinite(np.asarray(cube.values)))[0]
             raise ValueError(
                 f"the datacube has {n_bad} non-finite values (NaN or inf), the first at "
                 f"y={where[0]}, x={where[1]}, energy index {where[2]}"
@@ -172,7 +172,7 @@ def validate(cube: xr.DataArray, *, negative: NegativePolicy = "raise") -> xr.Da
     if negative not in ("raise", "clip", "allow"):
         raise ValueError(f"negative must be 'raise', 'clip' or 'allow', got {negative!r}")
     if negative != "allow":
-        n_negative = int(np.count_nonzero(cube.values < 0))
+        n_negative = int((cube.data < 0).sum().compute()) if lazy else int(np.count_nonzero(cube.values < 0))
         if n_negative:
             if negative == "raise":
                 raise ValueError(

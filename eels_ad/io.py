@@ -47,6 +47,7 @@ def load(
     negative: NegativePolicy = "clip",
     signal_index: int | None = None,
     variable: str = "counts",
+    chunks: dict[str, int] | None = None,
 ) -> xr.DataArray:
     """Read a spectrum image into a validated datacube.
 
@@ -63,6 +64,9 @@ def load(
         signal whose signal axis is in eV.
     variable
         For NetCDF files holding a Dataset: the variable to read.
+    chunks
+        NetCDF only: read lazily with dask in chunks of this size (e.g. ``{"y": 64}``), so that a cube
+        larger than memory is validated and processed a chunk at a time.
 
     Returns
     -------
@@ -91,7 +95,7 @@ def load(
         raise DatacubeReadError(path, "is a folder; use find_datacubes() to list the datacubes in it")
     suffix = path.suffix.lower()
     if suffix in NETCDF_FORMATS:
-        cube = _load_netcdf(path, variable)
+        cube = _load_netcdf(path, variable, chunks)
     elif suffix in MICROSCOPE_FORMATS:
         cube = _load_microscope_file(path, MICROSCOPE_FORMATS[suffix], signal_index)
     else:
@@ -104,13 +108,15 @@ def load(
         raise DatacubeReadError(path, str(error)) from error
 
 
-def _load_netcdf(path: Path, variable: str) -> xr.DataArray:
+def _load_netcdf(path: Path, variable: str, chunks: dict[str, int] | None = None) -> xr.DataArray:
     try:
-        with xr.open_dataset(path, engine="h5netcdf") as dataset:
+        dataset = xr.open_dataset(path, engine="h5netcdf", chunks=chunks)
+        with contextlib.ExitStack() if chunks else dataset:
             if variable in dataset.data_vars:
-                cube = dataset[variable].load()
+                cube = dataset[variable] if chunks else dataset[variable].load()
             elif len(dataset.data_vars) == 1:
-                cube = next(iter(dataset.data_vars.values())).load()
+                only = next(iter(dataset.data_vars.values()))
+                cube = only if chunks else only.load()
             else:
                 raise DatacubeReadError(
                     path, f"has no variable {variable!r}; variables: {', '.join(map(str, dataset.data_vars))}"

@@ -1,0 +1,364 @@
+"""Folder jobs: plan, run (one process, a local pool, or a Dask cluster), resume, summarise.
+
+Every job maps one input file to one output file, written atomically (temporary name, then rename),
+so an output that exists is complete: a re-run skips it (resume) unless asked to ``overwrite``. A
+file that cannot be processed is reported with its reason in the summary and the log, and the run
+goes on. Inputs are only read.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .io import DatacubeReadError, atomic_path, find_datacubes, load, open_results, save
+
+LOG_NAME = "eels-ad.log"
+SUMMARY_COLUMNS = ("input", "output", "status", "reason", "shape", "n_flagged", "fraction_flagged",
+                   "score_min", "score_mean", "score_max", "seconds")
+
+
+@dataclass
+class FileResult:
+    """What happened to one input."""
+
+    input: str
+    output: str
+    status: str  # "done", "skipped" (complete output already there) or "failed"
+    reason: str = ""
+    shape: str = ""
+    n_flagged: int | None = None
+    fraction_flagged: float | None = None
+    score_min: float | None = None
+    score_mean: float | None = None
+    score_max: float | None = None
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def plan(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, *, suffix: str,
+         recursive: bool = False, pattern: str = "*") -> list[tuple[Path, Path]]:
+    """Pair every input datacube (files, or the datacubes of folders) with its output path.
+
+    Outputs are ``OUT_DIR/<name><suffix>``; for files found inside a folder the sub-folders below it
+    are kept, so equal names in different sub-folders do not collide. A named file is taken as it
+    is, whatever its suffix, so that a bad file gets reported rather than silently left out.
+    """
+    out_dir = Path(out_dir)
+
+    def stem(path: Path) -> str:  # "a.detect.nc" -> "a": results of one job name those of the next
+        name = path.stem
+        for known in (".detect", ".denoised", ".channels"):
+            name = name.removesuffix(known)
+        return name
+
+    pairs: list[tuple[Path, Path]] = []
+    for entry in map(Path, inputs):
+        if entry.is_dir():
+            for path in find_datacubes(entry, pattern, recursive=recursive):
+                relative = path.relative_to(entry)
+                pairs.append((path, out_dir / relative.parent / f"{stem(relative)}{suffix}"))
+        else:
+            pairs.append((entry, out_dir / f"{stem(entry)}{suffix}"))
+    outputs = [output for _, output in pairs]
+    duplicates = {str(o) for o in outputs if outputs.count(o) > 1}
+    if duplicates:
+        raise ValueError(f"several inputs would write the same outputs: {sorted(duplicates)}; rename or split them")
+    return pairs
+
+
+def _remove_stale_temporaries(output: Path) -> None:
+    """Temporary files of an earlier, killed run (never trusted, never renamed)."""
+    if output.parent.is_dir():
+        for stale in output.parent.glob(f".{output.name}.*.tmp"):
+            stale.unlink(missing_ok=True)
+
+
+def _describe_scores(result: FileResult, scores: np.ndarray, labels: np.ndarray) -> None:
+    finite = scores[np.isfinite(scores)]
+    result.n_flagged = int(labels.sum())
+    result.fraction_flagged = float(labels.mean())
+    if finite.size:
+        result.score_min, result.score_mean, result.score_max = (float(finite.min()), float(finite.mean()),
+                                                                 float(finite.max()))
+
+
+# ---- jobs (top-level functions: they travel to worker processes and Dask workers) ----------------
+
+_DETECTORS: dict[str, Any] = {}
+
+
+def load_detector(path: str | os.PathLike):
+    """Read a saved detector: a PCADetector (.nc) or a CVAEDetector (.pt), cached per process."""
+    key = str(Path(path).resolve())
+    if key not in _DETECTORS:
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such model file")
+        if path.suffix == ".pt":
+            from .detect import CVAEDetector
+
+            _DETECTORS[key] = CVAEDetector.load(path)
+        else:
+            from .detect import PCADetector
+
+            _DETECTORS[key] = PCADetector.load(path)
+    return _DETECTORS[key]
+
+
+def detect_job(source: Path, output: Path, *, model: str, reconstruction: bool = False,
+               chunks: dict[str, int] | None = None) -> FileResult:
+    """Score one cube with a saved detector and write scores, labels (and reconstructions)."""
+    import xarray as xr
+
+    result = FileResult(str(source), str(output), "done")
+    detector = load_detector(model)
+    cube = load(source, chunks=chunks if source.suffix.lower() == ".nc" else None)
+    result.shape = "x".join(str(n) for n in cube.shape)
+    scores = detector.score(cube)
+    labels = detector.predict(cube, scores)
+    variables = {"score": scores, "anomalous": labels}
+    if reconstruction:
+        variables["reconstruction"] = detector.reconstruct(cube)
+    dataset = xr.Dataset(variables, attrs={"source_file": str(source), "model": str(model),
+                                           "detector": type(detector).__name__,
+                                           "threshold": float(labels.attrs["threshold"])})
+    save(dataset, output, overwrite=True)
+    _describe_scores(result, scores.values, labels.values)
+    return result
+
+
+def denoise_job(source: Path, output: Path, *, penalty: str, tau: float, weights: Sequence[float],
+                options: dict[str, Any] | None = None) -> FileResult:
+    """SPIRAL-TAP denoising of one cube."""
+    from .reconstruct import denoise_cube
+
+    result = FileResult(str(source), str(output), "done")
+    cube = load(source)
+    result.shape = "x".join(str(n) for n in cube.shape)
+    clean = denoise_cube(cube, penalty=penalty, tau=tau, weights=tuple(weights), **(options or {}))
+    save(clean.to_dataset(name="intensity").assign_attrs(source_file=str(source)), output, overwrite=True)
+    result.extra = {"iterations": clean.attrs["iterations"]}
+    return result
+
+
+def compare_job(source: Path, output: Path, *, method: str = "mom", fdr: float = 0.05,
+                normalize_range: tuple[float, float] | None = None) -> FileResult:
+    """NB test per energy channel of the flagged pixels of a detection result against the others."""
+    from .stats import compare_regions
+
+    result = FileResult(str(source), str(output), "done")
+    detection = open_results(source)
+    if "anomalous" not in detection or "source_file" not in detection.attrs:
+        raise ValueError(f"{source}: not an `eels-ad detect` result (no 'anomalous' map or source_file)")
+    cube = load(detection.attrs["source_file"])
+    labels = detection["anomalous"]
+    result.shape = "x".join(str(n) for n in cube.shape)
+    table = compare_regions(cube, ~labels, labels, method=method, fdr=fdr, normalize_range=normalize_range)
+    table.attrs["source_file"] = str(detection.attrs["source_file"])
+    save(table, output, overwrite=True)
+    result.n_flagged = int(labels.sum())
+    result.extra = {"significant_channels": int(table["significant"].sum())}
+    return result
+
+
+def _guarded(job: Callable[..., FileResult], source: Path, output: Path) -> FileResult:
+    started = time.perf_counter()
+    try:
+        result = job(source, output)
+    except (OSError, ValueError, TypeError, KeyError, RuntimeError, DatacubeReadError) as error:
+        reason = str(error)
+        if str(source) not in reason:
+            reason = f"{source}: {reason}"
+        result = FileResult(str(source), str(output), "failed", reason=reason)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+# ---- the runner ------------------------------------------------------------------------------------
+
+def _logger(out_dir: Path) -> logging.Logger:
+    logger = logging.getLogger(f"eels_ad.batch.{out_dir.resolve()}")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    file_handler = logging.FileHandler(out_dir / LOG_NAME)
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logger.addHandler(file_handler)
+    return logger
+
+
+def run(
+    job: Callable[..., FileResult],
+    pairs: Sequence[tuple[Path, Path]],
+    out_dir: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    workers: int = 1,
+    scheduler: str | None = None,
+    quiet: bool = False,
+    description: str = "files",
+) -> list[FileResult]:
+    """Run ``job(source, output)`` over ``pairs``, skipping complete outputs, and write the summary.
+
+    Parameters
+    ----------
+    job
+        A picklable function ``(source, output) -> FileResult`` (e.g. ``functools.partial(detect_job, ...)``).
+    pairs
+        From :func:`plan`.
+    out_dir
+        Where ``summary.csv``, ``summary.json`` and the log go.
+    overwrite
+        Redo inputs whose output exists.
+    workers
+        Processes on this machine (1: in this process).
+    scheduler
+        Address of a Dask distributed scheduler (``tcp://host:8786``) or a ``distributed.Client``;
+        the files are then processed by the cluster's workers.
+    quiet
+        No progress bar, no messages (the log file is still written).
+
+    Returns
+    -------
+    list of FileResult
+        In the order of ``pairs``.
+    """
+    from tqdm.auto import tqdm
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    logger = _logger(out_dir)
+    logger.info("run of %d inputs (workers=%s, scheduler=%s, overwrite=%s)", len(pairs), workers, scheduler,
+                overwrite)
+    results: dict[int, FileResult] = {}
+    todo: list[int] = []
+    for index, (source, output) in enumerate(pairs):
+        if output.exists() and not overwrite:
+            results[index] = FileResult(str(source), str(output), "skipped", reason="complete output exists")
+            logger.info("skip %s: %s exists", source, output)
+            continue
+        output.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(output)
+        todo.append(index)
+    guarded = partial(_guarded, job)
+    bar = tqdm(total=len(todo), desc=description, disable=quiet, unit="file")
+
+    def record(index: int, result: FileResult) -> None:
+        results[index] = result
+        if result.status == "failed":
+            logger.warning("failed %s", result.reason)
+        else:
+            logger.info("done %s -> %s in %.2f s", result.input, result.output, result.seconds)
+        bar.update()
+
+    if scheduler is not None:
+        from distributed import Client
+
+        client = scheduler if isinstance(scheduler, Client) else Client(scheduler)
+        try:
+            futures = {client.submit(guarded, *pairs[i], pure=False): i for i in todo}
+            from distributed import as_completed as dask_completed
+
+            for future in dask_completed(futures):
+                record(futures[future], future.result())
+        finally:
+            if not isinstance(scheduler, Client):
+                client.close()
+    elif workers > 1 and len(todo) > 1:
+        import multiprocessing
+
+        # spawn, not fork: forking a process that already runs threads (HDF5, BLAS, torch) can deadlock
+        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(guarded, *pairs[i]): i for i in todo}
+            for future in as_completed(futures):
+                record(futures[future], future.result())
+    else:
+        for index in todo:
+            record(index, guarded(*pairs[index]))
+    bar.close()
+    ordered = [results[i] for i in range(len(pairs))]
+    write_summary(ordered, out_dir)
+    failed = sum(r.status == "failed" for r in ordered)
+    logger.info("finished: %d done, %d skipped, %d failed", sum(r.status == "done" for r in ordered),
+                sum(r.status == "skipped" for r in ordered), failed)
+    for handler in list(logger.handlers):
+        handler.close()
+        logger.removeHandler(handler)
+    return ordered
+
+
+def write_summary(results: Iterable[FileResult], out_dir: Path) -> None:
+    """``summary.csv`` (one row per input) and ``summary.json``, replaced atomically on every run."""
+    rows = [asdict(r) for r in results]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=[*SUMMARY_COLUMNS, "extra"], extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({**row, "extra": json.dumps(row["extra"]) if row["extra"] else ""})
+    with atomic_path(out_dir / "summary.csv", overwrite=True) as temporary:
+        temporary.write_text(buffer.getvalue())
+    counts = {status: sum(r["status"] == status for r in rows) for status in ("done", "skipped", "failed")}
+    with atomic_path(out_dir / "summary.json", overwrite=True) as temporary:
+        temporary.write_text(json.dumps({"counts": counts, "files": rows}, indent=2) + "\n")
+
+
+def train(bulk: Sequence[str | os.PathLike], model: str, out: str | os.PathLike, *, recursive: bool = False,
+          overwrite: bool = False, **parameters: Any):
+    """Fit a detector on bulk datacubes (files or folders) and save it.
+
+    With several PCA inputs, all their spectra are pooled; a CVAE needs spatial neighbours, so several
+    CVAE inputs must have the same number of rows and are put side by side.
+    """
+    import xarray as xr
+
+    suffix = {"pca": ".nc", "cvae": ".pt"}.get(model)
+    if suffix is None:
+        raise ValueError(f"model must be 'pca' or 'cvae', got {model!r}")
+    if Path(out).suffix != suffix:
+        raise ValueError(f"{out}: a {model} model is saved as {suffix}")
+    if Path(out).exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
+    files: list[Path] = []
+    for entry in map(Path, bulk):
+        files.extend(find_datacubes(entry, recursive=recursive) if entry.is_dir() else [entry])
+    if not files:
+        raise ValueError(f"no bulk datacube found in {[str(b) for b in bulk]}")
+    cubes = [load(path) for path in files]
+    energies = [cube["energy"].values for cube in cubes]
+    for path, energy in zip(files[1:], energies[1:], strict=True):
+        if energy.shape != energies[0].shape or not np.allclose(energy, energies[0]):
+            raise ValueError(f"{path}: its energy axis differs from that of {files[0]}; resample first")
+    if model == "pca":
+        from .detect import PCADetector
+
+        if len(cubes) > 1:
+            spectra = np.concatenate([cube.values.reshape(-1, cube.sizes["energy"]) for cube in cubes])
+            cube = xr.DataArray(spectra[None], dims=("y", "x", "energy"), coords={"energy": cubes[0]["energy"]})
+        else:
+            cube = cubes[0]
+        detector = PCADetector(**parameters).fit(cube)
+    else:
+        from .detect import CVAEDetector
+
+        rows = {cube.sizes["y"] for cube in cubes}
+        if len(rows) > 1:
+            raise ValueError(f"CVAE training cubes must have the same number of rows; got {sorted(rows)}")
+        cube = xr.concat([c.drop_vars(["x", "y"]) for c in cubes], dim="x") if len(cubes) > 1 else cubes[0]
+        detector = CVAEDetector(**parameters).fit(cube)
+    detector.save(out, overwrite=overwrite)
+    return detector
