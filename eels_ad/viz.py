@@ -273,3 +273,34 @@ def save_png(obj, path, *, overwrite: bool = False, dpi: int = 110) -> Path:
         hv.save(obj, target, backend="matplotlib", fmt="png", dpi=dpi)
         target.replace(temporary)
     return Path(path)
+
+
+def reconstruction_hv(before: xr.DataArray, after: xr.DataArray, *, truth: xr.DataArray | None = None,
+                      energy_window: tuple[float, float] | None = None, pixel: tuple[int, int] | None = None):
+    """SPIRAL-TAP before/after: energy-window maps side by side and one pixel's spectra (HoloViews).
+
+    Parameters
+    ----------
+    before, after
+        The measured cube and its reconstruction.
+    truth
+        The noise-free cube, when known (simulations).
+    energy_window
+        ``(e_min, e_max)`` eV of the maps (default: the whole axis).
+    pixel
+        (y index, x index) of the spectra (default: the centre).
+    """
+    hv = _holoviews()
+    window = energy_window or (float(before["energy"][0]), float(before["energy"][-1]))
+    panels = [_image(hv, before.eels.total_counts(window), "measured"),
+              _image(hv, after.eels.total_counts(window), "reconstructed")]
+    if truth is not None:
+        panels.append(_image(hv, truth.eels.total_counts(window), "truth"))
+    y, x = pixel or (before.sizes["y"] // 2, before.sizes["x"] // 2)
+    energy = before["energy"].values
+    curves = {"measured": hv.Curve((energy, before.values[y, x]), "energy", "counts"),
+              "reconstructed": hv.Curve((energy, after.values[y, x]), "energy", "counts")}
+    if truth is not None:
+        curves["truth"] = hv.Curve((energy, truth.values[y, x]), "energy", "counts")
+    panels.append(hv.NdOverlay(curves, kdims="spectrum").opts(title=f"pixel y={y}, x={x}", frame_width=420))
+    return hv.Layout(panels).cols(2)

@@ -108,3 +108,18 @@ def test_report_renders_in_a_real_browser(tmp_path, results):
 
     pixels = np.asarray(Image.open(screenshot).convert("L"), dtype=float)
     assert pixels.std() > 10  # something was drawn, not a blank page
+
+
+def test_reconstruction_and_grid_figures():
+    import holoviews as hv
+    import pandas as pd
+
+    sim = eels_ad.simulate_fe_l23((8, 8), anomaly_fraction=0.0, include_expected=True, seed=1)
+    layout = viz.reconstruction_hv(sim["counts"], sim["expected"], truth=sim["expected"], pixel=(2, 3))
+    assert isinstance(layout, hv.Layout) and len(layout) == 4
+    spectra = layout[3]
+    np.testing.assert_allclose(spectra["measured"].dimension_values(1), sim["counts"].values[2, 3])
+    grid = pd.DataFrame({"detector": ["a", "a", "b", "b"], "dose": [20.0] * 4, "fraction": [0.01] * 4,
+                         "shift_eV": [0.5, 1.0, 0.5, 1.0], "f1": [0.1, 0.9, 0.2, 1.0]})
+    figure = viz.plot_detection_grid(grid)
+    assert isinstance(figure, hv.Layout) and len(figure) == 1
