@@ -73,6 +73,8 @@ def test_demo_runs_and_refuses_to_overwrite(tmp_path):
     report = (out / "report.html").read_text()
     assert "eels-ad demo" in report and "<script src=" not in report
     assert metrics["cvae"]["roc_auc"] > 0.95
+    spiral = metrics["spiral_tap"]
+    assert spiral["error_vs_scaled_full_dose_denoised"] < 0.5 * spiral["error_vs_scaled_full_dose_raw"]
     again = subprocess.run([sys.executable, "-m", "eels_ad.cli", "demo", "--out", str(out)],
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 1 and "--overwrite" in again.stderr
