@@ -84,9 +84,13 @@ def channel_tests_hv(table: xr.Dataset):
 
 # ---- maps and spectra ---------------------------------------------------------------------------
 
-def _image(hv, values: xr.DataArray, label: str, cmap: str = "viridis"):
+def _image(hv, values: xr.DataArray, label: str, cmap: str = "viridis", group: str = ""):
+    # dims of the same name share axes and colour ranges across a layout: `group` keeps figures apart
+    suffix = f" ({group.strip('_')})" if group else ""
+    kdims = [hv.Dimension(f"x{group}", label=f"x{suffix}"), hv.Dimension(f"y{group}", label=f"y{suffix}")]
+    vdim = hv.Dimension(f"{label}{group}", label=label)
     return hv.Image(
-        (values["x"].values, values["y"].values, np.asarray(values.values, dtype=float)), ["x", "y"], label,
+        (values["x"].values, values["y"].values, np.asarray(values.values, dtype=float)), kdims, vdim,
     ).opts(cmap=cmap, colorbar=True, title=label, tools=["hover", "tap"], invert_yaxis=True, aspect="equal",
            frame_width=260)
 
@@ -284,7 +288,7 @@ def reconstruction_hv(before: xr.DataArray, after: xr.DataArray, *, truth: xr.Da
     before, after
         The measured cube and its reconstruction.
     truth
-        The noise-free cube, when known (simulations).
+        The noise-free cube, when known (simulations), or another reference; labelled "reference".
     energy_window
         ``(e_min, e_max)`` eV of the maps (default: the whole axis).
     pixel
@@ -292,15 +296,18 @@ def reconstruction_hv(before: xr.DataArray, after: xr.DataArray, *, truth: xr.Da
     """
     hv = _holoviews()
     window = energy_window or (float(before["energy"][0]), float(before["energy"][-1]))
-    panels = [_image(hv, before.eels.total_counts(window), "measured"),
-              _image(hv, after.eels.total_counts(window), "reconstructed")]
+    group = "_reconstruction"
+    panels = [_image(hv, before.eels.total_counts(window), "measured", group=group),
+              _image(hv, after.eels.total_counts(window), "reconstructed", group=group)]
     if truth is not None:
-        panels.append(_image(hv, truth.eels.total_counts(window), "truth"))
+        panels.append(_image(hv, truth.eels.total_counts(window), "reference", group=group))
     y, x = pixel or (before.sizes["y"] // 2, before.sizes["x"] // 2)
     energy = before["energy"].values
-    curves = {"measured": hv.Curve((energy, before.values[y, x]), "energy", "counts"),
-              "reconstructed": hv.Curve((energy, after.values[y, x]), "energy", "counts")}
+    energy_dim = hv.Dimension("energy" + group, label="energy (reconstruction)")
+    counts_dim = hv.Dimension("counts" + group, label="counts (reconstruction)")
+    curves = {"measured": hv.Curve((energy, before.values[y, x]), energy_dim, counts_dim),
+              "reconstructed": hv.Curve((energy, after.values[y, x]), energy_dim, counts_dim)}
     if truth is not None:
-        curves["truth"] = hv.Curve((energy, truth.values[y, x]), "energy", "counts")
+        curves["reference"] = hv.Curve((energy, truth.values[y, x]), energy_dim, counts_dim)
     panels.append(hv.NdOverlay(curves, kdims="spectrum").opts(title=f"pixel y={y}, x={x}", frame_width=420))
     return hv.Layout(panels).cols(2)

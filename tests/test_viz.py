@@ -29,6 +29,10 @@ def results():
     return sim, cube, scores, labels, detector.reconstruct(cube)
 
 
+def score_map_dims(overlay):
+    return [d.name for d in list(overlay)[0].kdims]
+
+
 def test_explore_links_map_and_spectrum(results):
     import holoviews as hv
 
@@ -39,6 +43,7 @@ def test_explore_links_map_and_spectrum(results):
     spectrum.streams[0].event(x=3.0, y=5.0)  # a tap on pixel (y=5, x=3)
     curves = list(spectrum[()])
     np.testing.assert_allclose(curves[0].dimension_values(1), cube.values[5, 3])
+    assert score_map_dims(layout[0]) == ["x", "y"]
     np.testing.assert_allclose(curves[2].dimension_values(1), cube.values[5, 3] - recon.values[5, 3])
     energy_map = layout[1]
     energy_map.streams[0].event(boundsx=(705.0, 712.0))  # a range dragged on the spectrum
