@@ -55,8 +55,9 @@ def compressed_sensing(seed: int = 0) -> dict:
     n, m, spikes = 100_000, 40_000, 1500
     truth = np.zeros(n)
     truth[rng.choice(n, spikes, replace=False)] = 1e6
-    matrix = sparse.random(m, n, density=4e-4, random_state=seed + 1,
-                           data_rvs=lambda k: np.full(k, 1.0 / m)).tocsr()
+    # Bernoulli entries {0, 1/m} with probability 4e-4: draw the nonzero positions directly
+    positions = np.unique(rng.integers(0, m * n, size=int(round(4e-4 * m * n))))
+    matrix = sparse.csr_matrix((np.full(positions.size, 1.0 / m), (positions // n, positions % n)), shape=(m, n))
     counts = rng.poisson(matrix @ truth)
     started = time.perf_counter()
     result = spiral_tap(counts, lambda x: matrix @ x, lambda v: matrix.T @ v, tau=1e-6, penalty="canonical",

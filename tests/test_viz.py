@@ -1,5 +1,4 @@
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,15 +7,6 @@ import eels_ad
 from eels_ad import viz
 from eels_ad.detect import PCADetector
 from eels_ad.stats import compare_regions
-
-COUNT_CANVASES = """
-function count(root) {
-  let n = root.querySelectorAll('canvas').length;
-  for (const element of root.querySelectorAll('*')) { if (element.shadowRoot) n += count(element.shadowRoot); }
-  return n;
-}
-return count(document);
-"""
 
 
 @pytest.fixture(scope="module")
@@ -72,42 +62,22 @@ def test_report_html_is_offline_and_png_is_written(tmp_path, results):
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
-def _chrome():
-    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    if not (chromium and driver):
+def _require_browser():
+    if not (shutil.which("chromium") and shutil.which("chromedriver")):
         pytest.skip("no headless Chromium here (Debian packages chromium and chromium-driver; .ci/run installs them)")
-    try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-    except ImportError:
-        pytest.skip("selenium is not installed (pip install -e '.[dev]')")
-    options = webdriver.ChromeOptions()
-    for argument in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                     "--window-size=1400,1800"):
-        options.add_argument(argument)
-    options.binary_location = chromium
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    return webdriver.Chrome(service=Service(driver), options=options)
+    pytest.importorskip("selenium", reason="selenium is not installed (pip install -e '.[dev]')")
 
 
 @pytest.mark.slow
 def test_report_renders_in_a_real_browser(tmp_path, results):
-    from selenium.webdriver.support.ui import WebDriverWait
-
     sim, cube, scores, labels, _ = results
     layout = viz.report_layout(cube, {"score": scores, "truth": sim["anomaly"].astype(float)}, labels=labels,
                                channel_tests=compare_regions(cube, ~labels, labels))
     header = "<h2>numbers</h2><table><tr><td>1</td></tr></table>"
     html = viz.save_html(layout, tmp_path / "report.html", header_html=header)
-    browser = _chrome()
-    try:
-        browser.get(Path(html).resolve().as_uri())
-        WebDriverWait(browser, 60).until(lambda b: b.execute_script(COUNT_CANVASES) >= 4)
-        errors = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
-        screenshot = tmp_path / "report.png"
-        browser.save_screenshot(str(screenshot))
-    finally:
-        browser.quit()
+    _require_browser()
+    screenshot = tmp_path / "report.png"
+    errors = viz.check_in_browser(html, screenshot, min_canvases=4)
     assert errors == [], errors
     from PIL import Image
 
