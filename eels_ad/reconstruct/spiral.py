@@ -198,7 +198,7 @@ def spiral_tap(
     def objective_of(x: np.ndarray, ax: np.ndarray) -> float:
         mean = ax + background
         value = float(mean.sum() - np.sum(y * np.log(mean + log_epsilon)))
-        return value + tau * rule.value(x, **value_options) if tau and rule.value else value
+        return value + tau * rule.value(x, **value_options) if tau else value
 
     ax = A(x)
     objectives = [objective_of(x, ax)]
