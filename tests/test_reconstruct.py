@@ -28,7 +28,8 @@ def phantom(shared_dir):
 
 
 @pytest.mark.shared
-@pytest.mark.parametrize("penalty,tau,expected,iterations", [("tv", 3.0e-6, 24.41, 67), ("rdp", 2.0, 24.83, 50)])
+@pytest.mark.parametrize("penalty,tau,expected,iterations", [("tv", 3.0e-6, 24.41, 67), ("rdp", 2.0, 24.83, 50),
+                                                                  ("rdp-ti", 0.6, 25.97, 57)])
 def test_reproduces_the_reference_phantom_demo(phantom, penalty, tau, expected, iterations):
     truth, counts, forward, adjoint = phantom
     result = spiral_tap(counts, forward, adjoint, tau=tau, penalty=penalty, truth=truth, **ANCHOR_SETTINGS)
@@ -93,6 +94,20 @@ def test_prox_operators():
     assert rdp_prox(np.abs(step[:12, :10]), 1.0).shape == (12, 10)
     with pytest.raises(ValueError, match="2-D images"):
         rdp_prox(np.ones((4, 4, 4)), 1.0)
+
+
+def test_rdp_ti_is_the_average_of_rdp_over_every_shift():
+    rng = np.random.default_rng(5)
+    step = rng.normal(0.0, 3.0, (16, 16))
+    step[:8, 4:12] += 10.0
+    lam = 5.0
+    # with no bound, the reference's single-pixel cost (lam whatever the value) equals rdp_prox's
+    spun = np.mean([np.roll(rdp_prox(np.roll(step, (dy, dx), (0, 1)), lam, lower=-np.inf), (-dy, -dx), (0, 1))
+                    for dy in range(16) for dx in range(16)], axis=0)
+    np.testing.assert_allclose(rdp_ti_prox(step, lam, lower=-np.inf), spun, atol=1e-10)
+    assert not np.allclose(spun, rdp_prox(step, lam, lower=-np.inf))  # the shifts matter
+    assert rdp_ti_prox(np.abs(step[:12, :10]), 1.0).shape == (12, 10)
+    np.testing.assert_allclose(rdp_ti_prox(np.abs(step), 1e9), np.abs(step).mean())
 
 
 def test_tv_prox_in_3d_with_spectral_weight():

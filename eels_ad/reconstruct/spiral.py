@@ -124,7 +124,7 @@ def spiral_tap(
         Added inside the logarithm.
     **penalty_options
         Passed to the subproblem solver: ``weights``, ``n_iter``, ``tol`` for TV; ``basis``,
-        ``n_iter`` for ONB (a :class:`~eels_ad.reconstruct.penalties.WaveletBasis`); ``shifts`` for RDP-TI.
+        ``n_iter`` for ONB (a :class:`~eels_ad.reconstruct.penalties.WaveletBasis`).
 
     Returns
     -------
