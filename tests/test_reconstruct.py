@@ -170,3 +170,19 @@ def test_denoise_cube_fills_a_subsampled_scan():
     assert np.all(forward(np.ones((16, 16, 3)))[~visited] == 0)
     with pytest.raises(ValueError, match="visited no pixel"):
         denoise_cube(observed, tau=1.0, visited=np.zeros((16, 16), bool))
+
+
+@pytest.mark.parametrize("method", ["direct", "fft"])
+@pytest.mark.parametrize("kernel_shape", [(5, 5), (4, 3), (2, 6), (3, 4, 2), (1, 1, 7)])
+def test_blur_matches_scipy_and_its_adjoint_is_exact(method, kernel_shape):
+    from scipy import signal
+
+    rng = np.random.default_rng(7)
+    kernel = rng.random(kernel_shape)
+    shape = (20, 17, 9)[: len(kernel_shape)]
+    x, y = rng.random(shape), rng.random(shape)
+    forward, adjoint = blur(kernel, method=method)
+    np.testing.assert_allclose(forward(x), signal.convolve(x, kernel, mode="same"), atol=1e-12)
+    assert np.sum(forward(x) * y) == pytest.approx(np.sum(x * adjoint(y)), rel=1e-12)
+    with pytest.raises(ValueError, match="dimensions"):
+        forward(np.ones((4,) * (len(kernel_shape) + 1)))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal
 
 import numpy as np
 
@@ -14,29 +15,60 @@ def identity() -> Operator:
     return (lambda x: x), (lambda y: y)
 
 
-def blur(kernel: np.ndarray, *, axes: tuple[int, ...] | None = None, method: str = "auto") -> Operator:
+def blur(kernel: np.ndarray, *, method: Literal["auto", "direct", "fft"] = "auto") -> Operator:
     """Convolution with a point-spread (and/or energy-resolution) kernel, zero boundary, 'same' size.
+
+    The forward model equals ``scipy.signal.convolve(x, kernel, mode="same")``; the adjoint is its
+    exact transpose, for kernels of odd or even size.
 
     Parameters
     ----------
     kernel
         The kernel; for a cube, e.g. shape (ky, kx, 1) for a spatial blur or (1, 1, ke) for the
-        energy resolution. It need not be symmetric: the adjoint correlates with it.
-    axes
-        Not used; the kernel's own shape says which axes it blurs.
+        energy resolution. It need not be symmetric.
     method
-        ``"direct"``, ``"fft"`` or ``"auto"`` (scipy.signal.convolve chooses).
+        ``"direct"`` (:func:`scipy.ndimage.convolve`, fast for small kernels), ``"fft"``
+        (:func:`scipy.signal.fftconvolve`) or ``"auto"`` (direct for kernels of at most 125
+        elements).
+
+    Examples
+    --------
+    >>> forward, adjoint = blur(np.ones((3, 3)) / 9)
+    >>> forward(np.ones((4, 4)))[0, 0]
+    0.4444444444444444
     """
-    from scipy import signal
+    from scipy import ndimage, signal
 
     kernel = np.asarray(kernel, dtype=float)
+    if method not in ("auto", "direct", "fft"):
+        raise ValueError(f"method must be 'auto', 'direct' or 'fft', got {method!r}")
+    if method == "auto":
+        method = "direct" if kernel.size <= 125 else "fft"
+    # scipy.ndimage centres an even kernel one sample later than signal.convolve's 'same' crop
+    origin = tuple(-(1 - n % 2) for n in kernel.shape)
     flipped = kernel[tuple(slice(None, None, -1) for _ in range(kernel.ndim))]
 
-    def forward(x: np.ndarray) -> np.ndarray:
-        return signal.convolve(x, kernel, mode="same", method=method)
+    def check(x: np.ndarray) -> None:
+        if x.ndim != kernel.ndim:
+            raise ValueError(f"the blur kernel has {kernel.ndim} dimensions but the data has {x.ndim} (shape {x.shape})")
 
-    def adjoint(y: np.ndarray) -> np.ndarray:
-        return signal.convolve(y, flipped, mode="same", method=method)
+    if method == "direct":
+        def forward(x: np.ndarray) -> np.ndarray:
+            check(x)
+            return ndimage.convolve(np.asarray(x, dtype=float), kernel, mode="constant", origin=origin)
+
+        def adjoint(y: np.ndarray) -> np.ndarray:
+            check(y)
+            return ndimage.correlate(np.asarray(y, dtype=float), kernel, mode="constant", origin=origin)
+    else:
+        def forward(x: np.ndarray) -> np.ndarray:
+            check(x)
+            return signal.fftconvolve(x, kernel, mode="same")
+
+        def adjoint(y: np.ndarray) -> np.ndarray:
+            check(y)
+            full = signal.fftconvolve(y, flipped, mode="full")
+            return full[tuple(slice(n // 2, n // 2 + size) for n, size in zip(kernel.shape, y.shape))]
 
     return forward, adjoint
 

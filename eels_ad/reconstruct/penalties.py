@@ -15,6 +15,7 @@ References
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -97,43 +98,110 @@ def _along(axis: int, ndim: int, part: slice) -> tuple[slice, ...]:
     return tuple(index)
 
 
+def _haar_step_2d(block: np.ndarray) -> None:
+    """One level of the 2-D orthonormal Haar transform, in place: the four sub-bands of ``block``."""
+    rows, cols = block.shape[0] // 2, block.shape[1] // 2
+    quads = block.reshape(rows, 2, cols, 2)
+    top_sum, top_diff = quads[:, 0, :, 0] + quads[:, 0, :, 1], quads[:, 0, :, 0] - quads[:, 0, :, 1]
+    bottom_sum, bottom_diff = quads[:, 1, :, 0] + quads[:, 1, :, 1], quads[:, 1, :, 0] - quads[:, 1, :, 1]
+    block[:rows, :cols] = (top_sum + bottom_sum) * 0.5
+    block[:rows, cols:] = (top_diff + bottom_diff) * 0.5
+    block[rows:, :cols] = (top_sum - bottom_sum) * 0.5
+    block[rows:, cols:] = (top_diff - bottom_diff) * 0.5
+
+
+def _inverse_haar_step_2d(block: np.ndarray) -> None:
+    rows, cols = block.shape[0] // 2, block.shape[1] // 2
+    low_low, low_high = block[:rows, :cols], block[:rows, cols:]
+    high_low, high_high = block[rows:, :cols], block[rows:, cols:]
+    top_sum, bottom_sum = low_low + high_low, low_low - high_low
+    top_diff, bottom_diff = low_high + high_high, low_high - high_high
+    quads = np.empty((rows, 2, cols, 2))
+    quads[:, 0, :, 0], quads[:, 0, :, 1] = (top_sum + top_diff) * 0.5, (top_sum - top_diff) * 0.5
+    quads[:, 1, :, 0], quads[:, 1, :, 1] = (bottom_sum + bottom_diff) * 0.5, (bottom_sum - bottom_diff) * 0.5
+    block[...] = quads.reshape(block.shape)
+
+
+def _haar_step(block: np.ndarray) -> None:
+    """One level of the orthonormal n-D Haar transform, in place: lows in the first half of every axis."""
+    if block.ndim == 2:  # images (the common case): all four sub-bands from one view of 2 x 2 blocks
+        _haar_step_2d(block)
+        return
+    ndim = block.ndim
+    transformed = block
+    for axis in range(ndim):
+        even = transformed[_along(axis, ndim, slice(0, None, 2))]
+        odd = transformed[_along(axis, ndim, slice(1, None, 2))]
+        transformed = np.concatenate([(even + odd) * _SQRT_HALF, (even - odd) * _SQRT_HALF], axis=axis)
+    block[...] = transformed
+
+
+def _inverse_haar_step(block: np.ndarray) -> None:
+    if block.ndim == 2:
+        _inverse_haar_step_2d(block)
+        return
+    ndim = block.ndim
+    signal = block.copy()
+    for axis in reversed(range(ndim)):
+        half = signal.shape[axis] // 2
+        low = signal[_along(axis, ndim, slice(0, half))]
+        high = signal[_along(axis, ndim, slice(half, None))]
+        interleaved = np.empty_like(signal)
+        interleaved[_along(axis, ndim, slice(0, None, 2))] = (low + high) * _SQRT_HALF
+        interleaved[_along(axis, ndim, slice(1, None, 2))] = (low - high) * _SQRT_HALF
+        signal = interleaved
+    block[...] = signal
+
+
+_SMALL_BLOCK = 256  # coarse levels on at most this many samples run as one matrix product
+
+
+@functools.lru_cache(maxsize=64)
+def _coarse_haar_matrix(shape: tuple[int, ...], levels: int) -> np.ndarray:
+    """The ``levels``-level Haar pyramid of a small block as an orthogonal matrix (rows: coefficients)."""
+    basis = np.eye(int(np.prod(shape))).reshape((-1,) + shape)
+    for vector in basis:
+        for k in range(levels):
+            _haar_step(vector[tuple(slice(0, n >> k) for n in shape)])
+    return basis.reshape(len(basis), -1).T.copy()
+
+
+def _split_levels(shape: tuple[int, ...], level: int) -> int:
+    """How many levels run step by step before the rest fits in one small matrix."""
+    for k in range(level):
+        if np.prod([n >> k for n in shape]) <= _SMALL_BLOCK:
+            return k
+    return level
+
+
 def _haar_pyramid(x: np.ndarray, level: int) -> np.ndarray:
     """Orthonormal multi-level Haar transform (the wavedecn pyramid), in place of the corner block.
 
     Equivalent, up to the order and signs of the coefficients, to
     ``pywt.wavedecn(x, "haar", mode="periodization", level=level)``, and much faster for the
-    many small transforms of the ONB subproblem.
+    many small transforms of the ONB subproblem: the fine levels are vectorised steps, the coarse
+    ones (a block of at most 256 samples) a single cached matrix product.
     """
     out = np.array(x, dtype=float, copy=True)
-    ndim = out.ndim
-    sizes = out.shape
-    for _ in range(level):
-        corner = tuple(slice(0, n) for n in sizes)
+    fine = _split_levels(out.shape, level)
+    for k in range(fine):
+        _haar_step(out[tuple(slice(0, n >> k) for n in out.shape)])
+    if fine < level:
+        corner = tuple(slice(0, n >> fine) for n in out.shape)
         block = out[corner]
-        for axis in range(ndim):
-            even = block[_along(axis, ndim, slice(0, None, 2))]
-            odd = block[_along(axis, ndim, slice(1, None, 2))]
-            block = np.concatenate([(even + odd) * _SQRT_HALF, (even - odd) * _SQRT_HALF], axis=axis)
-        out[corner] = block
-        sizes = tuple(n // 2 for n in sizes)
+        out[corner] = (_coarse_haar_matrix(block.shape, level - fine) @ block.ravel()).reshape(block.shape)
     return out
 
 
 def _inverse_haar_pyramid(coefficients: np.ndarray, level: int) -> np.ndarray:
     out = np.array(coefficients, dtype=float, copy=True)
-    ndim = out.ndim
-    for k in reversed(range(level)):
-        corner = tuple(slice(0, n >> k) for n in out.shape)
+    fine = _split_levels(out.shape, level)
+    if fine < level:
+        corner = tuple(slice(0, n >> fine) for n in out.shape)
         block = out[corner]
-        for axis in reversed(range(ndim)):
-            half = block.shape[axis] // 2
-            low = block[_along(axis, ndim, slice(0, half))]
-            high = block[_along(axis, ndim, slice(half, None))]
-            interleaved = np.empty_like(block)
-            interleaved[_along(axis, ndim, slice(0, None, 2))] = (low + high) * _SQRT_HALF
-            interleaved[_along(axis, ndim, slice(1, None, 2))] = (low - high) * _SQRT_HALF
-            block = interleaved
-        out[corner] = block
+        out[corner] = (_coarse_haar_matrix(block.shape, level - fine).T @ block.ravel()).reshape(block.shape)
+    for k in reversed(range(fine)):
+        _inverse_haar_step(out[tuple(slice(0, n >> k) for n in out.shape)])
     return out
 
 
