@@ -11,7 +11,7 @@ Operator = tuple[Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray], np.n
 
 
 def identity() -> Operator:
-    """Denoising: ``A = AT = identity``."""
+    """Denoising: ``A = AT = identity`` (numpy arrays or torch tensors)."""
     return (lambda x: x), (lambda y: y)
 
 
@@ -34,7 +34,7 @@ def blur(kernel: np.ndarray, *, method: Literal["auto", "direct", "fft"] = "auto
     Examples
     --------
     >>> forward, adjoint = blur(np.ones((3, 3)) / 9)
-    >>> forward(np.ones((4, 4)))[0, 0]
+    >>> float(forward(np.ones((4, 4)))[0, 0])  # a corner sees 4 of the 9 pixels
     0.4444444444444444
     """
     from scipy import ndimage, signal
@@ -48,39 +48,64 @@ def blur(kernel: np.ndarray, *, method: Literal["auto", "direct", "fft"] = "auto
     origin = tuple(-(1 - n % 2) for n in kernel.shape)
     flipped = kernel[tuple(slice(None, None, -1) for _ in range(kernel.ndim))]
 
-    def check(x: np.ndarray) -> None:
+    def check(x: np.ndarray) -> np.ndarray:
         if x.ndim != kernel.ndim:
             raise ValueError(f"the blur kernel has {kernel.ndim} dimensions but the data has {x.ndim} (shape {x.shape})")
+        return x if np.issubdtype(x.dtype, np.floating) else x.astype(float)
 
     if method == "direct":
         def forward(x: np.ndarray) -> np.ndarray:
-            check(x)
-            return ndimage.convolve(np.asarray(x, dtype=float), kernel, mode="constant", origin=origin)
+            x = check(x)
+            return ndimage.convolve(x, kernel, mode="constant", origin=origin)
 
         def adjoint(y: np.ndarray) -> np.ndarray:
-            check(y)
-            return ndimage.correlate(np.asarray(y, dtype=float), kernel, mode="constant", origin=origin)
+            y = check(y)
+            return ndimage.correlate(y, kernel, mode="constant", origin=origin)
     else:
         def forward(x: np.ndarray) -> np.ndarray:
-            check(x)
+            x = check(x)
             return signal.fftconvolve(x, kernel, mode="same")
 
         def adjoint(y: np.ndarray) -> np.ndarray:
-            check(y)
+            y = check(y)
             full = signal.fftconvolve(y, flipped, mode="full")
             return full[tuple(slice(n // 2, n // 2 + size) for n, size in zip(kernel.shape, y.shape))]
 
-    return forward, adjoint
+    return _through_numpy(forward), _through_numpy(adjoint)
+
+
+def _through_numpy(apply: Callable[[np.ndarray], np.ndarray]) -> Callable:
+    """Let a numpy operator take a torch tensor too: the tensor goes through the CPU and comes back."""
+
+    def wrapped(x):
+        if isinstance(x, np.ndarray):
+            return apply(x)
+        import torch
+
+        values = apply(x.detach().cpu().numpy())
+        return torch.as_tensor(values, dtype=x.dtype, device=x.device)
+
+    return wrapped
 
 
 def scan_mask(visited: np.ndarray) -> Operator:
     """Sub-sampled scanning: only the ``visited`` pixels (or voxels) are measured.
 
-    ``visited`` is a boolean (y, x) map for a cube; it broadcasts over the energy axis.
+    ``visited`` is a boolean (y, x) map for a cube; it broadcasts over the energy axis. The
+    operators take numpy arrays or torch tensors.
     """
     visited = np.asarray(visited, dtype=bool)
+    cache: dict = {}
 
-    def weights(x: np.ndarray) -> np.ndarray:
-        return visited.reshape(visited.shape + (1,) * (x.ndim - visited.ndim))
+    def weights(x):
+        mask = visited.reshape(visited.shape + (1,) * (x.ndim - visited.ndim))
+        if isinstance(x, np.ndarray):
+            return mask
+        key = (x.dtype, x.device)  # a torch tensor: the mask as a tensor on its device, made once
+        if key not in cache:
+            import torch
+
+            cache[key] = torch.as_tensor(mask, dtype=x.dtype, device=x.device)
+        return cache[key]
 
     return (lambda x: x * weights(x)), (lambda y: y * weights(y))

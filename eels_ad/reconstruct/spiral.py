@@ -63,6 +63,46 @@ def _check_counts(y: np.ndarray) -> np.ndarray:
     return y
 
 
+class _Arrays:
+    """The few array operations the SPIRAL-TAP loop needs, on numpy (CPU) or torch (CPU or GPU)."""
+
+    def __init__(self, backend: str, device: str | None, dtype) -> None:
+        if backend not in ("numpy", "torch"):
+            raise ValueError(f"backend must be 'numpy' or 'torch', got {backend!r}")
+        self.backend = backend
+        if backend == "numpy":
+            self.dtype = np.dtype(np.float64 if dtype is None else dtype)
+            self.device = "cpu"
+            self.log, self.sqrt = np.log, np.sqrt
+            return
+        import torch
+
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = str(device)
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} asked for, but torch sees no CUDA GPU (use device='cpu')")
+        self.dtype = torch.float32 if dtype is None else getattr(torch, np.dtype(dtype).name)
+        self.log, self.sqrt = torch.log, torch.sqrt
+        self._torch = torch
+
+    def asarray(self, values):
+        if self.backend == "numpy":
+            return np.asarray(values, dtype=self.dtype)
+        if isinstance(values, self._torch.Tensor):
+            return values.to(device=self.device, dtype=self.dtype)
+        return self._torch.as_tensor(np.asarray(values, dtype=float), dtype=self.dtype, device=self.device)
+
+    def numpy(self, values) -> np.ndarray:
+        return values if isinstance(values, np.ndarray) else values.detach().cpu().numpy()
+
+    def total(self, values) -> float:
+        """Sum in double precision (the objective of a large float32 cube needs it)."""
+        if self.backend == "numpy":
+            return float(values.sum(dtype=np.float64))
+        return float(values.sum(dtype=self._torch.float64))
+
+
 def spiral_tap(
     y: np.ndarray,
     A: Callable[[np.ndarray], np.ndarray] | None = None,
@@ -86,6 +126,10 @@ def spiral_tap(
     memory: int = 10,
     monotone: bool | None = None,
     log_epsilon: float = 1e-10,
+    warm_start: bool = False,
+    backend: Literal["numpy", "torch"] = "numpy",
+    device: str | None = None,
+    dtype: Any = None,
     **penalty_options: Any,
 ) -> SpiralResult:
     """Sparse Poisson intensity reconstruction (SPIRAL-TAP).
@@ -122,6 +166,15 @@ def spiral_tap(
         not tracked, as in the reference).
     log_epsilon
         Added inside the logarithm.
+    warm_start
+        TV only: start each subproblem's dual from the last one's, so that few inner iterations
+        (``n_iter``) suffice; the reference starts from zero (False).
+    backend, device, dtype
+        ``"numpy"`` (default, float64) or ``"torch"`` (float32 by default; ``device`` "cuda" when a
+        GPU is there, else "cpu", where torch's threads already beat numpy several times on large
+        cubes). ``A`` and ``AT`` then receive tensors: :func:`identity` and :func:`scan_mask` work
+        on them directly, :func:`blur` through the CPU. The "canonical" and "tv" penalties run on
+        the device; the others go through numpy. ``result.x`` is a numpy array either way.
     **penalty_options
         Passed to the subproblem solver: ``weights``, ``n_iter``, ``tol`` for TV; ``basis``,
         ``n_iter`` for ONB (a :class:`~eels_ad.reconstruct.penalties.WaveletBasis`).
@@ -137,14 +190,19 @@ def spiral_tap(
 
     Examples
     --------
+    Denoise a piecewise-constant 1-D profile of counts with total variation:
+
     >>> rng = np.random.default_rng(0)
-    >>> truth = np.zeros(200); truth[[20, 90, 150]] = 50.0
-    >>> result = spiral_tap(rng.poisson(truth + 0.1), tau=0.5, truth=truth)
-    >>> bool(result.recon_error[-1] < result.recon_error[0])
-    True
+    >>> truth = np.repeat([2.0, 10.0, 4.0], 100)
+    >>> result = spiral_tap(rng.poisson(truth), tau=1.0, penalty="tv", truth=truth)
+    >>> print(f"{result.recon_error[0]:.2f} -> {result.recon_error[-1]:.2f}")
+    0.36 -> 0.08
+    >>> np.round(result.x[[50, 150, 250]], 1)
+    array([2.2, 9.9, 3.9])
     """
     started = time.perf_counter()
-    y = _check_counts(y)
+    arrays = _Arrays(backend, device, dtype)
+    y = _check_counts(arrays.numpy(y) if not isinstance(y, np.ndarray) else y)
     if not np.isfinite(tau) or tau < 0:
         raise ValueError(f"tau must be a finite number >= 0, got {tau}")
     if penalty not in PENALTIES:
@@ -158,6 +216,19 @@ def spiral_tap(
     background = np.asarray(background, dtype=float)
     if np.any(background < 0):
         raise ValueError("the background must be >= 0")
+    if warm_start:
+        if penalty != "tv":
+            raise ValueError(f"warm_start applies to the 'tv' penalty only, not {penalty!r}")
+        penalty_options["state"] = {}
+    prox, penalty_value = rule.prox, rule.value
+    if arrays.backend == "torch" and not rule.any_array:
+        def prox(step, lam, **options):  # a numpy-only subproblem: through the CPU and back
+            return arrays.asarray(rule.prox(arrays.numpy(step).astype(float), lam, **options))
+
+        def penalty_value(x, **options):
+            return rule.value(arrays.numpy(x).astype(float), **options)
+    y = arrays.asarray(y)
+    background = arrays.asarray(background) if background.ndim else float(background)
 
     try:
         back_projection = AT(y)
@@ -175,37 +246,41 @@ def spiral_tap(
         penalty_options["basis"] = WaveletBasis(np.shape(back_projection))
     value_options = {k: v for k, v in penalty_options.items() if k in ("weights", "basis")}
 
-    truth_norm = float(np.linalg.norm(truth)) if truth is not None else None
+    if truth is not None:
+        truth = arrays.asarray(truth)
+    truth_norm = arrays.total(truth * truth) ** 0.5 if truth is not None else None
 
-    def error_of(x: np.ndarray) -> float:
-        return float(np.linalg.norm(x - truth) / truth_norm) if truth_norm else float("nan")
+    def error_of(x) -> float:
+        return arrays.total((x - truth) ** 2) ** 0.5 / truth_norm if truth_norm else float("nan")
 
-    if not np.any(y):
-        x = np.zeros_like(back_projection, dtype=float)
+    if arrays.total(y) == 0:
+        x = back_projection * 0.0
         empty = np.array([0.0])
-        return SpiralResult(x, 0, empty, None if truth is None else np.array([error_of(x)]), empty, True)
+        return SpiralResult(arrays.numpy(x).astype(float), 0, empty,
+                            None if truth is None else np.array([error_of(x)]), empty, True)
 
     if initialization is None:
-        ones_projection = AT(np.ones_like(y))
-        scale = y.sum() * y.size / (back_projection.sum() * ones_projection.sum())
+        ones_projection = AT(y * 0.0 + 1.0)
+        scale = arrays.total(y) * np.prod(y.shape) / (arrays.total(back_projection) * arrays.total(ones_projection))
         x = scale * back_projection
     else:
-        x = np.asarray(initialization, dtype=float).copy()
-        if x.shape != np.shape(back_projection):
-            raise ValueError(f"initialization has shape {x.shape} but the unknown has {np.shape(back_projection)}")
-    x = np.maximum(x, 0.0)
+        if tuple(np.shape(initialization)) != tuple(np.shape(back_projection)):
+            raise ValueError(f"initialization has shape {np.shape(initialization)} but the unknown has "
+                             f"{tuple(np.shape(back_projection))}")
+        x = arrays.asarray(initialization) * 1.0
+    x = x.clip(0.0, None)
 
-    def objective_of(x: np.ndarray, ax: np.ndarray) -> float:
+    def objective_of(x, ax) -> float:
         mean = ax + background
-        value = float(mean.sum() - np.sum(y * np.log(mean + log_epsilon)))
-        return value + tau * rule.value(x, **value_options) if tau else value
+        value = arrays.total(mean) - arrays.total(y * arrays.log(mean + log_epsilon))
+        return value + tau * penalty_value(x, **value_options) if tau else value
 
     ax = A(x)
     objectives = [objective_of(x, ax)]
     errors = [error_of(x)] if truth is not None else None
     times = [time.perf_counter() - started]
     alpha = alpha_init
-    sqrt_y = np.sqrt(y)
+    sqrt_y = arrays.sqrt(y)
     converged = False
     iteration = 0
     while iteration < max_iter:
@@ -214,10 +289,10 @@ def spiral_tap(
         reference = max(objectives[-(memory + 1):])
         while True:
             step = x - gradient / alpha
-            candidate = rule.prox(step, tau / alpha, **penalty_options)
+            candidate = prox(step, tau / alpha, **penalty_options)
             dx = candidate - x
             a_candidate = A(candidate)
-            norm_dx = float(np.sum(dx * dx))
+            norm_dx = arrays.total(dx * dx)
             value = objective_of(candidate, a_candidate) if monotone else float("nan")
             if not monotone or value <= reference - sigma / 2 * alpha * norm_dx or alpha >= alpha_max:
                 break
@@ -229,11 +304,11 @@ def spiral_tap(
             errors.append(error_of(x))
         times.append(time.perf_counter() - started)
         # curvature-weighted Barzilai-Borwein step for the next iteration
-        gamma = float(np.sum((a_dx * sqrt_y / (ax + background + log_epsilon)) ** 2))
+        gamma = arrays.total((a_dx * sqrt_y / (ax + background + log_epsilon)) ** 2)
         alpha = alpha_min if gamma == 0 or norm_dx == 0 else float(np.clip(gamma / norm_dx, alpha_min, alpha_max))
         if iteration >= min_iter:
             if stop == "step":
-                norm_x = float(np.sum(x * x))
+                norm_x = arrays.total(x * x)
                 converged = norm_x == 0 or norm_dx / norm_x <= tol**2
             elif stop == "objective":
                 previous = objectives[-2]
@@ -244,8 +319,8 @@ def spiral_tap(
                 break
         if max_time is not None and times[-1] > max_time:
             break
-    return SpiralResult(x, iteration, np.asarray(objectives), None if errors is None else np.asarray(errors),
-                        np.asarray(times), converged)
+    return SpiralResult(arrays.numpy(x).astype(float), iteration, np.asarray(objectives),
+                        None if errors is None else np.asarray(errors), np.asarray(times), converged)
 
 
 def _interpolate_unvisited(counts: np.ndarray, visited: np.ndarray) -> np.ndarray:
