@@ -50,7 +50,8 @@ def blur(kernel: np.ndarray, *, method: Literal["auto", "direct", "fft"] = "auto
 
     def check(x: np.ndarray) -> np.ndarray:
         if x.ndim != kernel.ndim:
-            raise ValueError(f"the blur kernel has {kernel.ndim} dimensions but the data has {x.ndim} (shape {x.shape})")
+            raise ValueError(
+                f"the blur kernel has {kernel.ndim} dimensions but the data has {x.ndim} (shape {x.shape})")
         return x if np.issubdtype(x.dtype, np.floating) else x.astype(float)
 
     if method == "direct":
@@ -69,7 +70,7 @@ def blur(kernel: np.ndarray, *, method: Literal["auto", "direct", "fft"] = "auto
         def adjoint(y: np.ndarray) -> np.ndarray:
             y = check(y)
             full = signal.fftconvolve(y, flipped, mode="full")
-            return full[tuple(slice(n // 2, n // 2 + size) for n, size in zip(kernel.shape, y.shape))]
+            return full[tuple(slice(n // 2, n // 2 + size) for n, size in zip(kernel.shape, y.shape, strict=True))]
 
     return _through_numpy(forward), _through_numpy(adjoint)
 

@@ -350,8 +350,12 @@ def tv_prox(step, lam: float, *, weights: Sequence[float] | None = None, lower: 
 
 def tv_value(x, weights: Sequence[float] | None = None) -> float:
     weights = np.ones(x.ndim) if weights is None else np.asarray(weights, dtype=float)
-    return float(sum(w * float(abs(x[_along_axis(x.ndim, k, slice(1, None))] - x[_along_axis(x.ndim, k, slice(None, -1))])
-                                   .sum()) for k, w in enumerate(weights) if w > 0 and x.shape[k] > 1))
+    total = 0.0
+    for k, weight in enumerate(weights):
+        if weight > 0 and x.shape[k] > 1:
+            difference = x[_along_axis(x.ndim, k, slice(1, None))] - x[_along_axis(x.ndim, k, slice(None, -1))]
+            total += weight * float(abs(difference).sum())
+    return total
 
 
 # ---- recursive dyadic partitions -------------------------------------------------------------------
