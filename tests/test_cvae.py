@@ -63,7 +63,15 @@ def test_patches_cover_odd_cubes():
     np.testing.assert_allclose(patches[-1, 0].numpy(), counts[y:y + 5, x:x + 5].transpose(2, 0, 1), rtol=1e-6)
     data = PatchDataModule(counts, patch_size=(5, 5), stride=(3, 3), val_fraction=0.25)
     data.setup()
-    assert len(data.train_set) + len(data.val_set) == len(corners)
+    # validation: a strip of rows at the bottom that no training patch touches
+    held_rows = np.flatnonzero(data.holdout_pixels.all(axis=1))
+    assert held_rows.size and held_rows[-1] == 12 and np.all(np.diff(held_rows) == 1)
+    assert not data.holdout_pixels[: held_rows[0]].any()
+    cut = held_rows[0]
+    assert len(data.train_set) == sum(y + 5 <= cut for y, _ in corners) >= 2
+    assert len(data.val_set) == sum(y >= cut for y, _ in corners) >= 2
+    train_tops = {tuple(p[0, :, 0, 0].tolist()) for p, _ in data.train_set}
+    assert not train_tops & {tuple(counts[y, x].tolist()) for y, x in corners if y + 5 > cut}
 
 
 def test_fit_score_reconstruct_on_odd_cube(small_cubes):

@@ -59,9 +59,17 @@ class PatchDataModule(pl.LightningDataModule):
     batch_size
         Patches per batch.
     val_fraction
-        Fraction of patches held out for validation (early stopping).
+        Share of the rows held out for validation (early stopping) and for calibrating the threshold:
+        a strip at the bottom of the image whose patches never train the model, and that no training
+        patch overlaps, so its pixels are as new to the model as a test cube's. When the strip would
+        hold fewer than 2 patches (a small bulk mask), a random share of the patches instead.
     seed
         Seed of the split and the shuffling.
+
+    Attributes
+    ----------
+    holdout_pixels : ndarray of bool (y, x)
+        The pixels no training patch covers (all False after a random split), set by ``setup``.
     """
 
     def __init__(self, counts: np.ndarray, mask: np.ndarray | None = None, *, patch_size=(8, 8), stride=(4, 4),
@@ -79,6 +87,8 @@ class PatchDataModule(pl.LightningDataModule):
         if hasattr(self, "train_set"):
             return
         patches, scales, corners = extract_patches(self.counts, self.patch_size, self.stride)
+        ny, nx = self.counts.shape[:2]
+        keep = np.ones(len(corners), dtype=bool)
         if self.mask is not None:
             mask = pad_to_patch(np.asarray(self.mask)[..., None], self.patch_size)[..., 0]
             keep = np.array([mask[y:y + self.patch_size[0], x:x + self.patch_size[1]].all() for y, x in corners])
@@ -87,13 +97,29 @@ class PatchDataModule(pl.LightningDataModule):
                     f"the training mask leaves {int(keep.sum())} patches of {self.patch_size} pixels wholly in the "
                     "bulk; use a smaller patch_size or a larger bulk region"
                 )
-            patches, scales = patches[torch.from_numpy(keep)], scales[torch.from_numpy(keep)]
-        order = np.random.default_rng(self.seed).permutation(len(patches))
-        n_val = int(round(self.val_fraction * len(patches))) if len(patches) >= 4 else 0
-        val, train = order[:n_val], order[n_val:]
-        self.n_patches = len(patches)
-        self.train_set = TensorDataset(patches[train], scales[train])
-        self.val_set = TensorDataset(patches[val] if n_val else patches[train], scales[val] if n_val else scales[train])
+        rows = np.array([y for y, _ in corners])
+        # the validation strip: patches starting at or below `cut`; training patches must end above it
+        cut = min(int(round((1.0 - self.val_fraction) * ny / self.stride[0])) * self.stride[0], int(rows.max()))
+        val = keep & (rows >= cut)
+        train = keep & (rows + self.patch_size[0] <= cut)
+        self.holdout_pixels = np.zeros((ny, nx), dtype=bool)
+        if self.val_fraction > 0 and val.sum() >= 2 and train.sum() >= 2:
+            self.holdout_pixels[cut:] = True
+        else:  # too few patches for a strip: a random share of them
+            indices = np.flatnonzero(keep)
+            order = np.random.default_rng(self.seed).permutation(indices)
+            n_val = int(round(self.val_fraction * len(order))) if len(order) >= 4 else 0
+            val, train = np.zeros_like(keep), np.zeros_like(keep)
+            val[order[:n_val]], train[order[n_val:]] = True, True
+            if not n_val:
+                val = train
+        if self.mask is not None:
+            self.holdout_pixels &= np.asarray(self.mask, dtype=bool)
+        self.n_patches = int(keep.sum())
+        self.n_validation_patches = int(val.sum()) if val is not train else 0
+        train_index, val_index = torch.from_numpy(np.flatnonzero(train)), torch.from_numpy(np.flatnonzero(val))
+        self.train_set = TensorDataset(patches[train_index], scales[train_index])
+        self.val_set = TensorDataset(patches[val_index], scales[val_index])
 
     def train_dataloader(self) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed)

@@ -88,7 +88,9 @@ class CVAEDetector(BaseDetector):
     beta
         Weight of the KL term.
     learning_rate, batch_size, max_epochs, patience, val_fraction
-        Training: Adam, early stopping on the validation loss after ``patience`` epochs.
+        Training: Adam, early stopping on the validation loss after ``patience`` epochs. The
+        validation patches are a strip of ``val_fraction`` of the rows that no training patch
+        touches; its pixels' scores calibrate the threshold (``training_scores_``).
     accelerator, devices, strategy, precision
         Passed to the Lightning ``Trainer`` (``"auto"``: a GPU when there is one, else the CPU;
         ``precision=None``: 16-bit mixed on a GPU, 32-bit on the CPU). Several GPUs: e.g.
@@ -111,6 +113,9 @@ class CVAEDetector(BaseDetector):
         Losses per epoch.
     n_parameters_ : int
     training_seconds_ : float
+    n_calibration_spectra_ : int
+        Pixels of the held-out strip (see ``val_fraction``) whose scores, in ``training_scores_``,
+        set the false-alarm part of the threshold.
 
     Examples
     --------
@@ -217,9 +222,15 @@ class CVAEDetector(BaseDetector):
         self.model_ = model.to("cpu").eval()
         self.history_ = history.callback.rows
         self.n_parameters_ = int(sum(p.numel() for p in model.parameters()))
-        self.n_training_patches_ = int(data.n_patches)
+        self.n_training_patches_ = len(data.train_set)
         self.epochs_ = int(trainer.current_epoch)
-        return None
+        # calibrate the threshold on the held-out strip: the model fits its training pixels more closely
+        # than new ones, and a false-alarm rate set on them let 2-10 bulk pixels of every test cube through
+        holdout = data.holdout_pixels
+        self.n_calibration_spectra_ = int(holdout.sum())
+        if not holdout.any():
+            return None
+        return holdout.ravel() if mask is None else holdout[mask]
 
     # -- inference --------------------------------------------------------------------------------
     def _device(self) -> torch.device:
@@ -293,13 +304,14 @@ class CVAEDetector(BaseDetector):
             "detector": type(self).__name__,
             "params": {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.get_params().items()},
             "state_dict": self.model_.state_dict(),
-            "energy_": torch.as_tensor(self.energy_),
-            "training_scores_": torch.as_tensor(self.training_scores_),
+            "energy_": torch.as_tensor(np.array(self.energy_)),
+            "training_scores_": torch.as_tensor(np.array(self.training_scores_)),
             "threshold_": self.threshold_,
             "n_training_spectra_": self.n_training_spectra_,
             "history_": self.history_,
             "n_parameters_": self.n_parameters_,
             "training_seconds_": self.training_seconds_,
+            "n_calibration_spectra_": self.n_calibration_spectra_,
         }
         with atomic_path(path, overwrite=overwrite) as temporary:
             torch.save(payload, temporary)
@@ -336,4 +348,5 @@ class CVAEDetector(BaseDetector):
         detector.history_ = payload["history_"]
         detector.n_parameters_ = payload["n_parameters_"]
         detector.training_seconds_ = payload["training_seconds_"]
+        detector.n_calibration_spectra_ = payload.get("n_calibration_spectra_", 0)
         return detector
