@@ -140,7 +140,7 @@ def detect_job(source: Path, output: Path, *, model: str, reconstruction: bool =
     return result
 
 
-def denoise_job(source: Path, output: Path, *, penalty: str, tau: float, weights: Sequence[float],
+def denoise_job(source: Path, output: Path, *, penalty: str, tau: float | str, weights: Sequence[float],
                 options: dict[str, Any] | None = None) -> FileResult:
     """SPIRAL-TAP denoising of one cube."""
     from .reconstruct import denoise_cube

@@ -164,13 +164,25 @@ def _cmd_detect(args: argparse.Namespace) -> int:
     return _run_batch(args, job, ".detect.nc", "detect")
 
 
+def _tau(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"tau must be a number >= 0 or 'auto', got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"tau must be >= 0, got {text}")
+    return value
+
+
 def _cmd_denoise(args: argparse.Namespace) -> int:
     from functools import partial
 
     from .batch import denoise_job
 
     job = partial(denoise_job, penalty=args.penalty, tau=args.tau, weights=args.weights,
-                  options={"max_iter": args.max_iter})
+                  options={"max_iter": args.max_iter, "backend": args.backend})
     return _run_batch(args, job, ".denoised.nc", "denoise")
 
 
@@ -270,10 +282,13 @@ def build_parser() -> argparse.ArgumentParser:
                                   description="Denoise datacubes with SPIRAL-TAP; one NetCDF per input.")
     _batch_options(denoise)
     denoise.add_argument("--penalty", choices=("tv", "onb", "canonical"), default="tv")
-    denoise.add_argument("--tau", type=float, required=True, help="regularisation weight")
+    denoise.add_argument("--tau", type=_tau, default="auto",
+                         help="regularisation weight, or 'auto' (default): chosen per cube by Poisson thinning")
     denoise.add_argument("--weights", nargs=3, type=float, default=(1.0, 1.0, 0.5), metavar=("WY", "WX", "WE"),
                          help="TV weights of y, x and energy (default 1 1 0.5)")
-    denoise.add_argument("--max-iter", type=int, default=100)
+    denoise.add_argument("--max-iter", type=int, default=30)
+    denoise.add_argument("--backend", choices=("numpy", "torch"), default="numpy",
+                         help="torch: float32 on the GPU when there is one, else on the CPU's threads (faster)")
     denoise.set_defaults(run=_cmd_denoise)
 
     compare = commands.add_parser("compare", help="NB test per energy channel: flagged pixels against the bulk",

@@ -186,8 +186,7 @@ write("03_spiral_tap.ipynb", [
     """
 SIZE = 24      # pixels per side
 DOSE = 2.0     # counts per channel before the edge: very low dose
-TAU = 0.2      # regularisation weight
-MAX_ITER = 30
+TAU = "auto"   # regularisation weight: "auto" chooses it from the data (Poisson thinning), or a number
 
 import holoviews as hv
 import numpy as np
@@ -209,8 +208,8 @@ print(f"raw counts: relative error {relative_error(counts):.3f}")
 """,
     "md:## Denoising (A = identity)",
     """
-clean = denoise_cube(counts, penalty="tv", tau=TAU, weights=(1.0, 1.0, 0.5), truth=truth, max_iter=MAX_ITER)
-print(f"SPIRAL-TV: relative error {clean.attrs['relative_error']:.3f} "
+clean = denoise_cube(counts, penalty="tv", tau=TAU, weights=(1.0, 1.0, 0.5), truth=truth)
+print(f"SPIRAL-TV (tau {clean.attrs['tau']:.2f}): relative error {clean.attrs['relative_error']:.3f} "
       f"in {clean.attrs['iterations']} iterations, {clean.attrs['seconds']:.1f} s")
 reconstruction_hv(counts, clean, truth=truth, energy_window=(705, 712))
 """,
@@ -219,8 +218,8 @@ reconstruction_hv(counts, clean, truth=truth, energy_window=(705, 712))
     """
 visited = np.random.default_rng(0).random((SIZE, SIZE)) < 0.25
 scan = sim["counts"].where(visited[..., None], 0)
-filled = denoise_cube(scan, penalty="tv", tau=TAU, visited=visited, truth=truth, max_iter=MAX_ITER)
-print(f"25 % scan: relative error {filled.attrs['relative_error']:.3f}")
+filled = denoise_cube(scan, penalty="tv", tau=TAU, visited=visited, truth=truth)
+print(f"25 % scan (tau {filled.attrs['tau']:.2f}): relative error {filled.attrs['relative_error']:.3f}")
 reconstruction_hv(scan, filled, truth=truth, energy_window=(705, 712))
 """,
 ])

@@ -260,7 +260,7 @@ def _along_axis(ndim: int, axis: int, part: slice) -> tuple[slice, ...]:
 
 
 def tv_prox(step, lam: float, *, weights: Sequence[float] | None = None, lower: float = 0.0,
-            upper: float = np.inf, n_iter: int = 50, tol: float = 1e-5, state: dict | None = None):
+            upper: float = np.inf, n_iter: int = 50, tol: float = 1e-5):
     """Anisotropic total variation with bounds, by the fast gradient projection (FGP) on the dual.
 
     Solves ``argmin_{lower <= x <= upper} 1/2 ||x - step||^2 + lam sum_k w_k ||D_k x||_1`` for arrays of
@@ -280,10 +280,6 @@ def tv_prox(step, lam: float, *, weights: Sequence[float] | None = None, lower: 
     n_iter, tol
         At most ``n_iter`` iterations; stop once the relative change of x has stayed below ``tol`` for
         5 iterations in a row (Beck and Teboulle's rule).
-    state
-        A dict kept between calls to warm-start the dual (its ``"dual"`` entry): successive
-        subproblems of SPIRAL-TAP differ little, so a few iterations from the last dual do the work
-        of many from zero. None (default): start from zero, as the reference does.
 
     Returns
     -------
@@ -312,11 +308,7 @@ def tv_prox(step, lam: float, *, weights: Sequence[float] | None = None, lower: 
     head = {k: _along_axis(ndim, k, slice(None, -1)) for k in axes}
     tail = {k: _along_axis(ndim, k, slice(1, None)) for k in axes}
     dual_shapes = {k: tuple(n - 1 if j == k else n for j, n in enumerate(step.shape)) for k in axes}
-    warm = state.get("dual") if state is not None else None
-    if warm is not None and set(warm) == set(axes) and all(tuple(warm[k].shape) == dual_shapes[k] for k in axes):
-        duals = warm
-    else:
-        duals = {k: _zeros(step, dual_shapes[k]) for k in axes}
+    duals = {k: _zeros(step, dual_shapes[k]) for k in axes}
     extrapolated = {k: duals[k] * 1 for k in axes}
     t = 1.0
     dual_step = 1.0 / (4.0 * len(axes) * lam)
@@ -343,8 +335,6 @@ def tv_prox(step, lam: float, *, weights: Sequence[float] | None = None, lower: 
         small_changes = small_changes + 1 if norm > 0 and float((change * change).sum()) ** 0.5 < tol * norm else 0
         if small_changes >= 5:
             break
-    if state is not None:
-        state["dual"] = duals
     return x  # the last primal point, from the extrapolated duals (as Beck and Teboulle's FGP returns)
 
 
