@@ -76,6 +76,25 @@ def test_canonical_recovers_spikes_in_compressed_sensing():
     assert np.count_nonzero(result.x > 1e3) <= 3 * spikes
 
 
+def test_duality_gap_certifies_the_l1_solution():
+    from scipy import sparse
+
+    rng = np.random.default_rng(1)
+    n, m = 2000, 800
+    truth = np.zeros(n)
+    truth[rng.choice(n, 20, replace=False)] = 1e5
+    matrix = sparse.random(m, n, density=8e-3, random_state=3, data_rvs=lambda k: np.full(k, 1.0 / m)).tocsr()
+    counts = rng.poisson(matrix @ truth)
+    operators = (lambda x: matrix @ x), (lambda v: matrix.T @ v)
+    result = spiral_tap(counts, *operators, tau=1e-6, penalty="canonical", stop="gap", tol=1e-4, max_iter=500)
+    assert result.converged and result.duality_gap[-1] <= 1e-4 * abs(result.objective[-1])
+    assert np.all(result.duality_gap >= 0) and result.duality_gap[-1] < 1e-2 * result.duality_gap[0]
+    best = spiral_tap(counts, *operators, tau=1e-6, penalty="canonical", stop="iterations", max_iter=1500)
+    assert 0 <= result.objective[-1] - best.objective[-1] <= result.duality_gap[-1]  # the certificate holds
+    with pytest.raises(ValueError, match="duality-gap"):
+        spiral_tap(counts, *operators, tau=1e-6, penalty="tv", stop="gap")
+
+
 def test_prox_operators():
     rng = np.random.default_rng(2)
     step = rng.normal(1.0, 2.0, (16, 16))
@@ -197,3 +216,29 @@ def test_blur_matches_scipy_and_its_adjoint_is_exact(method, kernel_shape):
     assert np.sum(forward(x) * y) == pytest.approx(np.sum(x * adjoint(y)), rel=1e-12)
     with pytest.raises(ValueError, match="dimensions"):
         forward(np.ones((4,) * (len(kernel_shape) + 1)))
+
+
+@pytest.mark.parametrize("penalty", ["tv", "canonical", "onb"])
+def test_torch_backend_runs_the_same_algorithm(penalty):
+    import torch
+
+    rng = np.random.default_rng(8)
+    truth = np.full((8, 8, 16), 5.0)
+    truth[2:6, 3:7] = 20.0
+    counts = rng.poisson(truth)
+    visited = rng.random((8, 8)) < 0.6
+    operators = scan_mask(visited)
+    reference = spiral_tap(counts * visited[..., None], *operators, tau=0.5, penalty=penalty, max_iter=15)
+    double = spiral_tap(counts * visited[..., None], *operators, tau=0.5, penalty=penalty, max_iter=15,
+                        backend="torch", device="cpu", dtype=np.float64)
+    single = spiral_tap(counts * visited[..., None], *operators, tau=0.5, penalty=penalty, max_iter=15,
+                        backend="torch", device="cpu")
+    assert double.iterations == reference.iterations
+    np.testing.assert_allclose(double.x, reference.x, rtol=1e-9, atol=1e-9 * reference.x.max())
+    np.testing.assert_allclose(single.x, reference.x, atol=1e-3 * reference.x.max())
+    assert isinstance(single.x, np.ndarray)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            spiral_tap(counts, tau=0.5, backend="torch", device="cuda")
+    with pytest.raises(ValueError, match="backend"):
+        spiral_tap(counts, tau=0.5, backend="jax")

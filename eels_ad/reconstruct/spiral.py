@@ -41,6 +41,9 @@ class SpiralResult:
         Seconds since the start, after each iteration.
     converged : bool
         Whether the stopping rule (rather than ``max_iter`` or ``max_time``) ended the run.
+    duality_gap : ndarray or None
+        With ``stop="gap"`` (l1 penalty): Phi minus a dual bound after each iteration, so
+        ``Phi(x) - min Phi <= duality_gap[-1]``.
     """
 
     x: np.ndarray
@@ -49,6 +52,7 @@ class SpiralResult:
     recon_error: np.ndarray | None
     times: np.ndarray
     converged: bool
+    duality_gap: np.ndarray | None = None
 
 
 def _check_counts(y: np.ndarray) -> np.ndarray:
@@ -116,7 +120,7 @@ def spiral_tap(
     max_iter: int = 100,
     min_iter: int = 5,
     tol: float = 1e-6,
-    stop: Literal["step", "objective", "iterations"] = "step",
+    stop: Literal["step", "objective", "gap", "iterations"] = "step",
     max_time: float | None = None,
     alpha_init: float = 1.0,
     alpha_min: float = 1e-30,
@@ -153,8 +157,9 @@ def spiral_tap(
         Starting point (default: ``AT(y)`` scaled so that its forward projection has the counts' total).
     max_iter, min_iter, tol, stop, max_time
         Stopping: after ``min_iter`` iterations, ``"step"`` stops when ``||dx|| / ||x|| <= tol``,
-        ``"objective"`` when the relative change of Phi is <= ``tol``, ``"iterations"`` never early;
-        always at ``max_iter`` or after ``max_time`` seconds.
+        ``"objective"`` when the relative change of Phi is <= ``tol``, ``"gap"`` (canonical l1 only)
+        when the duality gap is <= ``tol * |Phi|`` (a certificate: Phi is then within that of its
+        minimum), ``"iterations"`` never early; always at ``max_iter`` or after ``max_time`` seconds.
     alpha_init, alpha_min, alpha_max
         Barzilai-Borwein step parameters.
     eta, sigma, memory
@@ -234,6 +239,10 @@ def spiral_tap(
         raise ValueError(f"A maps the unknown to shape {forward_shape} but y has shape {y.shape}")
     if truth is not None and np.shape(truth) != np.shape(back_projection):
         raise ValueError(f"truth has shape {np.shape(truth)} but the unknown has {np.shape(back_projection)}")
+    if stop not in ("step", "objective", "gap", "iterations"):
+        raise ValueError(f"stop must be 'step', 'objective', 'gap' or 'iterations', got {stop!r}")
+    if stop == "gap" and penalty != "canonical":
+        raise ValueError(f"the duality-gap stop is for the 'canonical' (l1) penalty, not {penalty!r}")
     if penalty == "onb" and "basis" not in penalty_options:
         penalty_options["basis"] = WaveletBasis(np.shape(back_projection))
     value_options = {k: v for k, v in penalty_options.items() if k in ("weights", "basis")}
@@ -267,8 +276,23 @@ def spiral_tap(
         value = arrays.total(mean) - arrays.total(y * arrays.log(mean + log_epsilon))
         return value + tau * penalty_value(x, **value_options) if tau else value
 
+    ones_back_projection = AT(y * 0.0 + 1.0) if stop == "gap" else None
+
+    def duality_gap(objective: float, ax) -> float:
+        """Phi minus the dual value at the scaled dual point lambda = 1 - theta y / (A x + b)."""
+        mean = ax + background + log_epsilon
+        ratio = y / mean
+        back = AT(ratio)
+        # the largest theta <= 1 that keeps the dual feasible: theta AT(y / mean) <= AT(1) + tau
+        theta = min(1.0, float(((ones_back_projection + tau) / back.clip(1e-300, None)).min()))
+        dual = arrays.total(y) + arrays.total(y * arrays.log(theta / mean))
+        if np.any(np.asarray(arrays.numpy(background) if not isinstance(background, float) else background)):
+            dual += arrays.total((1.0 - theta * ratio) * background)
+        return objective - dual
+
     ax = A(x)
     objectives = [objective_of(x, ax)]
+    gaps = [duality_gap(objectives[0], ax)] if stop == "gap" else None
     errors = [error_of(x)] if truth is not None else None
     times = [time.perf_counter() - started]
     alpha = alpha_init
@@ -292,6 +316,8 @@ def spiral_tap(
         a_dx = a_candidate - ax
         x, ax = candidate, a_candidate
         objectives.append(value if monotone else objective_of(x, ax))
+        if gaps is not None:
+            gaps.append(duality_gap(objectives[-1], ax))
         if errors is not None:
             errors.append(error_of(x))
         times.append(time.perf_counter() - started)
@@ -305,14 +331,15 @@ def spiral_tap(
             elif stop == "objective":
                 previous = objectives[-2]
                 converged = abs(objectives[-1] - previous) <= tol * abs(previous)
-            elif stop != "iterations":
-                raise ValueError(f"stop must be 'step', 'objective' or 'iterations', got {stop!r}")
+            elif stop == "gap":
+                converged = gaps[-1] <= tol * abs(objectives[-1])
             if converged:
                 break
         if max_time is not None and times[-1] > max_time:
             break
     return SpiralResult(arrays.numpy(x).astype(float), iteration, np.asarray(objectives),
-                        None if errors is None else np.asarray(errors), np.asarray(times), converged)
+                        None if errors is None else np.asarray(errors), np.asarray(times), converged,
+                        None if gaps is None else np.asarray(gaps))
 
 
 @dataclass
