@@ -41,9 +41,10 @@ def run_demo(name: str, penalty: str) -> dict:
     options = dict(max_iter=100, min_iter=50, tol=1e-6 if penalty == "onb" else 1e-8, stop="step")
     if penalty == "onb":
         options["basis"] = WaveletBasis(truth.shape, "haar", int(np.log2(truth.shape[0])))
-    started = time.perf_counter()
-    result = spiral_tap(counts, forward, adjoint, tau=tau, penalty=penalty, truth=truth, **options)
-    seconds = time.perf_counter() - started
+    for _ in range(2):  # the second of two runs, as the reference's timings were taken
+        started = time.perf_counter()
+        result = spiral_tap(counts, forward, adjoint, tau=tau, penalty=penalty, truth=truth, **options)
+        seconds = time.perf_counter() - started
     return {"demo": name, "penalty": penalty, "tau": tau, "rmse_percent": 100 * float(result.recon_error[-1]),
             "reference_rmse_percent": rmse, "iterations": result.iterations, "reference_iterations": iterations,
             "seconds": seconds, "reference_matlab_2010_s": matlab, "reference_octave_here_s": octave,
