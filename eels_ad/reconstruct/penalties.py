@@ -253,12 +253,6 @@ def _zeros(like, shape: tuple[int, ...]):
     return like.new_zeros(shape)
 
 
-def _along_axis(ndim: int, axis: int, part: slice) -> tuple[slice, ...]:
-    index = [slice(None)] * ndim
-    index[axis] = part
-    return tuple(index)
-
-
 def tv_prox(step, lam: float, *, weights: Sequence[float] | None = None, lower: float = 0.0,
             upper: float = np.inf, n_iter: int = 50, tol: float = 1e-5):
     """Anisotropic total variation with bounds, by the fast gradient projection (FGP) on the dual.
@@ -305,8 +299,8 @@ def tv_prox(step, lam: float, *, weights: Sequence[float] | None = None, lower: 
     axes = [k for k in range(ndim) if weights[k] > 0 and step.shape[k] > 1]
     if not axes:
         return step.clip(lower, upper)
-    head = {k: _along_axis(ndim, k, slice(None, -1)) for k in axes}
-    tail = {k: _along_axis(ndim, k, slice(1, None)) for k in axes}
+    head = {k: _along(k, ndim, slice(None, -1)) for k in axes}
+    tail = {k: _along(k, ndim, slice(1, None)) for k in axes}
     dual_shapes = {k: tuple(n - 1 if j == k else n for j, n in enumerate(step.shape)) for k in axes}
     duals = {k: _zeros(step, dual_shapes[k]) for k in axes}
     extrapolated = {k: duals[k] * 1 for k in axes}
@@ -343,7 +337,7 @@ def tv_value(x, weights: Sequence[float] | None = None) -> float:
     total = 0.0
     for k, weight in enumerate(weights):
         if weight > 0 and x.shape[k] > 1:
-            difference = x[_along_axis(x.ndim, k, slice(1, None))] - x[_along_axis(x.ndim, k, slice(None, -1))]
+            difference = x[_along(k, x.ndim, slice(1, None))] - x[_along(k, x.ndim, slice(None, -1))]
             total += weight * float(abs(difference).sum())
     return total
 
