@@ -5,7 +5,7 @@ import xarray as xr
 
 import eels_ad
 from eels_ad.detect import CVAEDetector, NotFittedError
-from eels_ad.detect.cvae.data import PatchDataModule, extract_patches, patch_starts
+from eels_ad.detect.cvae.data import PatchDataModule, extract_patches, patch_starts, random_dihedral
 from eels_ad.detect.cvae.module import CVAE3D, gaussian_nll, poisson_nll
 
 TINY = dict(widths=(4, 8, 8), latent_dim=4, max_epochs=2, batch_size=8, progress=False)
@@ -74,6 +74,48 @@ def test_patches_cover_odd_cubes():
     assert not train_tops & {tuple(counts[y, x].tolist()) for y, x in corners if y + 5 > cut}
 
 
+def test_augmentation_turns_counts_and_scales_alike():
+    patch = torch.arange(2 * 3 * 3, dtype=torch.float64).reshape(1, 1, 2, 3, 3)
+    turned = [random_dihedral(patch, torch.tensor([code]))[0, 0, 0] for code in range(8)]
+    # the 8 symmetries of a square are 8 different images of an asymmetric patch, and no pixel is lost
+    assert len({tuple(image.flatten().tolist()) for image in turned}) == 8
+    assert all(sorted(image.flatten().tolist()) == list(range(9)) for image in turned)
+    torch.testing.assert_close(turned[5], patch[0, 0, 0].flip(-1).T)
+    # one choice per patch, the same for counts (N, 1, E, y, x) and scales (N, 1, 1, y, x)
+    counts = torch.rand(6, 1, 4, 3, 3)
+    scale = counts.mean(dim=2, keepdim=True)
+    choice = torch.arange(6)
+    torch.testing.assert_close(random_dihedral(counts, choice).mean(dim=2, keepdim=True),
+                               random_dihedral(scale, choice))
+    # a non-square patch keeps its shape: mirrors only
+    oblong = torch.rand(8, 1, 2, 2, 5)
+    assert random_dihedral(oblong, torch.arange(8)).shape == oblong.shape
+    torch.testing.assert_close(random_dihedral(oblong, torch.tensor([4] * 8)), oblong)
+
+
+def test_augmentation_only_while_training():
+    counts = np.random.default_rng(0).poisson(5, (16, 12, 6)).astype(float)
+    data = PatchDataModule(counts, patch_size=(4, 4), stride=(2, 2), augment=True, seed=1)
+    data.setup()
+    batch = next(iter(data.train_dataloader()))
+    assert data.on_after_batch_transfer(batch, 0) is batch  # no trainer: unchanged
+
+
+def test_border_pixels_scored_like_inner_ones(small_cubes):
+    bulk, _ = small_cubes
+    detector = CVAEDetector(patch_size=4, stride=2, **TINY).fit(bulk)
+    # a border pixel is covered by as many scoring patches as an inner one (the cube is mirrored)
+    counts = []
+    for corners, *_ in detector._patch_outputs(bulk):
+        counts.extend(corners)
+    margin = detector._margin()
+    hits = np.zeros((12 + 2 * margin[0], 12 + 2 * margin[1]))
+    for y, x in counts:
+        hits[y:y + 4, x:x + 4] += 1
+    inner = hits[margin[0]:-margin[0], margin[1]:-margin[1]]
+    assert inner.min() == inner.max() == 4
+
+
 def test_fit_score_reconstruct_on_odd_cube(small_cubes):
     bulk, test = small_cubes
     detector = CVAEDetector(patch_size=5, stride=3, **TINY).fit(bulk)
@@ -84,15 +126,33 @@ def test_fit_score_reconstruct_on_odd_cube(small_cubes):
     assert float(reconstruction.min()) > 0
     assert detector.predict(test["counts"], scores).dtype == bool
     assert detector.n_parameters_ < 1_000_000
+    # the decoder works around the bulk's mean spectral shape (each spectrum over its mean count)
+    spectra = bulk.values.reshape(-1, 64)
+    mean_shape = (spectra / spectra.mean(axis=1, keepdims=True)).mean(axis=0)
+    np.testing.assert_allclose(np.exp(detector.model_.reference.numpy()), mean_shape, rtol=1e-5)
 
 
 def test_short_training_lowers_the_loss(small_cubes):
+    import lightning.pytorch as pl
+
     bulk, _ = small_cubes
-    settings = {**TINY, "max_epochs": 6, "batch_size": 4, "learning_rate": 0.01}
-    detector = CVAEDetector(patch_size=4, stride=2, **settings).fit(bulk)
-    losses = [row["val_loss"] for row in detector.history_]
-    assert len(losses) == 6
-    assert losses[-1] < 0.8 * losses[0]
+    counts = bulk.transpose("y", "x", "energy").values.astype(np.float32)
+    data = PatchDataModule(counts, patch_size=(4, 4), stride=(2, 2), batch_size=4, seed=0)
+    data.setup()
+    torch.manual_seed(0)
+    model = CVAE3D(n_channels=64, patch_size=(4, 4), latent_dim=4, widths=(4, 8, 8), learning_rate=0.01)
+    patches, scales = data.val_set.tensors
+    saturated = float(poisson_nll(patches, torch.log(patches.clamp_min(1e-6))).mean())
+
+    def excess_nll() -> float:  # mean NLL per voxel above the saturated model's
+        with torch.no_grad():
+            return float(model.loss(patches, scales, sample=False)["nll"]) - saturated
+
+    before = excess_nll()
+    trainer = pl.Trainer(max_epochs=6, logger=False, enable_progress_bar=False, enable_checkpointing=False,
+                         enable_model_summary=False, accelerator="cpu")
+    trainer.fit(model, datamodule=data)
+    assert excess_nll() < 0.5 * before
 
 
 def test_same_seed_same_model_on_cpu(small_cubes):

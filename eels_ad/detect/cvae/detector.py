@@ -18,7 +18,7 @@ import xarray as xr
 from .._base import BaseDetector
 from .._scores import SCORES, score_spectra
 from ..threshold import ThresholdMethod
-from .data import PatchDataModule, extract_patches
+from .data import PatchDataModule, extract_patches, pixel_scale
 from .module import CVAE3D, Likelihood
 
 
@@ -70,7 +70,8 @@ class CVAEDetector(BaseDetector):
 
     The model (:class:`~eels_ad.detect.cvae.module.CVAE3D`) sees patches of ``patch_size`` pixels x
     all fitted energy channels, so a pixel is judged with its neighbours. Scores come from the
-    posterior mean (no sampling) and are averaged over every patch that covers a pixel.
+    posterior mean (no sampling) and are averaged over every patch that covers a pixel; the cube is
+    mirrored by half a patch at its edges first, so border pixels are judged mid-patch too.
 
     Parameters
     ----------
@@ -91,6 +92,9 @@ class CVAEDetector(BaseDetector):
         Training: Adam, early stopping on the validation loss after ``patience`` epochs. The
         validation patches are a strip of ``val_fraction`` of the rows that no training patch
         touches; its pixels' scores calibrate the threshold (``training_scores_``).
+    augment
+        Train on randomly mirrored and turned patches (see
+        :class:`~eels_ad.detect.cvae.data.PatchDataModule`).
     accelerator, devices, strategy, precision
         Passed to the Lightning ``Trainer`` (``"auto"``: a GPU when there is one, else the CPU;
         ``precision=None``: 16-bit mixed on a GPU, 32-bit on the CPU). Several GPUs: e.g.
@@ -144,6 +148,7 @@ class CVAEDetector(BaseDetector):
         max_epochs: int = 25,
         patience: int = 6,
         val_fraction: float = 0.15,
+        augment: bool = True,
         accelerator: str = "auto",
         devices: int | str = "auto",
         strategy: str = "auto",
@@ -171,6 +176,7 @@ class CVAEDetector(BaseDetector):
         self.max_epochs = max_epochs
         self.patience = patience
         self.val_fraction = val_fraction
+        self.augment = augment
         self.accelerator = accelerator
         self.devices = devices
         self.strategy = strategy
@@ -202,10 +208,15 @@ class CVAEDetector(BaseDetector):
         counts = np.asarray(cube.transpose("y", "x", "energy").values, dtype=np.float32)
         pl.seed_everything(self.seed, workers=True, verbose=False)
         data = PatchDataModule(counts, mask, patch_size=patch, stride=stride, batch_size=self.batch_size,
-                               val_fraction=self.val_fraction, seed=self.seed)
+                               val_fraction=self.val_fraction, augment=self.augment, seed=self.seed)
         model = CVAE3D(n_channels=energy.size, patch_size=patch, latent_dim=self.latent_dim,
                        widths=tuple(self.widths), likelihood=self.likelihood, beta=self.beta,
                        learning_rate=self.learning_rate)
+        bulk = counts if mask is None else counts[mask]
+        shape = (bulk / pixel_scale(bulk)[..., None]).reshape(-1, energy.size).mean(axis=0)
+        reference = np.log(np.maximum(shape, 1e-6)) if self.likelihood == "poisson" else shape
+        with torch.no_grad():
+            model.reference.copy_(torch.as_tensor(reference, dtype=torch.float32))
         history = _History()
         started = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="eels-ad-cvae-") as scratch, _quiet_lightning(not self.progress):
@@ -237,12 +248,22 @@ class CVAEDetector(BaseDetector):
         wants_gpu = self.accelerator in ("auto", "gpu", "cuda")
         return torch.device("cuda" if wants_gpu and torch.cuda.is_available() else "cpu")
 
+    def _margin(self) -> tuple[int, int]:
+        """Pixels mirrored onto each side before scoring, so that border pixels sit mid-patch too."""
+        patch = _pair(self.patch_size, "patch_size")
+        return patch[0] // 2, patch[1] // 2
+
     @torch.no_grad()
     def _patch_outputs(self, cube: xr.DataArray, batch_size: int = 64):
-        """Yield (corners, counts, expected counts, voxel NLL) per batch of patches, as numpy."""
+        """Yield (corners, counts, expected counts, voxel NLL) per batch of patches, as numpy.
+
+        The cube is mirrored by half a patch on every side first; corners are in that padded frame.
+        """
         patch = _pair(self.patch_size, "patch_size")
         stride = _pair(self.stride if self.score_stride is None else self.score_stride, "score_stride")
         counts = np.asarray(cube.transpose("y", "x", "energy").values, dtype=np.float32)
+        my, mx = self._margin()
+        counts = np.pad(counts, ((my, my), (mx, mx), (0, 0)), mode="symmetric")
         patches, scales, corners = extract_patches(counts, patch, stride)
         device = self._device()
         model = self.model_.to(device)
@@ -259,15 +280,16 @@ class CVAEDetector(BaseDetector):
     def _accumulate(self, cube: xr.DataArray, per_patch) -> np.ndarray:
         """Average a per-patch, per-pixel quantity (N, [E,] py, px) over the patches covering each pixel."""
         patch = _pair(self.patch_size, "patch_size")
+        my, mx = self._margin()
         ny, nx = cube.sizes["y"], cube.sizes["x"]
-        total, covered = None, np.zeros((max(ny, patch[0]), max(nx, patch[1])))
+        total, covered = None, np.zeros((max(ny + 2 * my, patch[0]), max(nx + 2 * mx, patch[1])))
         for corners, values in per_patch:
             for (y, x), value in zip(corners, values, strict=True):
                 if total is None:
                     total = np.zeros(value.shape[:-2] + covered.shape)
                 total[..., y:y + patch[0], x:x + patch[1]] += value
                 covered[y:y + patch[0], x:x + patch[1]] += 1
-        return (total / covered)[..., :ny, :nx]
+        return (total / covered)[..., my:my + ny, mx:mx + nx]
 
     def _score_array(self, cube: xr.DataArray) -> np.ndarray:
         channels = self._score_channels(cube["energy"].values)
