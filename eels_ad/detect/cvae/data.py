@@ -85,9 +85,10 @@ class PatchDataModule(pl.LightningDataModule):
         hold fewer than 2 patches (a small bulk mask), a random share of the patches instead.
     augment
         Show each training patch in a random one of its 8 mirror images and quarter turns (4 when the
-        patch is not square) every epoch: a bulk region has no preferred direction, and a model trained on
-        one image otherwise learns its particular maps (a composition a few per cent beyond the training
-        image's range then scores like an anomaly).
+        patch is not square) every epoch: a bulk region has no preferred direction, and one image gives
+        only a few hundred patches. On the simulated 64 x 64 grid it changed nothing measurable (F1 1.000
+        with and without); it is there for real images with oriented features (a grain boundary, a scan
+        distortion) that a small training set would otherwise tie to one direction.
     seed
         Seed of the split, the shuffling and the augmentation.
 
