@@ -89,7 +89,7 @@ def run_demo(out: str | os.PathLike = "eels-ad-demo", *, overwrite: bool = False
     cvae_scores = cvae.score(cube)
     cvae_labels = cvae.predict(cube, cvae_scores)
     cvae_metrics = detection_metrics(cvae_scores, truth["anomaly"], cvae_labels)
-    cvae_metrics.update(parameters=cvae.n_parameters_, epochs=cvae.epochs_ + 1,
+    cvae_metrics.update(parameters=cvae.n_parameters_, epochs=cvae.epochs_,
                         training_seconds=round(cvae.training_seconds_, 1),
                         bimodality=bimodality(cvae_scores, seed=seed))
 

@@ -126,6 +126,7 @@ def test_fit_score_reconstruct_on_odd_cube(small_cubes):
     assert float(reconstruction.min()) > 0
     assert detector.predict(test["counts"], scores).dtype == bool
     assert detector.n_parameters_ < 1_000_000
+    assert detector.epochs_ == len(detector.history_) == 2
     # the decoder works around the bulk's mean spectral shape (each spectrum over its mean count)
     spectra = bulk.values.reshape(-1, 64)
     mean_shape = (spectra / spectra.mean(axis=1, keepdims=True)).mean(axis=0)
@@ -171,6 +172,7 @@ def test_save_load_gives_identical_scores(tmp_path, small_cubes):
     loaded = CVAEDetector.load(path)
     xr.testing.assert_identical(loaded.score(test["counts"]), detector.score(test["counts"]))
     assert loaded.get_params() == detector.get_params()
+    assert loaded.epochs_ == detector.epochs_ and loaded.history_ == detector.history_
     with pytest.raises(FileExistsError):
         detector.save(path)
     (tmp_path / "junk.pt").write_text("not a model")

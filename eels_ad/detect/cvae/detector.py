@@ -116,6 +116,8 @@ class CVAEDetector(BaseDetector):
     history_ : list of dict
         Losses per epoch.
     n_parameters_ : int
+    epochs_ : int
+        Epochs trained (fewer than ``max_epochs`` when early stopping ended the training).
     training_seconds_ : float
     n_calibration_spectra_ : int
         Pixels of the held-out strip (see ``val_fraction``) whose scores, in ``training_scores_``,
@@ -234,7 +236,7 @@ class CVAEDetector(BaseDetector):
         self.history_ = history.callback.rows
         self.n_parameters_ = int(sum(p.numel() for p in model.parameters()))
         self.n_training_patches_ = len(data.train_set)
-        self.epochs_ = int(trainer.current_epoch)
+        self.epochs_ = len(self.history_)
         # calibrate the threshold on the held-out strip: the model fits its training pixels more closely
         # than new ones, and a false-alarm rate set on them let 2-10 bulk pixels of every test cube through
         holdout = data.holdout_pixels
@@ -368,6 +370,7 @@ class CVAEDetector(BaseDetector):
         detector.threshold_ = payload["threshold_"]
         detector.n_training_spectra_ = payload["n_training_spectra_"]
         detector.history_ = payload["history_"]
+        detector.epochs_ = len(detector.history_)
         detector.n_parameters_ = payload["n_parameters_"]
         detector.training_seconds_ = payload["training_seconds_"]
         detector.n_calibration_spectra_ = payload.get("n_calibration_spectra_", 0)
