@@ -156,6 +156,17 @@ def test_short_training_lowers_the_loss(small_cubes):
     assert excess_nll() < 0.5 * before
 
 
+def test_two_processes_need_only_trainer_arguments(small_cubes):
+    # DDP on 2 CPU processes (gloo): the weights, the losses and the split come back to this process
+    bulk, test = small_cubes
+    detector = CVAEDetector(patch_size=4, stride=2, accelerator="cpu", devices=2, strategy="ddp_spawn", **TINY)
+    detector.fit(bulk)
+    assert detector.epochs_ == len(detector.history_) == 2
+    assert all(np.isfinite(row["val_loss"]) and np.isfinite(row["train_loss"]) for row in detector.history_)
+    assert detector.n_training_patches_ > 0 and detector.n_calibration_spectra_ > 0
+    assert np.isfinite(detector.score(test["counts"]).values).all()
+
+
 def test_same_seed_same_model_on_cpu(small_cubes):
     bulk, test = small_cubes
     first = CVAEDetector(patch_size=4, stride=4, seed=3, **TINY).fit(bulk).score(test["counts"])

@@ -46,23 +46,19 @@ def _quiet_lightning(quiet: bool):
         logger.setLevel(level)
 
 
-class _History:
-    """Collects the epoch losses Lightning logs (no logger, nothing leaves the machine)."""
+def _read_history(metrics_csv: Path) -> list[dict[str, float]]:
+    """Per-epoch losses from Lightning's CSV log (rank 0 writes it, also under DDP): one dict per epoch."""
+    import csv
 
-    def __init__(self) -> None:
-        import lightning.pytorch as pl
-
-        class Callback(pl.Callback):
-            def __init__(inner) -> None:
-                inner.rows: list[dict[str, float]] = []
-
-            def on_validation_epoch_end(inner, trainer, module) -> None:
-                if trainer.sanity_checking:
-                    return
-                metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-                inner.rows.append({"epoch": trainer.current_epoch, **metrics})
-
-        self.callback = Callback()
+    if not metrics_csv.is_file():
+        return []
+    epochs: dict[int, dict[str, float]] = {}
+    with open(metrics_csv, newline="") as table:
+        for row in csv.DictReader(table):
+            epoch = int(float(row.pop("epoch")))
+            row.pop("step", None)
+            epochs.setdefault(epoch, {"epoch": epoch}).update({k: float(v) for k, v in row.items() if v != ""})
+    return [epochs[epoch] for epoch in sorted(epochs)]
 
 
 class CVAEDetector(BaseDetector):
@@ -198,11 +194,12 @@ class CVAEDetector(BaseDetector):
         precision = self.precision or ("16-mixed" if on_gpu else "32-true")
         return dict(accelerator=self.accelerator, devices=self.devices, strategy=self.strategy, precision=precision,
                     max_epochs=self.max_epochs, deterministic=not on_gpu, enable_progress_bar=self.progress,
-                    enable_model_summary=False, logger=False, log_every_n_steps=1)
+                    enable_model_summary=False, log_every_n_steps=1)
 
     def _fit_model(self, cube: xr.DataArray, mask: np.ndarray | None, energy: np.ndarray, n_train: int):
         import lightning.pytorch as pl
         from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+        from lightning.pytorch.loggers import CSVLogger
 
         if self.likelihood not in ("poisson", "gaussian"):
             raise ValueError(f"likelihood must be 'poisson' or 'gaussian', got {self.likelihood!r}")
@@ -211,6 +208,7 @@ class CVAEDetector(BaseDetector):
         pl.seed_everything(self.seed, workers=True, verbose=False)
         data = PatchDataModule(counts, mask, patch_size=patch, stride=stride, batch_size=self.batch_size,
                                val_fraction=self.val_fraction, augment=self.augment, seed=self.seed)
+        data.setup("fit")  # here, not only in DDP worker processes: the split is needed below
         model = CVAE3D(n_channels=energy.size, patch_size=patch, latent_dim=self.latent_dim,
                        widths=tuple(self.widths), likelihood=self.likelihood, beta=self.beta,
                        learning_rate=self.learning_rate)
@@ -219,21 +217,23 @@ class CVAEDetector(BaseDetector):
         reference = np.log(np.maximum(shape, 1e-6)) if self.likelihood == "poisson" else shape
         with torch.no_grad():
             model.reference.copy_(torch.as_tensor(reference, dtype=torch.float32))
-        history = _History()
         started = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="eels-ad-cvae-") as scratch, _quiet_lightning(not self.progress):
             directory = self.checkpoint_dir or scratch
             checkpoint = ModelCheckpoint(dirpath=directory, monitor="val_loss", save_top_k=1, filename="best")
             stopping = EarlyStopping(monitor="val_loss", patience=self.patience)
-            trainer = pl.Trainer(callbacks=[checkpoint, stopping, history.callback], default_root_dir=directory,
+            # the CSV logger writes the losses to a scratch folder (nothing leaves the machine); it is how
+            # they come back from DDP worker processes
+            log = CSVLogger(save_dir=scratch, name="history", version=0)
+            trainer = pl.Trainer(callbacks=[checkpoint, stopping], default_root_dir=directory, logger=log,
                                  **self._trainer_kwargs())
             trainer.fit(model, datamodule=data)
             if checkpoint.best_model_path:
                 state = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
                 model.load_state_dict(state)
+            self.history_ = _read_history(Path(log.log_dir) / "metrics.csv")
         self.training_seconds_ = time.perf_counter() - started
         self.model_ = model.to("cpu").eval()
-        self.history_ = history.callback.rows
         self.n_parameters_ = int(sum(p.numel() for p in model.parameters()))
         self.n_training_patches_ = len(data.train_set)
         self.epochs_ = len(self.history_)

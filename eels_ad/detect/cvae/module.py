@@ -152,13 +152,14 @@ class CVAE3D(pl.LightningModule):
     # -- Lightning --------------------------------------------------------------------------------
     def training_step(self, batch, batch_index):
         terms = self.loss(*batch, sample=True)
-        self.log_dict({f"train_{k}": v for k, v in terms.items()}, prog_bar=False, on_epoch=True, on_step=False)
+        self.log_dict({f"train_{k}": v for k, v in terms.items()}, prog_bar=False, on_epoch=True, on_step=False,
+                      sync_dist=True)
         return terms["loss"]
 
     def validation_step(self, batch, batch_index):
         terms = self.loss(*batch, sample=False)
-        self.log("val_loss", terms["loss"], prog_bar=True, on_epoch=True)
-        self.log("val_nll", terms["nll"], on_epoch=True)
+        self.log("val_loss", terms["loss"], prog_bar=True, on_epoch=True, sync_dist=True)
+        self.log("val_nll", terms["nll"], on_epoch=True, sync_dist=True)
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=self.hparams.learning_rate)
