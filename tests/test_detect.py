@@ -10,6 +10,7 @@ from eels_ad.detect import (
     SklearnDetector,
     bimodality,
     choose_threshold,
+    edge_shift_z,
     false_alarm_threshold,
     gmm_threshold,
     one_minus_correlation,
@@ -54,7 +55,7 @@ def test_auto_components_on_poisson_noise(bulk):
     assert detector.eigenvalues_[detector.n_components_] < detector.noise_edge_
 
 
-@pytest.mark.parametrize("scoring", ["deviance", "residual", "correlation"])
+@pytest.mark.parametrize("scoring", ["deviance", "residual", "correlation", "shift"])
 @pytest.mark.parametrize("poisson_normalize", [True, False])
 def test_scores_rank_injected_anomalies_above_bulk(bulk, shifted, scoring, poisson_normalize):
     detector = PCADetector(n_components=3, poisson_normalize=poisson_normalize, scoring=scoring).fit(bulk)
@@ -159,6 +160,32 @@ def test_score_functions_by_hand():
     assert pearson_residual(counts, model)[0] == pytest.approx(np.sqrt(np.mean([1.0, 1.0, 0.0])))
     assert one_minus_correlation(model, 3 * model + 1)[0] == pytest.approx(0.0, abs=1e-12)
     assert one_minus_correlation(model, -model)[0] == pytest.approx(2.0)
+
+
+def test_edge_shift_z_is_a_calibrated_shift_test():
+    # a Gaussian "edge" on a flat background, 0.25 eV channels
+    energy = np.arange(200) * 0.25
+    model = 20.0 + 200.0 * np.exp(-0.5 * ((energy - 25.0) / 1.5) ** 2)
+    slope = np.gradient(model)
+    # by hand: |sum((y - mu) mu'/mu)| / sqrt(sum(mu'^2/mu))
+    counts = model + slope
+    expected = np.abs(np.sum(slope * slope / model)) / np.sqrt(np.sum(slope * slope / model))
+    assert edge_shift_z(counts[None], model[None])[0] == pytest.approx(expected)
+    rng = np.random.default_rng(0)
+    # under the model: |z| is half-normal whatever the dose (mean sqrt(2/pi), 1 % above 2.576)
+    bulk = edge_shift_z(rng.poisson(model, (20000, 200)).astype(float), np.broadcast_to(model, (20000, 200)))
+    assert np.mean(bulk) == pytest.approx(np.sqrt(2 / np.pi), rel=0.03)
+    assert np.mean(bulk > 2.576) == pytest.approx(0.01, abs=0.003)
+    # a 0.25 eV (one channel) shift of the edge: far out in the tail of the bulk's |z|
+    shifted_model = 20.0 + 200.0 * np.exp(-0.5 * ((energy - 25.25) / 1.5) ** 2)
+    moved = edge_shift_z(rng.poisson(shifted_model, (2000, 200)).astype(float), np.broadcast_to(model, (2000, 200)))
+    assert np.median(moved) > 2 * np.quantile(bulk, 0.999)
+    assert np.mean(moved > np.quantile(bulk, 0.999)) > 0.99
+    # the deviance of the same spectra separates them far less well
+    deviance_bulk = poisson_deviance(rng.poisson(model, (2000, 200)).astype(float), np.broadcast_to(model, (2000, 200)))
+    deviance_moved = poisson_deviance(rng.poisson(shifted_model, (2000, 200)).astype(float),
+                                      np.broadcast_to(model, (2000, 200)))
+    assert np.mean(deviance_moved > np.quantile(deviance_bulk, 0.999)) < 0.9
 
 
 # ---- thresholds --------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ the bulk model of each spectrum, ``predict(cube)`` boolean labels, ``save(path)`
 from typing import Any
 
 from ._base import BaseDetector, NotFittedError
-from ._scores import SCORES, one_minus_correlation, pearson_residual, poisson_deviance
+from ._scores import SCORES, edge_shift_z, one_minus_correlation, pearson_residual, poisson_deviance
 from .pca import PCADetector
 from .sklearn import SklearnDetector
 from .threshold import bimodality, choose_threshold, false_alarm_threshold, gmm_threshold, otsu_threshold
@@ -22,6 +22,7 @@ __all__ = [
     "SklearnDetector",
     "bimodality",
     "choose_threshold",
+    "edge_shift_z",
     "false_alarm_threshold",
     "gmm_threshold",
     "one_minus_correlation",
