@@ -219,12 +219,12 @@ class CVAEDetector(BaseDetector):
             model.reference.copy_(torch.as_tensor(reference, dtype=torch.float32))
         started = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="eels-ad-cvae-") as scratch, _quiet_lightning(not self.progress):
-            directory = self.checkpoint_dir or scratch
+            directory = self.checkpoint_dir or os.path.join(scratch, "checkpoints")
             checkpoint = ModelCheckpoint(dirpath=directory, monitor="val_loss", save_top_k=1, filename="best")
             stopping = EarlyStopping(monitor="val_loss", patience=self.patience)
             # the CSV logger writes the losses to a scratch folder (nothing leaves the machine); it is how
             # they come back from DDP worker processes
-            log = CSVLogger(save_dir=scratch, name="history", version=0)
+            log = CSVLogger(save_dir=os.path.join(scratch, "log"), name="history", version=0)
             trainer = pl.Trainer(callbacks=[checkpoint, stopping], default_root_dir=directory, logger=log,
                                  **self._trainer_kwargs())
             trainer.fit(model, datamodule=data)
