@@ -52,7 +52,6 @@ def _speed_on(accelerator: str, epochs: int, shape, queue) -> None:
     started = time.perf_counter()
     detector = CVAEDetector(max_epochs=epochs, patience=epochs, accelerator=accelerator, progress=False).fit(train)
     training = time.perf_counter() - started
-    detector.accelerator = accelerator  # score on the same device
     detector.score(test)  # warm-up (kernels, allocator)
     started = time.perf_counter()
     detector.score(test)
@@ -89,7 +88,7 @@ def speed(epochs: int, shape=(64, 64)) -> dict:
     PCADetector().fit(train).score(test)
     parameters = rows["cpu"]["parameters"]
     return {
-        "cube": [*shape, int(train.sizes["energy"])], **{f"{name}": row for name, row in rows.items()},
+        "cube": [*shape, int(train.sizes["energy"])], **rows,
         "pca_fit_and_score_seconds": time.perf_counter() - started,
         "parameters_vs_paper": parameters / PAPER["parameters"],
         # the paper's model in float32: weights, and weights + gradients + Adam's two moments

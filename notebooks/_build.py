@@ -12,6 +12,8 @@ def write(name: str, cells: list) -> None:
     notebook = new_notebook(cells=[
         new_markdown_cell(cell[3:]) if cell.startswith("md:") else new_code_cell(cell.strip()) for cell in cells
     ])
+    for number, cell in enumerate(notebook.cells):  # stable ids: a rebuild changes only what changed
+        cell.id = f"cell-{number:02d}"
     notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(notebook, HERE / name)
 

@@ -188,6 +188,11 @@ class CVAEDetector(BaseDetector):
         params.pop("chunk_pixels", None)
         return params
 
+    @property
+    def epochs_(self) -> int:
+        """Epochs trained (fewer than ``max_epochs`` when early stopping ended the training)."""
+        return len(self.history_)
+
     # -- training ---------------------------------------------------------------------------------
     def _trainer_kwargs(self) -> dict[str, Any]:
         on_gpu = torch.cuda.is_available() and self.accelerator in ("auto", "gpu", "cuda")
@@ -236,7 +241,6 @@ class CVAEDetector(BaseDetector):
         self.model_ = model.to("cpu").eval()
         self.n_parameters_ = int(sum(p.numel() for p in model.parameters()))
         self.n_training_patches_ = len(data.train_set)
-        self.epochs_ = len(self.history_)
         # calibrate the threshold on the held-out strip: the model fits its training pixels more closely
         # than new ones, and a false-alarm rate set on them let 2-10 bulk pixels of every test cube through
         holdout = data.holdout_pixels
@@ -370,7 +374,6 @@ class CVAEDetector(BaseDetector):
         detector.threshold_ = payload["threshold_"]
         detector.n_training_spectra_ = payload["n_training_spectra_"]
         detector.history_ = payload["history_"]
-        detector.epochs_ = len(detector.history_)
         detector.n_parameters_ = payload["n_parameters_"]
         detector.training_seconds_ = payload["training_seconds_"]
         detector.n_calibration_spectra_ = payload.get("n_calibration_spectra_", 0)
