@@ -91,9 +91,9 @@ def main() -> None:
     results: dict = {"anchor_5_plus_5": ANCHOR, "accuracy": [], "throughput": {}}
     for n_per_group in (3, 5, 10):
         counts, groups, lfc, alpha, null = simulate(n_accuracy, n_per_group, seed=n_per_group)
-        for method, test, reference, shrink in variants:
-            table = nb_test(counts, groups, method=method, test=test, reference=reference, shrink=shrink)
-            row = {"n_per_group": n_per_group, "method": method, "test": test, "reference": reference,
+        for method, test, distribution, shrink in variants:
+            table = nb_test(counts, groups, method=method, test=test, null_distribution=distribution, shrink=shrink)
+            row = {"n_per_group": n_per_group, "method": method, "test": test, "null_distribution": distribution,
                    "shrink": shrink, **accuracy(table, lfc, alpha, null)}
             results["accuracy"].append(row)
             print({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}, flush=True)

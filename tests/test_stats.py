@@ -32,7 +32,7 @@ def test_mle_matches_statsmodels(random_problems):
     counts, groups, size_factors = random_problems
     design = np.column_stack([np.ones(groups.size), groups])
     fit = nb_fit(counts, design, size_factors, method="mle")
-    table = nb_test(counts, groups, size_factors, method="mle", reference="normal")
+    table = nb_test(counts, groups, size_factors, method="mle", null_distribution="normal")
     assert fit.converged.all()
     compared = 0
     for feature in range(counts.shape[0]):

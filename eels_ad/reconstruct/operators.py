@@ -7,6 +7,8 @@ from typing import Literal
 
 import numpy as np
 
+from .._xp import through_numpy
+
 Operator = tuple[Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray], np.ndarray]]
 
 
@@ -72,21 +74,7 @@ def blur(kernel: np.ndarray, *, method: Literal["auto", "direct", "fft"] = "auto
             full = signal.fftconvolve(y, flipped, mode="full")
             return full[tuple(slice(n // 2, n // 2 + size) for n, size in zip(kernel.shape, y.shape, strict=True))]
 
-    return _through_numpy(forward), _through_numpy(adjoint)
-
-
-def _through_numpy(apply: Callable[[np.ndarray], np.ndarray]) -> Callable:
-    """Let a numpy operator take a torch tensor too: the tensor goes through the CPU and comes back."""
-
-    def wrapped(x):
-        if isinstance(x, np.ndarray):
-            return apply(x)
-        import torch
-
-        values = apply(x.detach().cpu().numpy())
-        return torch.as_tensor(values, dtype=x.dtype, device=x.device)
-
-    return wrapped
+    return through_numpy(forward), through_numpy(adjoint)
 
 
 def scan_mask(visited: np.ndarray) -> Operator:

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .._xp import zeros_like_shape
+
 # ---- l1 in the canonical basis --------------------------------------------------------------------
 
 def l1_prox(step, lam: float, *, lower: float = 0.0):
@@ -246,13 +248,6 @@ def onb_value(x: np.ndarray, basis: WaveletBasis | None = None) -> float:
 
 # ---- total variation ------------------------------------------------------------------------------
 
-def _zeros(like, shape: tuple[int, ...]):
-    """Zeros of ``shape`` with the array type, dtype and device of ``like`` (numpy array or torch tensor)."""
-    if isinstance(like, np.ndarray):
-        return np.zeros(shape, dtype=like.dtype)
-    return like.new_zeros(shape)
-
-
 def tv_prox(step, lam: float, *, weights: Sequence[float] | None = None, lower: float = 0.0,
             upper: float = np.inf, n_iter: int = 50, tol: float = 1e-5):
     """Anisotropic total variation with bounds, by the fast gradient projection (FGP) on the dual.
@@ -302,7 +297,7 @@ def tv_prox(step, lam: float, *, weights: Sequence[float] | None = None, lower: 
     head = {k: _along(k, ndim, slice(None, -1)) for k in axes}
     tail = {k: _along(k, ndim, slice(1, None)) for k in axes}
     dual_shapes = {k: tuple(n - 1 if j == k else n for j, n in enumerate(step.shape)) for k in axes}
-    duals = {k: _zeros(step, dual_shapes[k]) for k in axes}
+    duals = {k: zeros_like_shape(step, dual_shapes[k]) for k in axes}
     extrapolated = {k: duals[k] * 1 for k in axes}
     t = 1.0
     dual_step = 1.0 / (4.0 * len(axes) * lam)

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import numpy as np
 import xarray as xr
 
+from .._xp import Backend, arrays, like, to_numpy
 from .operators import blur, identity, scan_mask
 from .penalties import PENALTIES, WaveletBasis
 
@@ -67,46 +68,6 @@ def _check_counts(y: np.ndarray) -> np.ndarray:
     return y
 
 
-class _Arrays:
-    """The few array operations the SPIRAL-TAP loop needs, on numpy (CPU) or torch (CPU or GPU)."""
-
-    def __init__(self, backend: str, device: str | None, dtype) -> None:
-        if backend not in ("numpy", "torch"):
-            raise ValueError(f"backend must be 'numpy' or 'torch', got {backend!r}")
-        self.backend = backend
-        if backend == "numpy":
-            self.dtype = np.dtype(np.float64 if dtype is None else dtype)
-            self.device = "cpu"
-            self.log, self.sqrt = np.log, np.sqrt
-            return
-        import torch
-
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = str(device)
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} asked for, but torch sees no CUDA GPU (use device='cpu')")
-        self.dtype = torch.float32 if dtype is None else getattr(torch, np.dtype(dtype).name)
-        self.log, self.sqrt = torch.log, torch.sqrt
-        self._torch = torch
-
-    def asarray(self, values):
-        if self.backend == "numpy":
-            return np.asarray(values, dtype=self.dtype)
-        if isinstance(values, self._torch.Tensor):
-            return values.to(device=self.device, dtype=self.dtype)
-        return self._torch.as_tensor(np.asarray(values, dtype=float), dtype=self.dtype, device=self.device)
-
-    def numpy(self, values) -> np.ndarray:
-        return values if isinstance(values, np.ndarray) else values.detach().cpu().numpy()
-
-    def total(self, values) -> float:
-        """Sum in double precision (the objective of a large float32 cube needs it)."""
-        if self.backend == "numpy":
-            return float(values.sum(dtype=np.float64))
-        return float(values.sum(dtype=self._torch.float64))
-
-
 def spiral_tap(
     y: np.ndarray,
     A: Callable[[np.ndarray], np.ndarray] | None = None,
@@ -130,7 +91,7 @@ def spiral_tap(
     memory: int = 10,
     monotone: bool | None = None,
     log_epsilon: float = 1e-10,
-    backend: Literal["numpy", "torch"] = "numpy",
+    backend: Backend = "numpy",
     device: str | None = None,
     dtype: Any = None,
     **penalty_options: Any,
@@ -202,8 +163,8 @@ def spiral_tap(
     array([2.2, 9.9, 3.9])
     """
     started = time.perf_counter()
-    arrays = _Arrays(backend, device, dtype)
-    y = _check_counts(arrays.numpy(y) if not isinstance(y, np.ndarray) else y)
+    on = arrays(backend, device, dtype)
+    y = _check_counts(to_numpy(y) if not isinstance(y, np.ndarray) else y)
     if not np.isfinite(tau) or tau < 0:
         raise ValueError(f"tau must be a finite number >= 0, got {tau}")
     if penalty not in PENALTIES:
@@ -218,14 +179,14 @@ def spiral_tap(
     if np.any(background < 0):
         raise ValueError("the background must be >= 0")
     prox, penalty_value = rule.prox, rule.value
-    if arrays.backend == "torch" and not rule.any_array:
+    if on.backend == "torch" and not rule.any_array:
         def prox(step, lam, **options):  # a numpy-only subproblem: through the CPU and back
-            return arrays.asarray(rule.prox(arrays.numpy(step).astype(float), lam, **options))
+            return on.asarray(rule.prox(to_numpy(step).astype(float), lam, **options))
 
         def penalty_value(x, **options):
-            return rule.value(arrays.numpy(x).astype(float), **options)
-    y = arrays.asarray(y)
-    background = arrays.asarray(background) if background.ndim else float(background)
+            return rule.value(to_numpy(x).astype(float), **options)
+    y = on.asarray(y)
+    background = on.asarray(background) if background.ndim else float(background)
 
     try:
         back_projection = AT(y)
@@ -248,32 +209,32 @@ def spiral_tap(
     value_options = {k: v for k, v in penalty_options.items() if k in ("weights", "basis")}
 
     if truth is not None:
-        truth = arrays.asarray(truth)
-    truth_norm = arrays.total(truth * truth) ** 0.5 if truth is not None else None
+        truth = on.asarray(truth)
+    truth_norm = on.total(truth * truth) ** 0.5 if truth is not None else None
 
     def error_of(x) -> float:
-        return arrays.total((x - truth) ** 2) ** 0.5 / truth_norm if truth_norm else float("nan")
+        return on.total((x - truth) ** 2) ** 0.5 / truth_norm if truth_norm else float("nan")
 
-    if arrays.total(y) == 0:
+    if on.total(y) == 0:
         x = back_projection * 0.0
         empty = np.array([0.0])
-        return SpiralResult(arrays.numpy(x).astype(float), 0, empty,
+        return SpiralResult(to_numpy(x).astype(float), 0, empty,
                             None if truth is None else np.array([error_of(x)]), empty, True)
 
     if initialization is None:
         ones_projection = AT(y * 0.0 + 1.0)
-        scale = arrays.total(y) * np.prod(y.shape) / (arrays.total(back_projection) * arrays.total(ones_projection))
+        scale = on.total(y) * np.prod(y.shape) / (on.total(back_projection) * on.total(ones_projection))
         x = scale * back_projection
     else:
         if tuple(np.shape(initialization)) != tuple(np.shape(back_projection)):
             raise ValueError(f"initialization has shape {np.shape(initialization)} but the unknown has "
                              f"{tuple(np.shape(back_projection))}")
-        x = arrays.asarray(initialization) * 1.0
+        x = on.asarray(initialization) * 1.0
     x = x.clip(0.0, None)
 
     def objective_of(x, ax) -> float:
         mean = ax + background
-        value = arrays.total(mean) - arrays.total(y * arrays.log(mean + log_epsilon))
+        value = on.total(mean) - on.total(y * on.xp.log(mean + log_epsilon))
         return value + tau * penalty_value(x, **value_options) if tau else value
 
     ones_back_projection = AT(y * 0.0 + 1.0) if stop == "gap" else None
@@ -285,9 +246,9 @@ def spiral_tap(
         back = AT(ratio)
         # the largest theta <= 1 that keeps the dual feasible: theta AT(y / mean) <= AT(1) + tau
         theta = min(1.0, float(((ones_back_projection + tau) / back.clip(1e-300, None)).min()))
-        dual = arrays.total(y) + arrays.total(y * arrays.log(theta / mean))
-        if np.any(np.asarray(arrays.numpy(background) if not isinstance(background, float) else background)):
-            dual += arrays.total((1.0 - theta * ratio) * background)
+        dual = on.total(y) + on.total(y * on.xp.log(theta / mean))
+        if np.any(np.asarray(to_numpy(background) if not isinstance(background, float) else background)):
+            dual += on.total((1.0 - theta * ratio) * background)
         return objective - dual
 
     ax = A(x)
@@ -296,7 +257,7 @@ def spiral_tap(
     errors = [error_of(x)] if truth is not None else None
     times = [time.perf_counter() - started]
     alpha = alpha_init
-    sqrt_y = arrays.sqrt(y)
+    sqrt_y = on.xp.sqrt(y)
     converged = False
     iteration = 0
     while iteration < max_iter:
@@ -308,7 +269,7 @@ def spiral_tap(
             candidate = prox(step, tau / alpha, **penalty_options)
             dx = candidate - x
             a_candidate = A(candidate)
-            norm_dx = arrays.total(dx * dx)
+            norm_dx = on.total(dx * dx)
             value = objective_of(candidate, a_candidate) if monotone else float("nan")
             if not monotone or value <= reference - sigma / 2 * alpha * norm_dx or alpha >= alpha_max:
                 break
@@ -322,11 +283,11 @@ def spiral_tap(
             errors.append(error_of(x))
         times.append(time.perf_counter() - started)
         # curvature-weighted Barzilai-Borwein step for the next iteration
-        gamma = arrays.total((a_dx * sqrt_y / (ax + background + log_epsilon)) ** 2)
+        gamma = on.total((a_dx * sqrt_y / (ax + background + log_epsilon)) ** 2)
         alpha = alpha_min if gamma == 0 or norm_dx == 0 else float(np.clip(gamma / norm_dx, alpha_min, alpha_max))
         if iteration >= min_iter:
             if stop == "step":
-                norm_x = arrays.total(x * x)
+                norm_x = on.total(x * x)
                 converged = norm_x == 0 or norm_dx / norm_x <= tol**2
             elif stop == "objective":
                 previous = objectives[-2]
@@ -337,7 +298,7 @@ def spiral_tap(
                 break
         if max_time is not None and times[-1] > max_time:
             break
-    return SpiralResult(arrays.numpy(x).astype(float), iteration, np.asarray(objectives),
+    return SpiralResult(to_numpy(x).astype(float), iteration, np.asarray(objectives),
                         None if errors is None else np.asarray(errors), np.asarray(times), converged,
                         None if gaps is None else np.asarray(gaps))
 
@@ -579,7 +540,7 @@ def denoise_cube(
             raise ValueError("the reference must be finite and > 0 everywhere")
 
     def forward(u):
-        x = u * _like(scale, u)
+        x = u * like(scale, u)
         for apply, _ in operators:
             x = apply(x)
         return x
@@ -587,7 +548,7 @@ def denoise_cube(
     def adjoint(v):
         for _, apply_adjoint in reversed(operators):
             v = apply_adjoint(v)
-        return v * _like(scale, v)
+        return v * like(scale, v)
 
     def initialize(observed: np.ndarray) -> np.ndarray:
         start = observed if visited_values is None else _interpolate_unvisited(observed, visited_values)
@@ -626,12 +587,3 @@ def denoise_cube(
             raise ValueError(f"truth has shape {truth_values.shape} but the cube has {counts.shape}")
         attrs["relative_error"] = float(np.linalg.norm(intensity - truth_values) / np.linalg.norm(truth_values))
     return xr.DataArray(intensity, dims=cube.dims, coords=cube.coords, name="intensity", attrs=attrs)
-
-
-def _like(values: np.ndarray, like):
-    """``values`` as the array type of ``like`` (a torch tensor on its device, or numpy)."""
-    if isinstance(like, np.ndarray):
-        return values
-    import torch
-
-    return torch.as_tensor(values, dtype=like.dtype, device=like.device)

@@ -14,8 +14,8 @@ Two estimators, both batched over all features at once:
 Tests: Wald (``se`` from the observed information of the joint fit for MLE, the delta method for
 MoM) and likelihood ratio (MLE of the full and the reduced model). With few samples the dispersion
 is uncertain and normal reference distributions are anti-conservative; by default p-values use a
-t (Wald) or F (LRT) distribution on ``n - p`` residual degrees of freedom (``reference="t"``);
-``reference="normal"`` gives the textbook (and statsmodels') asymptotic p-values.
+t (Wald) or F (LRT) distribution on ``n - p`` residual degrees of freedom (``null_distribution="t"``);
+``null_distribution="normal"`` gives the textbook (and statsmodels') asymptotic p-values.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 from scipy import special, stats
+
+from .._xp import Arrays, Backend, arrays, to_numpy, trigamma
 
 Method = Literal["mom", "mle"]
 Test = Literal["wald", "lrt"]
@@ -95,103 +97,25 @@ def _as_size_factors(size_factors, n_samples: int) -> np.ndarray:
     return factors
 
 
-def trigamma(x: np.ndarray) -> np.ndarray:
-    """psi'(x) for x > 0: recurrence up to x >= 10, then the asymptotic series (|error| < 1e-12).
+_NUMPY = arrays("numpy")
 
-    About 10x faster than ``scipy.special.polygamma(1, x)`` (which goes through the Hurwitz zeta).
+
+def nb_loglik(counts, mu, alpha, *, on: Arrays = _NUMPY):
+    """NB2 log-likelihood summed over samples (last axis); ``alpha`` per feature.
+
+    ``on`` is the array library of the inputs (:func:`eels_ad._xp.arrays`; numpy by default).
     """
-    shape = np.shape(x)
-    z = np.array(x, dtype=np.float64, copy=True).ravel()
-    result = np.zeros_like(z)
-    small = z < 10.0
-    if small.any():  # psi'(x) = psi'(x + n) + sum_{k < n} 1 / (x + k)**2
-        z_small = z[small]
-        steps = np.ceil(10.0 - z_small)
-        k = np.arange(10.0)
-        terms = np.where(k[None, :] < steps[:, None], 1.0 / (z_small[:, None] + k[None, :]) ** 2, 0.0)
-        result[small] = terms.sum(1)
-        z[small] = z_small + steps
-    inverse = 1.0 / z
-    inverse2 = inverse * inverse
-    series = 1.0 / 6 - inverse2 * (1.0 / 30 - inverse2 * (1.0 / 42 - inverse2 * (1.0 / 30 - inverse2 * 5.0 / 66)))
-    return (result + inverse + 0.5 * inverse2 + inverse * inverse2 * series).reshape(shape)
-
-
-class _Backend:
-    """The array operations the MLE needs, for numpy (CPU) or torch (CPU or GPU) arrays."""
-
-    def __init__(self, name: str = "numpy", device: str | None = None) -> None:
-        self.name = name
-        if name == "numpy":
-            self.exp, self.log, self.abs, self.sign = np.exp, np.log, np.abs, np.sign
-            self.where, self.clip = np.where, np.clip  # instance attributes win over the torch methods
-            self.digamma, self.gammaln = special.digamma, special.gammaln
-            self.device = "cpu"
-        elif name == "torch":
-            import torch
-
-            self.torch = torch
-            self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-            self.exp, self.log, self.abs, self.sign = torch.exp, torch.log, torch.abs, torch.sign
-            self.digamma, self.gammaln = torch.special.digamma, torch.lgamma
-        else:
-            raise ValueError(f"backend must be 'numpy' or 'torch', got {name!r}")
-
-    # numpy and torch spell these differently
-    def clip(self, x, low=None, high=None):  # torch; numpy binds np.clip in __init__
-        return self.torch.clamp(x, low, high)
-
-    def where(self, condition, a, b):  # torch; numpy binds np.where in __init__
-        torch = self.torch
-        a = a if torch.is_tensor(a) else torch.tensor(a, dtype=torch.float64, device=self.device)
-        b = b if torch.is_tensor(b) else torch.tensor(b, dtype=torch.float64, device=self.device)
-        return torch.where(condition, a, b)
-
-    def trigamma(self, x):
-        return trigamma(x) if self.name == "numpy" else self.torch.special.polygamma(1, x)
-
-    def amax(self, x, axis: int):
-        return x.max(axis=axis) if self.name == "numpy" else x.amax(dim=axis)
-
-    def solve(self, a, b):
-        return np.linalg.solve(a, b) if self.name == "numpy" else self.torch.linalg.solve(a, b)
-
-    def eye(self, n: int):
-        return np.eye(n) if self.name == "numpy" else self.torch.eye(n, dtype=self.torch.float64, device=self.device)
-
-    def asarray(self, x):
-        if self.name == "numpy":
-            return np.asarray(x, dtype=np.float64)
-        return self.torch.as_tensor(np.asarray(x, dtype=np.float64), device=self.device)
-
-    def to_numpy(self, x) -> np.ndarray:
-        return np.asarray(x) if self.name == "numpy" else x.detach().cpu().numpy()
-
-    def empty_like_features(self, n: int, dtype=bool):
-        if self.name == "numpy":
-            return np.zeros(n, dtype=dtype)
-        return self.torch.zeros(n, dtype=self.torch.bool, device=self.device)
-
-    def arange(self, n: int):
-        return np.arange(n) if self.name == "numpy" else self.torch.arange(n, device=self.device)
-
-
-_NUMPY = _Backend("numpy")
-
-
-def nb_loglik(counts, mu, alpha, *, backend: _Backend = _NUMPY):
-    """NB2 log-likelihood summed over samples (last axis); ``alpha`` per feature."""
-    xp = backend
-    if xp.name == "numpy":
-        alpha = np.asarray(alpha, dtype=float)
+    xp = on.xp
+    if on.backend == "numpy":
+        counts, mu, alpha = (np.asarray(a, dtype=float) for a in (counts, mu, alpha))
     r = 1.0 / xp.clip(alpha, ALPHA_MIN, None)[..., None]
     mu = xp.clip(mu, 1e-300, None)
-    terms = (xp.gammaln(counts + r) - xp.gammaln(r) - xp.gammaln(counts + 1)
+    terms = (on.gammaln(counts + r) - on.gammaln(r) - on.gammaln(counts + 1)
              + r * xp.log(r / (r + mu)) + counts * xp.log(mu / (r + mu)))
     return terms.sum(-1)
 
 
-def _dispersion_newton(counts, mu, log_alpha, xp: _Backend = _NUMPY, prior_mean=None, prior_var=None):
+def _dispersion_newton(counts, mu, log_alpha, on: Arrays = _NUMPY, prior_mean=None, prior_var=None):
     """One Newton step on log(alpha) of the NB2 likelihood with mu fixed (batched, step-limited).
 
     Where the counts are not over-dispersed about mu, sum((y - mu)**2 - y) <= 0, the likelihood rises
@@ -199,19 +123,20 @@ def _dispersion_newton(counts, mu, log_alpha, xp: _Backend = _NUMPY, prior_mean=
     With a normal prior on log(alpha) (``prior_mean``, ``prior_var``) the step is towards the maximum
     a posteriori instead, which is always interior.
     """
+    xp = on.xp
     floor = float(np.log(ALPHA_MIN))
     poisson = ((counts - mu) ** 2 - counts).sum(1) <= 0
     r = xp.exp(-log_alpha)[:, None]
     rm = r + mu
-    gradient_r = (xp.digamma(counts + r) - xp.digamma(r) + xp.log(r / rm) + (mu - counts) / rm).sum(1)
-    hessian_r = (xp.trigamma(counts + r) - xp.trigamma(r) + 1.0 / r - 1.0 / rm - (mu - counts) / rm**2).sum(1)
+    gradient_r = (on.digamma(counts + r) - on.digamma(r) + xp.log(r / rm) + (mu - counts) / rm).sum(1)
+    hessian_r = (on.trigamma(counts + r) - on.trigamma(r) + 1.0 / r - 1.0 / rm - (mu - counts) / rm**2).sum(1)
     r1 = r[:, 0]
     gradient = -r1 * gradient_r  # d loglik / d log alpha
     hessian = r1**2 * hessian_r + r1 * gradient_r
     if prior_mean is not None:
         gradient = gradient - (log_alpha - prior_mean) / prior_var
         hessian = hessian - 1.0 / prior_var
-        poisson = poisson & False
+        poisson = xp.zeros_like(poisson)  # the prior keeps the maximum interior
     concave = hessian < 0
     step = xp.where(concave, -gradient / xp.where(concave, hessian, -1.0), xp.sign(gradient))
     log_alpha = xp.clip(log_alpha + xp.clip(step, -2.0, 2.0), floor, float(np.log(ALPHA_MAX)))
@@ -227,15 +152,16 @@ def _information(design, weights):
     return (weights @ outer).reshape(-1, p, p)
 
 
-def _irls_step(counts, design, offset, beta, alpha, xp: _Backend = _NUMPY):
+def _irls_step(counts, design, offset, beta, alpha, on: Arrays = _NUMPY):
     """One IRLS (Fisher scoring) step for beta with alpha fixed, batched over features."""
+    xp = on.xp
     eta = offset[None, :] + beta @ design.T
     mu = xp.exp(xp.clip(eta, -700.0, 700.0))
     weights = mu / (1.0 + alpha[:, None] * mu)
     working = (eta - offset[None, :]) + (counts - mu) / xp.clip(mu, 1e-300, None)
-    information = _information(design, weights) + 1e-10 * xp.eye(design.shape[1])
+    information = _information(design, weights) + 1e-10 * on.eye(design.shape[1])
     rhs = (weights * working) @ design
-    return xp.solve(information, rhs[..., None])[..., 0]
+    return xp.linalg.solve(information, rhs[..., None])[..., 0]
 
 
 def _closed_form_beta(counts, design, factors) -> np.ndarray | None:
@@ -279,7 +205,7 @@ def _observed_information(counts, design, mu, alpha):
     return information
 
 
-def _fit_mle(counts_np, design_np, offset_np, max_iter: int, tol: float, xp: _Backend = _NUMPY,
+def _fit_mle(counts_np, design_np, offset_np, max_iter: int, tol: float, on: Arrays = _NUMPY,
              prior_mean_np=None, prior_var: float | None = None):
     """Joint MLE (or MAP of alpha with a normal prior on log alpha) of beta and alpha for every feature.
 
@@ -292,26 +218,27 @@ def _fit_mle(counts_np, design_np, offset_np, max_iter: int, tol: float, xp: _Ba
         start = np.linalg.lstsq(design_np, np.log(normalised).T, rcond=None)[0].T
     else:
         start = fixed
-    counts, design, offset, beta = (xp.asarray(a) for a in (counts_np, design_np, offset_np, start))
-    prior_mean = None if prior_mean_np is None else xp.asarray(prior_mean_np)
+    xp = on.xp
+    counts, design, offset, beta = (on.asarray(a) for a in (counts_np, design_np, offset_np, start))
+    prior_mean = None if prior_mean_np is None else on.asarray(prior_mean_np)
     mu = xp.exp(xp.clip(offset[None, :] + beta @ design.T, -700.0, 700.0))
     moment = ((counts - mu) ** 2 - mu).sum(1) / xp.clip((mu**2).sum(1), 1e-300, None)
     log_alpha = xp.log(xp.clip(moment, 1e-3, ALPHA_MAX))
-    converged = xp.empty_like_features(n_features)
-    active = xp.arange(n_features)
+    converged = on.zeros(n_features, dtype=xp.bool)
+    active = on.arange(n_features)
     log_alpha_floor = float(np.log(ALPHA_MIN))
     iterations = 0
     while iterations < max_iter and len(active):
         iterations += 1
         c, b, la = counts[active], beta[active], log_alpha[active]
         if fixed is None:
-            b_new = _irls_step(c, design, offset, b, xp.exp(la), xp)
+            b_new = _irls_step(c, design, offset, b, xp.exp(la), on)
             m = xp.exp(xp.clip(offset[None, :] + b_new @ design.T, -700.0, 700.0))
         else:
             b_new, m = b, mu[active]
         la_new, gradient = _dispersion_newton(
-            c, m, la, xp, None if prior_mean is None else prior_mean[active], prior_var)
-        beta_change = xp.amax(xp.abs(b_new - b), 1)
+            c, m, la, on, None if prior_mean is None else prior_mean[active], prior_var)
+        beta_change = xp.max(xp.abs(b_new - b), axis=1)
         # at the Poisson boundary (alpha -> 0) the likelihood keeps rising towards alpha = 0
         boundary = (la_new <= log_alpha_floor + 1e-9) & (gradient <= 0)
         # a flat likelihood in log alpha (tiny alpha: practically Poisson) is converged too
@@ -322,9 +249,9 @@ def _fit_mle(counts_np, design_np, offset_np, max_iter: int, tol: float, xp: _Ba
         active = active[~done]
     alpha = xp.exp(log_alpha)
     mu = xp.exp(xp.clip(offset[None, :] + beta @ design.T, -700.0, 700.0))
-    loglik = nb_loglik(counts, mu, alpha, backend=xp)
-    return (xp.to_numpy(beta), xp.to_numpy(alpha), xp.to_numpy(mu), xp.to_numpy(loglik),
-            xp.to_numpy(converged).astype(bool), iterations)
+    loglik = nb_loglik(counts, mu, alpha, on=on)
+    return (to_numpy(beta), to_numpy(alpha), to_numpy(mu), to_numpy(loglik), to_numpy(converged).astype(bool),
+            iterations)
 
 
 def _validate_design(design, n_samples: int) -> np.ndarray:
@@ -347,7 +274,7 @@ def nb_fit(
     max_iter: int = 100,
     tol: float = 1e-8,
     loglik: bool = True,
-    backend: Literal["numpy", "torch"] = "numpy",
+    backend: Backend = "numpy",
     device: str | None = None,
     shrink: bool = False,
 ) -> NBFit:
@@ -423,11 +350,11 @@ def nb_fit(
     n_iter = 0
     if method == "mle":
         if ok.any():
-            xp = _NUMPY if backend == "numpy" else _Backend(backend, device)
-            b, a, m, ll, conv, n_iter = _fit_mle(counts[ok], design, offset, max_iter, tol, xp)
+            on = arrays(backend, device, np.float64)
+            b, a, m, ll, conv, n_iter = _fit_mle(counts[ok], design, offset, max_iter, tol, on)
             if shrink:
                 prior_mean, prior_var = _dispersion_prior(a, m, conv, n_samples - p)
-                b, a, m, ll, conv, n_iter = _fit_mle(counts[ok], design, offset, max_iter, tol, xp,
+                b, a, m, ll, conv, n_iter = _fit_mle(counts[ok], design, offset, max_iter, tol, on,
                                                      prior_mean, prior_var)
             coef[ok], dispersion[ok], mu[ok], loglik[ok], converged[ok] = b, a, m, ll, conv
             information = _observed_information(counts[ok], design, m, a)
@@ -538,10 +465,11 @@ def nb_test(
     *,
     method: Method = "mom",
     test: Test = "wald",
-    reference: Literal["t", "normal"] = "t",
+    null_distribution: Literal["t", "normal"] = "t",
     max_iter: int = 100,
     shrink: bool = False,
-    backend: Literal["numpy", "torch"] = "numpy",
+    backend: Backend = "numpy",
+    device: str | None = None,
 ) -> pd.DataFrame:
     """Two-group NB test for every feature: does group B differ from group A?
 
@@ -550,22 +478,22 @@ def nb_test(
     counts
         Counts, shape (features, samples).
     groups
-        One label per sample, two distinct values; the first in sorted order is A (the reference).
+        One label per sample, two distinct values; the first in sorted order is A (the baseline).
     size_factors
         Exposure per sample (default all 1).
     method
         ``"mom"`` (method of moments, fast) or ``"mle"`` (maximum likelihood).
     test
         ``"wald"`` or ``"lrt"`` (likelihood ratio; needs ``method="mle"``).
-    reference
+    null_distribution
         ``"t"``: Wald p-values from t, LRT from F, on ``n - 2`` degrees of freedom (better calibrated
         for small groups); ``"normal"``: asymptotic normal / chi-squared.
     max_iter
         MLE iterations.
     shrink
         Empirical-Bayes dispersion shrinkage (``method="mle"``; see :func:`nb_fit`).
-    backend
-        ``"numpy"`` or ``"torch"`` for the MLE iterations (see :func:`nb_fit`).
+    backend, device
+        Array library and device of the MLE iterations (see :func:`nb_fit`).
 
     Returns
     -------
@@ -589,23 +517,24 @@ def nb_test(
         raise ValueError(f"test must be 'wald' or 'lrt', got {test!r}")
     if test == "lrt" and method != "mle":
         raise ValueError("the likelihood-ratio test needs method='mle'")
-    if reference not in ("t", "normal"):
-        raise ValueError(f"reference must be 't' or 'normal', got {reference!r}")
+    if null_distribution not in ("t", "normal"):
+        raise ValueError(f"null_distribution must be 't' or 'normal', got {null_distribution!r}")
     if shrink and test == "lrt":
         raise ValueError("the likelihood-ratio test compares maximum likelihoods: use shrink with test='wald'")
     fit = nb_fit(counts, design, factors, method=method, max_iter=max_iter, loglik=test == "lrt",
-                 shrink=shrink, backend=backend)
+                 shrink=shrink, backend=backend, device=device)
     df = fit.df_residual
     lfc = fit.coef[:, 1]
     se = np.sqrt(fit.cov[:, 1, 1])
     if test == "wald":
         statistic = lfc / se
-        pvalue = (2 * special.stdtr(df, -np.abs(statistic)) if reference == "t" and df > 0
+        pvalue = (2 * special.stdtr(df, -np.abs(statistic)) if null_distribution == "t" and df > 0
                   else 2 * special.ndtr(-np.abs(statistic)))
     else:
         null = nb_fit(counts, design[:, :1], factors, method="mle", max_iter=max_iter)
         statistic = np.maximum(2 * (fit.loglik - null.loglik), 0.0)
-        pvalue = special.fdtrc(1, df, statistic) if reference == "t" and df > 0 else special.chdtrc(1, statistic)
+        pvalue = (special.fdtrc(1, df, statistic) if null_distribution == "t" and df > 0
+                  else special.chdtrc(1, statistic))
         fit.converged &= null.converged
     reason = fit.reason.copy()
     if n_a < 2 or n_b < 2:

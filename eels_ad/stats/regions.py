@@ -7,6 +7,7 @@ from typing import Literal
 import numpy as np
 import xarray as xr
 
+from .._xp import Backend
 from ..datacube import as_mask, validate
 from .negbin import Method, Test, nb_test
 
@@ -28,10 +29,12 @@ def compare_regions(
     method: Method = "mom",
     test: Test = "wald",
     energy_range: tuple[float, float] | None = None,
-    normalize: Literal["total", "none"] = "total",
+    normalize: Literal["total"] | None = "total",
     normalize_range: tuple[float, float] | None = None,
     fdr: float = 0.05,
-    reference: Literal["t", "normal"] = "t",
+    null_distribution: Literal["t", "normal"] = "t",
+    backend: Backend = "numpy",
+    device: str | None = None,
 ) -> xr.Dataset:
     """Negative-binomial test of every energy channel: region B (e.g. flagged pixels) against A (bulk).
 
@@ -45,15 +48,15 @@ def compare_regions(
     cube
         The spectrum image.
     mask_a
-        (y, x) pixels of region A, the reference (e.g. bulk).
+        (y, x) pixels of region A, the baseline (e.g. bulk).
     mask_b
         (y, x) pixels of region B; default: every pixel not in A.
-    method, test, reference
+    method, test, null_distribution, backend, device
         See :func:`~eels_ad.stats.nb_test`.
     energy_range
         ``(e_min, e_max)`` eV of the channels to test (default: all).
     normalize
-        ``"total"`` (size factors from total counts) or ``"none"`` (raw counts).
+        ``"total"`` (size factors from total counts) or None (raw counts).
     normalize_range
         ``(e_min, e_max)`` eV whose counts give the size factors (default: the tested channels). A
         window the anomaly leaves alone, e.g. the pre-edge background, keeps an edge shift from
@@ -87,11 +90,12 @@ def compare_regions(
     groups = in_b.ravel()[selected]
     if normalize == "total":
         factors = size_factors_from_totals(normalising_cube.eels.spectra()[selected])
-    elif normalize == "none":
+    elif normalize is None:
         factors = None
     else:
-        raise ValueError(f"normalize must be 'total' or 'none', got {normalize!r}")
-    table = nb_test(samples.T, groups, factors, method=method, test=test, reference=reference)
+        raise ValueError(f"normalize must be 'total' or None, got {normalize!r}")
+    table = nb_test(samples.T, groups, factors, method=method, test=test, null_distribution=null_distribution,
+                    backend=backend, device=device)
     energy = cube["energy"]
     data_vars = {column: ("energy", table[column].to_numpy()) for column in table.columns if column != "converged"}
     dataset = xr.Dataset(data_vars, coords={"energy": energy})
@@ -99,6 +103,7 @@ def compare_regions(
     dataset["significant"] = dataset["qvalue"] < fdr
     dataset["log_fold_change"].attrs = {"long_name": "log fold change (B over A)", "units": "natural log"}
     dataset.attrs = {"method": method, "test": test, "fdr": fdr, "n_pixels_a": int(in_a.sum()),
-                     "n_pixels_b": int(in_b.sum()), "normalize": normalize, "reference": reference,
+                     "n_pixels_b": int(in_b.sum()), "normalize": str(normalize),
+                     "null_distribution": null_distribution,
                      "normalize_range": list(normalize_range) if normalize_range else "tested channels"}
     return dataset
