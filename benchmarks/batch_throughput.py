@@ -37,7 +37,7 @@ def main() -> None:
         for workers in (1, 2):
             out = scratch / f"out{workers}"
             started = time.perf_counter()
-            results = run(job, plan([inputs], out, suffix=".detect.nc"), out, workers=workers, quiet=True)
+            results = run(job, plan([inputs], out, suffix=".detect.nc"), out, workers=workers, progress=False)
             seconds = time.perf_counter() - started
             assert all(r.status == "done" for r in results)
             spectra = args.files * args.size * args.size

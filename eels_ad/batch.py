@@ -100,21 +100,13 @@ def _describe_scores(result: FileResult, scores: np.ndarray, labels: np.ndarray)
 _DETECTORS: dict[str, Any] = {}
 
 
-def load_detector(path: str | os.PathLike):
-    """Read a saved detector: a PCADetector (.nc) or a CVAEDetector (.pt), cached per process."""
+def _cached_detector(path: str | os.PathLike):
+    """:func:`eels_ad.detect.load`, once per model file and process (workers score many files)."""
+    from .detect import load as load_detector
+
     key = str(Path(path).resolve())
     if key not in _DETECTORS:
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: no such model file")
-        if path.suffix == ".pt":
-            from .detect import CVAEDetector
-
-            _DETECTORS[key] = CVAEDetector.load(path)
-        else:
-            from .detect import PCADetector
-
-            _DETECTORS[key] = PCADetector.load(path)
+        _DETECTORS[key] = load_detector(path)
     return _DETECTORS[key]
 
 
@@ -124,15 +116,17 @@ def detect_job(source: Path, output: Path, *, model: str, reconstruction: bool =
     import xarray as xr
 
     result = FileResult(str(source), str(output), "done")
-    detector = load_detector(model)
+    detector = _cached_detector(model)
     cube = load(source, chunks=chunks if source.suffix.lower() == ".nc" else None)
     result.shape = "x".join(str(n) for n in cube.shape)
     scores = detector.score(cube)
-    labels = detector.predict(cube, scores)
+    labels = detector.flag(scores)
     variables = {"score": scores, "anomalous": labels}
     if reconstruction:
         variables["reconstruction"] = detector.reconstruct(cube)
-    dataset = xr.Dataset(variables, attrs={"source_file": str(source), "model": str(model),
+    # resolved paths: a later stage (compare) reopens the source from wherever it runs
+    dataset = xr.Dataset(variables, attrs={"source_file": str(Path(source).resolve()),
+                                           "model": str(Path(model).resolve()),
                                            "detector": type(detector).__name__,
                                            "threshold": float(labels.attrs["threshold"])})
     save(dataset, output, overwrite=True)
@@ -149,7 +143,8 @@ def denoise_job(source: Path, output: Path, *, penalty: str, tau: float | str, w
     cube = load(source)
     result.shape = "x".join(str(n) for n in cube.shape)
     clean = denoise_cube(cube, penalty=penalty, tau=tau, weights=tuple(weights), **(options or {}))
-    save(clean.to_dataset(name="intensity").assign_attrs(source_file=str(source)), output, overwrite=True)
+    save(clean.to_dataset(name="intensity").assign_attrs(source_file=str(Path(source).resolve())), output,
+         overwrite=True)
     result.extra = {"iterations": clean.attrs["iterations"]}
     return result
 
@@ -210,7 +205,7 @@ def run(
     overwrite: bool = False,
     workers: int = 1,
     scheduler: str | None = None,
-    quiet: bool = False,
+    progress: bool = True,
     description: str = "files",
 ) -> list[FileResult]:
     """Run ``job(source, output)`` over ``pairs``, skipping complete outputs, and write the summary.
@@ -230,8 +225,8 @@ def run(
     scheduler
         Address of a Dask distributed scheduler (``tcp://host:8786``) or a ``distributed.Client``;
         the files are then processed by the cluster's workers.
-    quiet
-        No progress bar, no messages (the log file is still written).
+    progress
+        Show a progress bar (the log file is written either way).
 
     Returns
     -------
@@ -256,7 +251,7 @@ def run(
         _remove_stale_temporaries(output)
         todo.append(index)
     guarded = partial(_guarded, job)
-    bar = tqdm(total=len(todo), desc=description, disable=quiet, unit="file")
+    bar = tqdm(total=len(todo), desc=description, disable=not progress, unit="file")
 
     def record(index: int, result: FileResult) -> None:
         results[index] = result
@@ -319,18 +314,21 @@ def write_summary(results: Iterable[FileResult], out_dir: Path) -> None:
 
 def train(bulk: Sequence[str | os.PathLike], model: str, out: str | os.PathLike, *, recursive: bool = False,
           overwrite: bool = False, **parameters: Any):
-    """Fit a detector on bulk datacubes (files or folders) and save it.
+    """Fit a detector on bulk datacubes (files or folders) and save it (NetCDF, ``.nc``).
 
-    With several PCA inputs, all their spectra are pooled; a CVAE needs spatial neighbours, so several
-    CVAE inputs must have the same number of rows and are put side by side.
+    ``model`` is a key of :data:`eels_ad.detect.MODELS` (``"pca"``, ``"cvae"``); ``parameters`` go to
+    its class. With several inputs, a per-spectrum detector (PCA) pools all their spectra; a CVAE
+    needs spatial neighbours, so several CVAE inputs must have the same number of rows and are put
+    side by side.
     """
     import xarray as xr
 
-    suffix = {"pca": ".nc", "cvae": ".pt"}.get(model)
-    if suffix is None:
-        raise ValueError(f"model must be 'pca' or 'cvae', got {model!r}")
-    if Path(out).suffix != suffix:
-        raise ValueError(f"{out}: a {model} model is saved as {suffix}")
+    from .detect import MODELS, SpectrumDetector, detector_class
+
+    if model not in MODELS:
+        raise ValueError(f"model must be one of {sorted(MODELS)}, got {model!r}")
+    if Path(out).suffix != ".nc":
+        raise ValueError(f"{out}: a model is saved as NetCDF; name it *.nc")
     if Path(out).exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
     files: list[Path] = []
@@ -343,22 +341,17 @@ def train(bulk: Sequence[str | os.PathLike], model: str, out: str | os.PathLike,
     for path, energy in zip(files[1:], energies[1:], strict=True):
         if energy.shape != energies[0].shape or not np.allclose(energy, energies[0]):
             raise ValueError(f"{path}: its energy axis differs from that of {files[0]}; resample first")
-    if model == "pca":
-        from .detect import PCADetector
-
-        if len(cubes) > 1:
-            spectra = np.concatenate([cube.values.reshape(-1, cube.sizes["energy"]) for cube in cubes])
-            cube = xr.DataArray(spectra[None], dims=("y", "x", "energy"), coords={"energy": cubes[0]["energy"]})
-        else:
-            cube = cubes[0]
-        detector = PCADetector(**parameters).fit(cube)
+    cls = detector_class(MODELS[model])
+    if len(cubes) == 1:
+        cube = cubes[0]
+    elif issubclass(cls, SpectrumDetector):
+        spectra = np.concatenate([cube.values.reshape(-1, cube.sizes["energy"]) for cube in cubes])
+        cube = xr.DataArray(spectra[None], dims=("y", "x", "energy"), coords={"energy": cubes[0]["energy"]})
     else:
-        from .detect import CVAEDetector
-
         rows = {cube.sizes["y"] for cube in cubes}
         if len(rows) > 1:
-            raise ValueError(f"CVAE training cubes must have the same number of rows; got {sorted(rows)}")
-        cube = xr.concat([c.drop_vars(["x", "y"]) for c in cubes], dim="x") if len(cubes) > 1 else cubes[0]
-        detector = CVAEDetector(**parameters).fit(cube)
+            raise ValueError(f"{cls.__name__} training cubes must have the same number of rows; got {sorted(rows)}")
+        cube = xr.concat([c.drop_vars(["x", "y"]) for c in cubes], dim="x")
+    detector = cls(**parameters).fit(cube)
     detector.save(out, overwrite=overwrite)
     return detector

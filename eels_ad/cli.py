@@ -72,7 +72,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     from .simulate import simulate_fe_l23
 
     dataset = simulate_fe_l23(
-        tuple(args.shape), dose=args.dose, shift=args.shift, anomaly_fraction=args.fraction,
+        tuple(args.shape), dose=args.dose, shift=args.shift, anomaly_fraction=args.anomaly_fraction,
         layout=args.layout, overdispersion=args.overdispersion, seed=args.seed,
     )
     try:
@@ -92,7 +92,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     try:
-        summary = run_demo(args.out, overwrite=args.overwrite, quiet=args.quiet, seed=args.seed)
+        summary = run_demo(args.out, overwrite=args.overwrite, progress=not args.quiet, seed=args.seed)
     except FileExistsError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -144,14 +144,15 @@ def _run_batch(args: argparse.Namespace, job, suffix: str, description: str) -> 
         print(f"error: {error}", file=sys.stderr)
         return 1
     results = run(job, pairs, args.out, overwrite=args.overwrite, workers=args.workers, scheduler=args.scheduler,
-                  quiet=args.quiet, description=description)
+                  progress=not args.quiet, description=description)
     return _report(results, args.out, args.quiet)
 
 
 def _cmd_detect(args: argparse.Namespace) -> int:
     from functools import partial
 
-    from .batch import detect_job, load_detector
+    from .batch import detect_job
+    from .detect import load as load_detector
 
     try:
         load_detector(args.model)
@@ -230,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("out", metavar="OUT.nc", help="output NetCDF file")
     simulate.add_argument("--shape", nargs=2, type=int, default=(64, 64), metavar=("NY", "NX"))
     simulate.add_argument("--shift", type=float, default=1.0, help="Fe edge shift of anomalies in eV (default 1)")
-    simulate.add_argument("--fraction", type=float, default=0.01, help="fraction of anomalous pixels (0.01)")
+    simulate.add_argument("--anomaly-fraction", type=float, default=0.01,
+                          help="fraction of anomalous pixels (0.01)")
     simulate.add_argument("--layout", choices=("pixels", "clusters", "line"), default="pixels")
     simulate.add_argument("--dose", type=float, default=200.0, help="mean pre-edge counts per channel (200)")
     simulate.add_argument("--overdispersion", type=float, default=0.0,
@@ -253,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Fit a PCA or 3D-CVAE detector on bulk data (files or folders).")
     train.add_argument("bulk", nargs="+", metavar="BULK", help="bulk datacube files and/or folders")
     train.add_argument("--model", choices=("pca", "cvae"), default="pca")
-    train.add_argument("--out", required=True, metavar="MODEL", help="model file: .nc (pca) or .pt (cvae)")
+    train.add_argument("--out", required=True, metavar="MODEL.nc", help="model file (NetCDF, .nc)")
     train.add_argument("--energy-range", nargs=2, type=float, metavar=("E_MIN", "E_MAX"))
     train.add_argument("--components", type=int, help="PCA components (default: automatic)")
     train.add_argument("--plain", action="store_true", help="PCA without Poisson normalisation")

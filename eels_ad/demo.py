@@ -25,7 +25,7 @@ def _write_json(payload: dict[str, Any], path: Path, overwrite: bool) -> None:
         temporary.write_text(json.dumps(payload, indent=2) + "\n")
 
 
-def run_demo(out: str | os.PathLike = "eels-ad-demo", *, overwrite: bool = False, quiet: bool = False,
+def run_demo(out: str | os.PathLike = "eels-ad-demo", *, overwrite: bool = False, progress: bool = True,
              seed: int = 0, cvae_epochs: int = 8) -> dict[str, Any]:
     """Run the demo pipeline and write its outputs to ``out``.
 
@@ -35,8 +35,8 @@ def run_demo(out: str | os.PathLike = "eels-ad-demo", *, overwrite: bool = False
         Output folder; it must not hold an earlier demo unless ``overwrite``.
     overwrite
         Replace the outputs of an earlier run.
-    quiet
-        Print no progress.
+    progress
+        Print what each step does.
     seed
         Seed of every random step.
     cvae_epochs
@@ -62,7 +62,7 @@ def run_demo(out: str | os.PathLike = "eels-ad-demo", *, overwrite: bool = False
                 raise FileExistsError(f"{path} exists from an earlier demo; pass --overwrite to replace it")
 
     def say(message: str) -> None:
-        if not quiet:
+        if progress:
             print(message, flush=True)
 
     started = time.perf_counter()
@@ -74,7 +74,7 @@ def run_demo(out: str | os.PathLike = "eels-ad-demo", *, overwrite: bool = False
     tic = time.perf_counter()
     detector = PCADetector(robust=True).fit(cube)
     scores = detector.score(cube)
-    labels = detector.predict(cube, scores)
+    labels = detector.flag(scores)
     pca_seconds = time.perf_counter() - tic
     pca_metrics = detection_metrics(scores, truth["anomaly"], labels)
     pca_metrics.update(
@@ -85,9 +85,9 @@ def run_demo(out: str | os.PathLike = "eels-ad-demo", *, overwrite: bool = False
     say(f"[3/6] 3D-CVAE: a short CPU training ({cvae_epochs} epochs) on the pixels PCA left as bulk ...")
     from .detect import CVAEDetector
 
-    cvae = CVAEDetector(max_epochs=cvae_epochs, seed=seed, progress=not quiet).fit(cube, mask=~labels)
+    cvae = CVAEDetector(max_epochs=cvae_epochs, seed=seed, progress=progress).fit(cube, mask=~labels)
     cvae_scores = cvae.score(cube)
-    cvae_labels = cvae.predict(cube, cvae_scores)
+    cvae_labels = cvae.flag(cvae_scores)
     cvae_metrics = detection_metrics(cvae_scores, truth["anomaly"], cvae_labels)
     cvae_metrics.update(parameters=cvae.n_parameters_, epochs=cvae.epochs_,
                         training_seconds=round(cvae.training_seconds_, 1),

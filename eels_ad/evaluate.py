@@ -144,7 +144,7 @@ def evaluation_grid(
                     score_seconds = time.perf_counter() - tic
                     threshold = detector.threshold_for(scores)
                     metrics = detection_metrics(scores, test["anomaly"], threshold=threshold)
-                    bulk = detector.training_scores_
+                    bulk = detector.calibration_scores_
                     row = {
                         "detector": name, "dose": dose, "seed": seed, "shift_eV": shift,
                         "fraction": fraction, "layout": layout, **metrics,

@@ -54,7 +54,7 @@ cube.eels.crop(700, 730).mean(("y", "x")).plot();
     """
 detector = PCADetector(robust=True).fit(cube)
 scores = detector.score(cube)
-labels = detector.predict(cube, scores)
+labels = detector.flag(scores)
 print(detector.n_components_, "components;", int(labels.sum()), "pixels flagged")
 if truth is not None:
     print(detection_metrics(scores, truth, labels))
@@ -103,7 +103,7 @@ print(f"CVAE: {cvae.n_parameters_} parameters, {cvae.training_seconds_:.0f} s of
 results = {}
 for name, detector in (("PCA", pca), ("3D-CVAE", cvae)):
     scores = detector.score(test["counts"])
-    labels = detector.predict(test["counts"], scores)
+    labels = detector.flag(scores)
     results[name] = scores
     metrics = detection_metrics(scores, test["anomaly"], labels)
     print(f"{name:8s} AUC {metrics['roc_auc']:.3f}  F1 {metrics['f1']:.3f}  "

@@ -112,13 +112,13 @@ def test_workers_and_a_dask_cluster_give_the_single_process_results(tmp_path, mo
 
     pairs = plan([folder], tmp_path / "single", suffix=".detect.nc")
     job = partial(detect_job, model=str(model))
-    single = run(job, pairs, tmp_path / "single", quiet=True)
+    single = run(job, pairs, tmp_path / "single", progress=False)
     pooled = run(job, plan([folder], tmp_path / "pool", suffix=".detect.nc"), tmp_path / "pool", workers=2,
-                 quiet=True)
+                 progress=False)
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
             Client(cluster) as client:
         clustered = run(job, plan([folder], tmp_path / "dask", suffix=".detect.nc"), tmp_path / "dask",
-                        scheduler=client, quiet=True)
+                        scheduler=client, progress=False)
     assert [r.status for r in single] == [r.status for r in pooled] == [r.status for r in clustered] == ["done"] * 3
     for other in ("pool", "dask"):
         theirs = read_scores(tmp_path / other)
@@ -131,7 +131,7 @@ def test_train_denoise_compare_commands(tmp_path, folder):
     model = tmp_path / "model.nc"
     assert main(["train", str(bulk), "--out", str(model), "--quiet", "--robust"]) == 0
     assert main(["train", str(bulk), "--out", str(model), "--quiet"]) == 1  # refuses to overwrite
-    assert main(["train", str(bulk), "--out", str(tmp_path / "model.pt"), "--quiet"]) == 1  # wrong suffix
+    assert main(["train", str(bulk), "--out", str(tmp_path / "model.pt"), "--quiet"]) == 1  # not .nc
     detections = tmp_path / "detections"
     assert main(["detect", str(model), str(folder), "--out", str(detections), "--quiet"]) == 0
     channels = tmp_path / "channels"
@@ -147,9 +147,9 @@ def test_train_denoise_compare_commands(tmp_path, folder):
 
 def test_cvae_train_command(tmp_path):
     bulk = write_cube(tmp_path / "bulk.nc", 51, shape=(12, 12))
-    model = tmp_path / "cvae.pt"
+    model = tmp_path / "cvae.nc"
     assert main(["train", str(bulk), "--model", "cvae", "--epochs", "1", "--out", str(model), "--quiet"]) == 0
-    assert eels_ad.batch.load_detector(model).score(eels_ad.load(bulk)).shape == (12, 12)
+    assert eels_ad.detect.load(model).score(eels_ad.load(bulk)).shape == (12, 12)
 
 
 def test_plan_keeps_subfolders_apart(tmp_path):

@@ -19,7 +19,7 @@ def test_every_command_has_help(capsys):
 
 def test_simulate_then_info(tmp_path, capsys):
     out = tmp_path / "sim.nc"
-    assert main(["simulate", str(out), "--shape", "10", "12", "--shift", "0.5", "--fraction", "0.05",
+    assert main(["simulate", str(out), "--shape", "10", "12", "--shift", "0.5", "--anomaly-fraction", "0.05",
                  "--layout", "clusters", "--dose", "50", "--seed", "3"]) == 0
     assert "6 anomalous pixels shifted by +0.5 eV" in capsys.readouterr().out
     dataset = eels_ad.open_results(out)

@@ -124,13 +124,13 @@ def test_fit_score_reconstruct_on_odd_cube(small_cubes):
     reconstruction = detector.reconstruct(test["counts"])
     assert reconstruction.dims == ("y", "x", "energy") and reconstruction.shape == (13, 11, 64)
     assert float(reconstruction.min()) > 0
-    assert detector.predict(test["counts"], scores).dtype == bool
+    assert detector.flag(scores).dtype == bool
     assert detector.n_parameters_ < 1_000_000
     assert detector.epochs_ == len(detector.history_) == 2
     # the decoder works around the bulk's mean spectral shape (each spectrum over its mean count)
     spectra = bulk.values.reshape(-1, 64)
     mean_shape = (spectra / spectra.mean(axis=1, keepdims=True)).mean(axis=0)
-    np.testing.assert_allclose(np.exp(detector.model_.reference.numpy()), mean_shape, rtol=1e-5)
+    np.testing.assert_allclose(np.exp(detector.model_.bulk_shape.numpy()), mean_shape, rtol=1e-5)
 
 
 def test_short_training_lowers_the_loss(small_cubes):
@@ -179,16 +179,17 @@ def test_same_seed_same_model_on_cpu(small_cubes):
 def test_save_load_gives_identical_scores(tmp_path, small_cubes):
     bulk, test = small_cubes
     detector = CVAEDetector(patch_size=4, stride=4, likelihood="gaussian", scoring="nll", **TINY).fit(bulk)
-    path = detector.save(tmp_path / "cvae.pt")
+    path = detector.save(tmp_path / "cvae.nc")
     loaded = CVAEDetector.load(path)
+    assert type(eels_ad.detect.load(path)) is CVAEDetector
     xr.testing.assert_identical(loaded.score(test["counts"]), detector.score(test["counts"]))
     assert loaded.get_params() == detector.get_params()
     assert loaded.epochs_ == detector.epochs_ and loaded.history_ == detector.history_
     with pytest.raises(FileExistsError):
         detector.save(path)
-    (tmp_path / "junk.pt").write_text("not a model")
-    with pytest.raises(ValueError, match="junk.pt: not a saved CVAEDetector"):
-        CVAEDetector.load(tmp_path / "junk.pt")
+    (tmp_path / "junk.nc").write_text("not a model")
+    with pytest.raises(ValueError, match="junk.nc: not a saved eels-ad detector"):
+        CVAEDetector.load(tmp_path / "junk.nc")
 
 
 def test_errors_before_fit_and_on_another_energy_axis(small_cubes):

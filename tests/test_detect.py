@@ -98,7 +98,7 @@ def test_mask_selects_training_pixels(shifted):
     mask = ~shifted["anomaly"]
     detector = PCADetector(n_components=2).fit(shifted["counts"], mask=mask)
     assert detector.n_training_spectra_ == int(mask.sum())
-    assert detector.training_scores_.size == int(mask.sum())
+    assert detector.calibration_scores_.size == int(mask.sum())
     with pytest.raises(ValueError, match="selects no pixel"):
         PCADetector().fit(shifted["counts"], mask=np.zeros((32, 32), bool))
 

@@ -15,7 +15,7 @@ def results():
     cube = sim["counts"]
     detector = PCADetector(robust=True).fit(cube)
     scores = detector.score(cube)
-    labels = detector.predict(cube, scores)
+    labels = detector.flag(scores)
     return sim, cube, scores, labels, detector.reconstruct(cube)
 
 

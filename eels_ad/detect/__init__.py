@@ -1,30 +1,39 @@
 """Anomaly detection: learn the bulk, score every pixel, threshold the score map.
 
-Every detector follows one contract (scikit-learn style): ``fit(cube, mask=None)`` returns the
-detector, ``score(cube)`` gives a (y, x) DataArray (higher = more anomalous), ``reconstruct(cube)``
-the bulk model of each spectrum, ``predict(cube)`` boolean labels, ``save(path)``/``load(path)``.
+Every detector follows one contract (scikit-learn style, :class:`BaseDetector`): ``fit(cube, mask=None)``
+returns the detector, ``score(cube)`` gives a (y, x) DataArray (higher = more anomalous),
+``reconstruct(cube)`` the bulk model of each spectrum, ``predict(cube)`` boolean labels and
+``flag(scores)`` the labels of a score map already computed; ``save(path)`` writes one NetCDF format
+that :func:`load` reads back whatever the class. ``MODELS`` names the detectors ``eels-ad train`` knows.
 """
 
 from typing import Any
 
-from ._base import BaseDetector, NotFittedError
+from ._base import BaseDetector, NotFittedError, SpectrumDetector, detector_class, load
 from ._scores import SCORES, edge_shift_z, one_minus_correlation, pearson_residual, poisson_deviance
 from .pca import PCADetector
 from .sklearn import SklearnDetector
 from .threshold import bimodality, choose_threshold, false_alarm_threshold, gmm_threshold, otsu_threshold
 
+#: the detectors of ``eels-ad train --model``: the model name and its class name
+MODELS: dict[str, str] = {"pca": "PCADetector", "cvae": "CVAEDetector"}
+
 __all__ = [
+    "MODELS",
     "SCORES",
     "BaseDetector",
     "CVAEDetector",
     "NotFittedError",
     "PCADetector",
     "SklearnDetector",
+    "SpectrumDetector",
     "bimodality",
     "choose_threshold",
+    "detector_class",
     "edge_shift_z",
     "false_alarm_threshold",
     "gmm_threshold",
+    "load",
     "one_minus_correlation",
     "otsu_threshold",
     "pearson_residual",

@@ -1,89 +1,123 @@
-"""The detector contract every eels-ad detector follows (scikit-learn style).
+"""The detector contract every eels-ad detector follows (scikit-learn style), and its file format.
 
-Parameters live in ``__init__``; ``fit(cube, mask=None)`` learns the bulk and returns ``self``;
+Parameters live in ``__init__`` (each class declares all of its own: :meth:`BaseDetector.get_params`
+reads ``type(self).__init__`` only); ``fit(cube, mask=None)`` learns the bulk and returns ``self``;
 fitted state lives in attributes ending in ``_``. ``score`` gives a (y, x) map, higher = more
-anomalous; ``reconstruct`` the bulk model of each spectrum; ``predict`` boolean labels with the
-chosen threshold. Cubes are processed in chunks of pixels, so memory stays bounded.
+anomalous; ``reconstruct`` the bulk model of each spectrum; ``predict`` boolean labels of a cube and
+``flag`` those of a score map already computed. Every detector is saved to one NetCDF format and read
+back by :func:`load`, whatever its class.
+
+A new detector implements the abstract hooks: ``_fit``, ``_score_array``, ``_reconstruct_array``,
+``_state`` and ``_set_state``; a per-spectrum detector can subclass :class:`SpectrumDetector` instead
+and implement ``_fit_spectra`` and ``_reconstruct_spectra``, which are then fed chunks of pixels.
 """
 
 from __future__ import annotations
 
+import abc
+import importlib
+import inspect
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import xarray as xr
 
 from ..datacube import as_mask, validate
 from ._scores import SCORES, score_spectra
-from .threshold import ThresholdMethod, choose_threshold
+from .threshold import THRESHOLD_METHODS, choose_threshold
+
+FORMAT_VERSION = 2
+# where the classes that are not imported with eels_ad.detect live (torch and Lightning load on demand)
+_LAZY_CLASSES = {"CVAEDetector": "eels_ad.detect.cvae"}
+_REGISTRY: dict[str, type[BaseDetector]] = {}
 
 
 class NotFittedError(RuntimeError):
     """A detector was used before ``fit``."""
 
 
-class BaseDetector:
-    """Shared machinery: energy handling, chunked scoring, thresholds, save/load.
+class BaseDetector(abc.ABC):
+    """The contract: energy handling, fit/score/reconstruct/predict/flag, thresholds, save/load.
 
-    Subclasses implement ``_fit_spectra(chunks, energy, n_train)`` (learn from a callable that
-    yields (pixels, channels) arrays of the training spectra; return None, or a boolean mask of the
-    training spectra really kept, e.g. after trimming outliers) and ``_reconstruct_spectra(spectra)``;
-    optionally ``_state``/``_set_state`` for
-    :meth:`save` and :meth:`load`.
+    Subclasses implement:
+
+    ``_fit(cube, mask, energy) -> ndarray of bool or None``
+        Learn from the training cube (already cut to the fitted channels; ``mask`` the (y, x)
+        training pixels or None for all). Return which of the training pixels (flattened, in order)
+        calibrate the threshold, or None for all of them.
+    ``_score_array(cube) -> ndarray (y, x)``
+        Scores of a cube already cut to the fitted channels.
+    ``_reconstruct_array(cube) -> ndarray (y, x, energy)``
+        The bulk model of every spectrum (raise :class:`NotImplementedError` if the model has none).
+    ``_state() -> dict`` and ``_set_state(state)``
+        The fitted state beyond the shared part: numpy arrays become NetCDF variables, everything
+        else is stored as JSON.
     """
 
-    _ENERGY_TOLERANCE = 0.01  # of a channel, when comparing energy axes
+    _ENERGY_TOLERANCE: ClassVar[float] = 0.01  # of a channel, when comparing energy axes
+    _SCORINGS: ClassVar[tuple[str, ...]] = SCORES
 
-    def __init__(
-        self,
-        *,
-        energy_range: tuple[float, float] | None = None,
-        scoring: str = "deviance",
-        score_range: tuple[float, float] | None = None,
-        threshold: ThresholdMethod | float = "auto",
-        false_alarm_rate: float = 0.001,
-        chunk_pixels: int = 8192,
-    ) -> None:
-        self.energy_range = energy_range
-        self.scoring = scoring
-        self.score_range = score_range
-        self.threshold = threshold
-        self.false_alarm_rate = false_alarm_rate
-        self.chunk_pixels = chunk_pixels
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _REGISTRY[cls.__name__] = cls
 
     # -- parameters -------------------------------------------------------------------------
-    def get_params(self) -> dict[str, Any]:
-        """The ``__init__`` parameters and their values."""
-        import inspect
+    @classmethod
+    def _param_names(cls) -> list[str]:
+        parameters = list(inspect.signature(cls.__init__).parameters.values())[1:]
+        return [p.name for p in parameters if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
 
-        names = [
-            p.name for cls in type(self).__mro__ if "__init__" in vars(cls)
-            for p in list(inspect.signature(cls.__init__).parameters.values())[1:]
-            if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
-        ]
-        return {name: getattr(self, name) for name in dict.fromkeys(names)}
+    def get_params(self) -> dict[str, Any]:
+        """The ``__init__`` parameters of this class and their values."""
+        return {name: getattr(self, name) for name in self._param_names()}
 
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
         return f"{type(self).__name__}({params})"
 
-    _SCORINGS: tuple[str, ...] = SCORES
-
     def _check_params(self) -> None:
-        if self.scoring not in self._SCORINGS:
+        """Check the parameters every detector may have (subclasses extend it for their own)."""
+        params = self.get_params()
+        if "scoring" in params and self.scoring not in self._SCORINGS:
             raise ValueError(f"scoring must be one of {self._SCORINGS}, got {self.scoring!r}")
-        if self.chunk_pixels < 1:
-            raise ValueError(f"chunk_pixels must be >= 1, got {self.chunk_pixels}")
+        if "chunk_pixels" in params and not (isinstance(self.chunk_pixels, (int, np.integer))
+                                             and self.chunk_pixels >= 1):
+            raise ValueError(f"chunk_pixels must be an integer >= 1, got {self.chunk_pixels!r}")
         for name in ("energy_range", "score_range"):
-            window = getattr(self, name)
+            window = params.get(name)
             if window is not None and (len(window) != 2 or not window[0] < window[1]):
                 raise ValueError(f"{name} must be (e_min, e_max) with e_min < e_max in eV, got {window}")
-        if not isinstance(self.threshold, (int, float)) and self.threshold not in ("auto", "otsu", "gmm", "fpr"):
-            raise ValueError(f"threshold must be 'auto', 'otsu', 'gmm', 'fpr' or a number, got {self.threshold!r}")
+        threshold = params.get("threshold", "auto")
+        if not isinstance(threshold, (int, float)) and threshold not in THRESHOLD_METHODS:
+            raise ValueError(f"threshold must be one of {THRESHOLD_METHODS} or a number, got {threshold!r}")
+        rate = params.get("false_alarm_rate", 0.001)
+        if not 0 < rate < 1:
+            raise ValueError(f"false_alarm_rate must lie in (0, 1), got {rate}")
+
+    # -- the hooks ----------------------------------------------------------------------------
+    @abc.abstractmethod
+    def _fit(self, cube: xr.DataArray, mask: np.ndarray | None, energy: np.ndarray) -> np.ndarray | None:
+        """Learn the bulk; return the calibration pixels among the training ones (or None: all)."""
+
+    @abc.abstractmethod
+    def _score_array(self, cube: xr.DataArray) -> np.ndarray:
+        """(y, x) scores of a cube on the fitted energy axis."""
+
+    @abc.abstractmethod
+    def _reconstruct_array(self, cube: xr.DataArray) -> np.ndarray:
+        """(y, x, energy) bulk model of a cube on the fitted energy axis."""
+
+    @abc.abstractmethod
+    def _state(self) -> dict[str, Any]:
+        """Fitted state to save, beyond the energy axis, calibration scores and threshold."""
+
+    @abc.abstractmethod
+    def _set_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`_state` returned."""
 
     # -- energy axis ------------------------------------------------------------------------
     @property
@@ -95,10 +129,11 @@ class BaseDetector:
             raise NotFittedError(f"this {type(self).__name__} is not fitted yet: call fit(cube) first")
 
     def _select_training_energy(self, cube: xr.DataArray) -> xr.DataArray:
-        if self.energy_range is not None:
-            cube = cube.eels.crop(*self.energy_range)
+        energy_range = self.get_params().get("energy_range")
+        if energy_range is not None:
+            cube = cube.eels.crop(*energy_range)
             if cube.sizes["energy"] < 2:
-                raise ValueError(f"energy_range {self.energy_range} eV holds fewer than 2 channels of the cube")
+                raise ValueError(f"energy_range {energy_range} eV holds fewer than 2 channels of the cube")
         return cube
 
     def _select_fitted_energy(self, cube: xr.DataArray) -> xr.DataArray:
@@ -119,28 +154,20 @@ class BaseDetector:
         return selected
 
     def _score_channels(self, energy: np.ndarray) -> np.ndarray:
-        if self.score_range is None:
+        score_range = self.get_params().get("score_range")
+        if score_range is None:
             return np.ones(energy.size, dtype=bool)
-        channels = (energy >= self.score_range[0]) & (energy <= self.score_range[1])
+        channels = (energy >= score_range[0]) & (energy <= score_range[1])
         if channels.sum() < 2:
             raise ValueError(
-                f"score_range {self.score_range} eV holds fewer than 2 fitted channels "
+                f"score_range {score_range} eV holds fewer than 2 fitted channels "
                 f"({energy[0]:.2f} - {energy[-1]:.2f} eV)"
             )
         return channels
 
-    # -- chunks -----------------------------------------------------------------------------
-    def _pixel_chunks(
-        self, cube: xr.DataArray, mask: np.ndarray | None = None
-    ) -> Iterator[tuple[slice, np.ndarray, np.ndarray]]:
-        """Yield (row slice, flat mask of the rows' pixels, spectra) with at most ~chunk_pixels pixels."""
-        ny, nx = cube.sizes["y"], cube.sizes["x"]
-        rows = max(1, self.chunk_pixels // nx)
-        for start in range(0, ny, rows):
-            block = slice(start, min(start + rows, ny))
-            spectra = np.asarray(cube.isel(y=block).values, dtype=np.float64).reshape(-1, cube.sizes["energy"])
-            keep = np.ones(spectra.shape[0], dtype=bool) if mask is None else mask[block].ravel()
-            yield block, keep, spectra
+    def _prepared(self, cube: xr.DataArray) -> xr.DataArray:
+        self._check_fitted()
+        return self._select_fitted_energy(validate(cube, negative="allow"))
 
     # -- the API ----------------------------------------------------------------------------
     def fit(self, cube: xr.DataArray, mask: xr.DataArray | np.ndarray | None = None) -> BaseDetector:
@@ -158,25 +185,151 @@ class BaseDetector:
         cube = self._select_training_energy(cube)
         energy = np.asarray(cube["energy"].values, dtype=float)
         self._score_channels(energy)
-        n_train = int(mask_values.sum()) if mask_values is not None else cube.eels.n_pixels
-        kept = self._fit_model(cube, mask_values, energy, n_train)
+        self.n_training_spectra_ = int(mask_values.sum()) if mask_values is not None else cube.eels.n_pixels
+        calibration = self._fit(cube, mask_values, energy)
         self.energy_ = energy
-        self.n_training_spectra_ = n_train
-        training_scores = self._score_array(cube).ravel()
+        scores = self._score_array(cube).ravel()
         if mask_values is not None:
-            training_scores = training_scores[mask_values.ravel()]
-        self.training_scores_ = training_scores if kept is None else training_scores[kept]
+            scores = scores[mask_values.ravel()]
+        self.calibration_scores_ = scores if calibration is None else scores[calibration]
+        threshold = self.get_params().get("threshold", "auto")
         self.threshold_ = (
-            choose_threshold(self.training_scores_, self.threshold, bulk_scores=self.training_scores_,
-                             false_alarm_rate=self.false_alarm_rate)
-            if self.threshold == "fpr" or isinstance(self.threshold, (int, float)) else None
+            choose_threshold(self.calibration_scores_, threshold, bulk_scores=self.calibration_scores_,
+                             false_alarm_rate=self.get_params().get("false_alarm_rate", 0.001))
+            if threshold == "fpr" or isinstance(threshold, (int, float)) else None
         )
         return self
 
-    def _fit_model(self, cube: xr.DataArray, mask: np.ndarray | None, energy: np.ndarray, n_train: int):
-        """Learn from the training spectra (one chunk of pixels at a time); see ``_fit_spectra``."""
+    def score(self, cube: xr.DataArray) -> xr.DataArray:
+        """Anomaly score of every pixel, a DataArray (y, x); higher = more anomalous."""
+        cube = self._prepared(cube)
+        return xr.DataArray(
+            self._score_array(cube), dims=("y", "x"), coords={"y": cube["y"], "x": cube["x"]},
+            name="score", attrs={"score": str(self.get_params().get("scoring", "model")),
+                                 "detector": type(self).__name__},
+        )
+
+    def reconstruct(self, cube: xr.DataArray) -> xr.DataArray:
+        """The bulk model's reconstruction of every spectrum, over the fitted energy channels."""
+        cube = self._prepared(cube)
+        model = self._reconstruct_array(cube)
+        return xr.DataArray(model, dims=("y", "x", "energy"), coords=cube.transpose("y", "x", "energy").coords,
+                            name="reconstruction", attrs={"units": "counts", "detector": type(self).__name__})
+
+    def threshold_for(self, scores: xr.DataArray | np.ndarray) -> float:
+        """The score threshold this detector applies to ``scores`` (see the ``threshold`` parameter)."""
+        self._check_fitted()
+        if self.threshold_ is not None:
+            return float(self.threshold_)
+        params = self.get_params()
+        return choose_threshold(scores, params.get("threshold", "auto"), bulk_scores=self.calibration_scores_,
+                                false_alarm_rate=params.get("false_alarm_rate", 0.001))
+
+    def flag(self, scores: xr.DataArray) -> xr.DataArray:
+        """Boolean (y, x) map of the pixels whose ``scores`` (from :meth:`score`) exceed the threshold.
+
+        ``"otsu"`` and ``"gmm"`` set the threshold from these scores, ``"fpr"`` from the calibration
+        scores, ``"auto"`` from both, a number is used as it is.
+        """
+        if not isinstance(scores, xr.DataArray) or scores.dims != ("y", "x"):
+            raise TypeError("flag takes the (y, x) score map from score(cube); to label a cube use predict(cube)")
+        threshold = self.threshold_for(scores)
+        labels = scores > threshold
+        labels.name = "anomalous"
+        labels.attrs = {"threshold": threshold, "threshold_method": str(self.get_params().get("threshold", "auto")),
+                        "score": str(scores.attrs.get("score", ""))}
+        return labels
+
+    def predict(self, cube: xr.DataArray) -> xr.DataArray:
+        """Boolean (y, x) map of anomalous pixels: ``flag(score(cube))``."""
+        return self.flag(self.score(cube))
+
+    # -- persistence ------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write the fitted detector to a NetCDF file (atomically; refuses to overwrite unless asked).
+
+        Read it back with :func:`eels_ad.detect.load` (or this class's :meth:`load`).
+        """
+        from ..io import save
+
+        self._check_fitted()
+        state = {"energy_": self.energy_, "calibration_scores_": self.calibration_scores_, **self._state()}
+        arrays = {name: np.asarray(value) for name, value in state.items() if isinstance(value, np.ndarray)}
+        others = {name: value for name, value in state.items() if name not in arrays}
+        variables = {name: (tuple(f"{name}_{i}" for i in range(value.ndim)), value) for name, value in arrays.items()}
+        attrs = {
+            "detector": type(self).__name__,
+            "format_version": FORMAT_VERSION,
+            "params": json.dumps(_jsonable(self.get_params())),
+            "state": json.dumps(_jsonable(others)),
+            "threshold_": json.dumps(self.threshold_),
+            "n_training_spectra_": int(self.n_training_spectra_),
+            "eels_ad_version": _version(),
+        }
+        return save(xr.Dataset(variables, attrs=attrs), path, overwrite=overwrite, compress=False)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> BaseDetector:
+        """Read a detector written by :meth:`save`; it must be of this class (see :func:`load`)."""
+        detector = load(path)
+        if not isinstance(detector, cls):
+            raise ValueError(f"{path}: holds a {type(detector).__name__}, not a {cls.__name__}")
+        return detector
+
+    @classmethod
+    def _from_dataset(cls, dataset: xr.Dataset) -> BaseDetector:
+        params = json.loads(dataset.attrs["params"])
+        signature = inspect.signature(cls.__init__).parameters
+        for key, value in params.items():  # JSON has no tuples: restore them where the default is one
+            if isinstance(value, list) and isinstance(signature[key].default, tuple | type(None)):
+                params[key] = tuple(value)
+        detector = cls(**params)
+        state = {name: dataset[name].values for name in dataset.data_vars}
+        state.update(json.loads(dataset.attrs.get("state", "{}")))
+        detector.energy_ = state.pop("energy_")
+        detector.calibration_scores_ = state.pop("calibration_scores_")
+        detector.threshold_ = json.loads(dataset.attrs["threshold_"])
+        detector.n_training_spectra_ = int(dataset.attrs["n_training_spectra_"])
+        detector._set_state(state)
+        return detector
+
+
+class SpectrumDetector(BaseDetector):
+    """A detector that judges every spectrum on its own, in chunks of ``chunk_pixels`` pixels.
+
+    Subclasses implement ``_fit_spectra(chunks, energy, n_train)`` (learn from a callable that yields
+    (pixels, channels) arrays of the training spectra; return None, or a boolean mask of the training
+    spectra really kept, e.g. after trimming outliers, which then calibrate the threshold) and
+    ``_reconstruct_spectra(spectra)``, plus ``_state``/``_set_state``. Scores are
+    :func:`~eels_ad.detect.poisson_deviance` (or the ``scoring`` chosen) of each spectrum against its
+    reconstruction, so memory stays bounded by one chunk whatever the cube's size.
+    """
+
+    @abc.abstractmethod
+    def _fit_spectra(self, chunks: Callable[[], Iterator[np.ndarray]], energy: np.ndarray,
+                     n_train: int) -> np.ndarray | None:
+        """Learn from the training spectra; see the class docstring."""
+
+    @abc.abstractmethod
+    def _reconstruct_spectra(self, spectra: np.ndarray) -> np.ndarray:
+        """(pixels, channels) bulk model of (pixels, channels) spectra."""
+
+    def _pixel_chunks(
+        self, cube: xr.DataArray, mask: np.ndarray | None = None
+    ) -> Iterator[tuple[slice, np.ndarray, np.ndarray]]:
+        """Yield (row slice, flat mask of the rows' pixels, spectra) with at most ~chunk_pixels pixels."""
+        ny, nx = cube.sizes["y"], cube.sizes["x"]
+        rows = max(1, self.chunk_pixels // nx)
+        cube = cube.transpose("y", "x", "energy")
+        for start in range(0, ny, rows):
+            block = slice(start, min(start + rows, ny))
+            spectra = np.asarray(cube.isel(y=block).values, dtype=np.float64).reshape(-1, cube.sizes["energy"])
+            keep = np.ones(spectra.shape[0], dtype=bool) if mask is None else mask[block].ravel()
+            yield block, keep, spectra
+
+    def _fit(self, cube: xr.DataArray, mask: np.ndarray | None, energy: np.ndarray) -> np.ndarray | None:
         return self._fit_spectra(
-            lambda: ((s[keep]) for _, keep, s in self._pixel_chunks(cube, mask)), energy, n_train
+            lambda: ((s[keep]) for _, keep, s in self._pixel_chunks(cube, mask)), energy, self.n_training_spectra_
         )
 
     def _score_array(self, cube: xr.DataArray) -> np.ndarray:
@@ -188,92 +341,63 @@ class BaseDetector:
             scores[block] = block_scores.reshape(-1, cube.sizes["x"])
         return scores
 
-    def score(self, cube: xr.DataArray) -> xr.DataArray:
-        """Anomaly score of every pixel, a DataArray (y, x); higher = more anomalous."""
-        self._check_fitted()
-        cube = self._select_fitted_energy(validate(cube, negative="allow"))
-        scores = xr.DataArray(
-            self._score_array(cube), dims=("y", "x"), coords={"y": cube["y"], "x": cube["x"]},
-            name="score", attrs={"score": self.scoring, "detector": type(self).__name__},
-        )
-        return scores
-
-    def reconstruct(self, cube: xr.DataArray) -> xr.DataArray:
-        """The bulk model's reconstruction of every spectrum, over the fitted energy channels."""
-        self._check_fitted()
-        cube = self._select_fitted_energy(validate(cube, negative="allow"))
-        model = np.empty(cube.shape)
+    def _reconstruct_array(self, cube: xr.DataArray) -> np.ndarray:
+        model = np.empty((cube.sizes["y"], cube.sizes["x"], cube.sizes["energy"]))
         for block, _, spectra in self._pixel_chunks(cube):
             model[block] = self._reconstruct_spectra(spectra).reshape(-1, cube.sizes["x"], cube.sizes["energy"])
-        return xr.DataArray(model, dims=cube.dims, coords=cube.coords, name="reconstruction",
-                            attrs={"units": "counts", "detector": type(self).__name__})
+        return model
 
-    def threshold_for(self, scores: xr.DataArray | np.ndarray) -> float:
-        """The score threshold this detector applies to ``scores`` (see ``threshold``)."""
-        self._check_fitted()
-        if self.threshold_ is not None:
-            return float(self.threshold_)
-        return choose_threshold(scores, self.threshold, bulk_scores=self.training_scores_,
-                                false_alarm_rate=self.false_alarm_rate)
 
-    def predict(self, cube: xr.DataArray, scores: xr.DataArray | None = None) -> xr.DataArray:
-        """Boolean (y, x) map of anomalous pixels: ``score > threshold``.
+def detector_class(name: str) -> type[BaseDetector]:
+    """The detector class called ``name`` (e.g. ``"PCADetector"``), importing it if it loads lazily."""
+    if name not in _REGISTRY and name in _LAZY_CLASSES:
+        importlib.import_module(_LAZY_CLASSES[name])
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        known = sorted({*_REGISTRY, *_LAZY_CLASSES} - {"SpectrumDetector"})
+        raise ValueError(f"no detector class {name!r}; known: {known}") from None
 
-        ``"otsu"`` and ``"gmm"`` set the threshold from this cube's own scores, ``"fpr"`` from the
-        training scores, ``"auto"`` from both, a number is used as it is. Pass ``scores`` to avoid scoring twice.
-        """
-        scores = self.score(cube) if scores is None else scores
-        threshold = self.threshold_for(scores)
-        labels = scores > threshold
-        labels.name = "anomalous"
-        labels.attrs = {"threshold": threshold, "threshold_method": str(self.threshold), "score": self.scoring}
-        return labels
 
-    # -- persistence ------------------------------------------------------------------------
-    def _state(self) -> dict[str, np.ndarray]:
-        raise NotImplementedError(f"{type(self).__name__} cannot be saved")
+def load(path: str | os.PathLike) -> BaseDetector:
+    """Read any detector written by ``save`` (PCA, CVAE, ...): the file says which class it holds.
 
-    def _set_state(self, state: dict[str, np.ndarray]) -> None:
-        raise NotImplementedError(f"{type(self).__name__} cannot be loaded")
+    Parameters
+    ----------
+    path
+        A NetCDF file written by :meth:`BaseDetector.save` (``eels-ad train``).
 
-    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
-        """Write the fitted detector to a NetCDF file (atomically; refuses to overwrite unless asked)."""
-        from ..io import save
+    Returns
+    -------
+    BaseDetector
+        The fitted detector, ready to ``score``.
+    """
+    from ..io import open_results
 
-        self._check_fitted()
-        state = {"energy_": self.energy_, "training_scores_": self.training_scores_, **self._state()}
-        variables = {name: (tuple(f"{name}_{i}" for i in range(np.ndim(v))), np.asarray(v))
-                     for name, v in state.items()}
-        attrs = {
-            "detector": type(self).__name__,
-            "params": json.dumps(self.get_params()),
-            "threshold_": json.dumps(self.threshold_),
-            "n_training_spectra_": int(self.n_training_spectra_),
-            "eels_ad_version": _version(),
-        }
-        return save(xr.Dataset(variables, attrs=attrs), path, overwrite=overwrite, compress=False)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> BaseDetector:
-        """Read a detector written by :meth:`save`."""
-        from ..io import open_results
-
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such model file")
+    try:
         dataset = open_results(path)
-        name = dataset.attrs.get("detector")
-        if name != cls.__name__:
-            raise ValueError(f"{path}: holds a {name or 'unknown'} detector, not a {cls.__name__}")
-        params = json.loads(dataset.attrs["params"])
-        for key in ("energy_range", "score_range"):
-            if params.get(key) is not None:
-                params[key] = tuple(params[key])
-        detector = cls(**params)
-        state = {name: dataset[name].values for name in dataset.data_vars}
-        detector.energy_ = state.pop("energy_")
-        detector.training_scores_ = state.pop("training_scores_")
-        detector.threshold_ = json.loads(dataset.attrs["threshold_"])
-        detector.n_training_spectra_ = int(dataset.attrs["n_training_spectra_"])
-        detector._set_state(state)
-        return detector
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path}: not a saved eels-ad detector ({error})") from error
+    name = dataset.attrs.get("detector")
+    if name is None:
+        raise ValueError(f"{path}: not a saved eels-ad detector (no 'detector' attribute)")
+    version = int(dataset.attrs.get("format_version", 1))
+    if version != FORMAT_VERSION:
+        raise ValueError(f"{path}: detector file format {version}, this eels-ad reads {FORMAT_VERSION}: retrain it")
+    return detector_class(str(name))._from_dataset(dataset)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
 
 
 def _version() -> str:

@@ -7,11 +7,8 @@ pixels a cube has, nor (to first order) on the width of the energy window.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import numpy as np
 
-ScoreName = Literal["deviance", "residual", "correlation", "shift"]
 SCORES: tuple[str, ...] = ("deviance", "residual", "correlation", "shift")
 
 _FLOOR = 1e-3

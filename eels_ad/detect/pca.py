@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 
-from ._base import BaseDetector
+from ._base import SpectrumDetector
 from .threshold import ThresholdMethod
 
 
-class PCADetector(BaseDetector):
+class PCADetector(SpectrumDetector):
     """Anomalies are spectra the principal components of the bulk cannot reconstruct.
 
     With ``poisson_normalize=True`` (default) the unfolded spectra X (pixels x channels) are
@@ -73,8 +74,10 @@ class PCADetector(BaseDetector):
         Mean bulk spectrum (zeros when ``poisson_normalize``: no centring).
     energy_ : ndarray
         The fitted energy axis in eV.
-    training_scores_ : ndarray
-        Scores of the training spectra.
+    calibration_scores_ : ndarray
+        Scores of the training spectra kept (after ``robust`` trimming): they calibrate the threshold.
+    noise_edge_ : float
+        With ``n_components="auto"``: the eigenvalue a component had to exceed.
 
     Examples
     --------
@@ -104,8 +107,12 @@ class PCADetector(BaseDetector):
         robust_quantile: float = 0.999,
         chunk_pixels: int = 8192,
     ) -> None:
-        super().__init__(energy_range=energy_range, scoring=scoring, score_range=score_range,
-                         threshold=threshold, false_alarm_rate=false_alarm_rate, chunk_pixels=chunk_pixels)
+        self.energy_range = energy_range
+        self.scoring = scoring
+        self.score_range = score_range
+        self.threshold = threshold
+        self.false_alarm_rate = false_alarm_rate
+        self.chunk_pixels = chunk_pixels
         self.n_components = n_components
         self.poisson_normalize = poisson_normalize
         self.max_components = max_components
@@ -213,13 +220,17 @@ class PCADetector(BaseDetector):
         projected = (weighted @ self.components_.T) @ self.components_
         return projected * self.channel_weights_ + self.mean_
 
-    def _state(self) -> dict[str, np.ndarray]:
-        return {
+    def _state(self) -> dict[str, Any]:
+        state = {
             "components_": self.components_, "channel_weights_": self.channel_weights_, "mean_": self.mean_,
             "eigenvalues_": self.eigenvalues_, "explained_variance_ratio_": self.explained_variance_ratio_,
+            "n_trimmed_": self.n_trimmed_,
         }
+        if hasattr(self, "noise_edge_"):
+            state["noise_edge_"] = self.noise_edge_
+        return state
 
-    def _set_state(self, state: dict[str, np.ndarray]) -> None:
+    def _set_state(self, state: dict[str, Any]) -> None:
         for name, value in state.items():
-            setattr(self, name, np.asarray(value))
+            setattr(self, name, np.asarray(value) if isinstance(value, np.ndarray) else value)
         self.n_components_ = int(self.components_.shape[0])

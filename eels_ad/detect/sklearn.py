@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
+import xarray as xr
 
-from ._base import BaseDetector
+from ._base import SpectrumDetector
 from .threshold import ThresholdMethod
 
 
-class SklearnDetector(BaseDetector):
+class SklearnDetector(SpectrumDetector):
     """Wrap an estimator with ``fit(X)`` and ``score_samples(X)`` (higher = more normal).
 
     Spectra are divided by their total counts (so thickness does not count as an anomaly) and
     square-rooted (Anscombe-like variance stabilisation) before they reach the estimator.
-    ``reconstruct`` is not available: such models do not reconstruct spectra.
+    ``reconstruct`` is not available: such models do not reconstruct spectra. Nor is ``save``: an
+    arbitrary estimator can only be stored by pickling it, which eels-ad never reads back.
 
     Parameters
     ----------
@@ -39,9 +42,11 @@ class SklearnDetector(BaseDetector):
         false_alarm_rate: float = 0.001,
         chunk_pixels: int = 8192,
     ) -> None:
-        super().__init__(energy_range=energy_range, scoring="deviance", threshold=threshold,
-                         false_alarm_rate=false_alarm_rate, chunk_pixels=chunk_pixels)
         self.estimator = estimator
+        self.energy_range = energy_range
+        self.threshold = threshold
+        self.false_alarm_rate = false_alarm_rate
+        self.chunk_pixels = chunk_pixels
 
     @staticmethod
     def _features(spectra: np.ndarray) -> np.ndarray:
@@ -52,7 +57,7 @@ class SklearnDetector(BaseDetector):
         self.estimator.fit(np.concatenate([self._features(s) for s in chunks()]))
         return None
 
-    def _score_array(self, cube) -> np.ndarray:
+    def _score_array(self, cube: xr.DataArray) -> np.ndarray:
         scores = np.empty((cube.sizes["y"], cube.sizes["x"]))
         for block, _, spectra in self._pixel_chunks(cube):
             scores[block] = -self.estimator.score_samples(self._features(spectra)).reshape(-1, cube.sizes["x"])
@@ -61,8 +66,11 @@ class SklearnDetector(BaseDetector):
     def _reconstruct_spectra(self, spectra: np.ndarray) -> np.ndarray:
         raise NotImplementedError(f"{type(self.estimator).__name__} does not reconstruct spectra")
 
-    def get_params(self) -> dict:
-        params = super().get_params()
-        params.pop("scoring", None)
-        params.pop("score_range", None)
-        return params
+    def _state(self) -> dict[str, Any]:
+        raise NotImplementedError(
+            f"a SklearnDetector ({type(self.estimator).__name__}) cannot be saved: eels-ad stores no pickles; "
+            "refit it, or save the estimator yourself (e.g. with skops)"
+        )
+
+    def _set_state(self, state: dict[str, Any]) -> None:
+        raise NotImplementedError("a SklearnDetector cannot be loaded")

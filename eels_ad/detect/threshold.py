@@ -13,6 +13,7 @@ import numpy as np
 import xarray as xr
 
 ThresholdMethod = Literal["auto", "otsu", "gmm", "fpr"]
+THRESHOLD_METHODS: tuple[str, ...] = ("auto", "otsu", "gmm", "fpr")
 
 
 def _finite(scores: np.ndarray | xr.DataArray) -> np.ndarray:

@@ -87,7 +87,7 @@ class CVAEDetector(BaseDetector):
     learning_rate, batch_size, max_epochs, patience, val_fraction
         Training: Adam, early stopping on the validation loss after ``patience`` epochs. The
         validation patches are a strip of ``val_fraction`` of the rows that no training patch
-        touches; its pixels' scores calibrate the threshold (``training_scores_``).
+        touches; its pixels' scores calibrate the threshold (``calibration_scores_``).
     augment
         Train on randomly mirrored and turned patches (see
         :class:`~eels_ad.detect.cvae.data.PatchDataModule`).
@@ -116,7 +116,7 @@ class CVAEDetector(BaseDetector):
         Epochs trained (fewer than ``max_epochs`` when early stopping ended the training).
     training_seconds_ : float
     n_calibration_spectra_ : int
-        Pixels of the held-out strip (see ``val_fraction``) whose scores, in ``training_scores_``,
+        Pixels of the held-out strip (see ``val_fraction``) whose scores, in ``calibration_scores_``,
         set the false-alarm part of the threshold.
 
     Examples
@@ -160,8 +160,11 @@ class CVAEDetector(BaseDetector):
         progress: bool = True,
         checkpoint_dir: str | None = None,
     ) -> None:
-        super().__init__(energy_range=energy_range, scoring=scoring, score_range=score_range,
-                         threshold=threshold, false_alarm_rate=false_alarm_rate)
+        self.energy_range = energy_range
+        self.scoring = scoring
+        self.score_range = score_range
+        self.threshold = threshold
+        self.false_alarm_rate = false_alarm_rate
         self.patch_size = patch_size
         self.stride = stride
         self.score_stride = score_stride
@@ -183,11 +186,6 @@ class CVAEDetector(BaseDetector):
         self.progress = progress
         self.checkpoint_dir = checkpoint_dir
 
-    def get_params(self) -> dict[str, Any]:
-        params = super().get_params()
-        params.pop("chunk_pixels", None)
-        return params
-
     @property
     def epochs_(self) -> int:
         """Epochs trained (fewer than ``max_epochs`` when early stopping ended the training)."""
@@ -201,7 +199,7 @@ class CVAEDetector(BaseDetector):
                     max_epochs=self.max_epochs, deterministic=not on_gpu, enable_progress_bar=self.progress,
                     enable_model_summary=False, log_every_n_steps=1)
 
-    def _fit_model(self, cube: xr.DataArray, mask: np.ndarray | None, energy: np.ndarray, n_train: int):
+    def _fit(self, cube: xr.DataArray, mask: np.ndarray | None, energy: np.ndarray) -> np.ndarray | None:
         import lightning.pytorch as pl
         from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
         from lightning.pytorch.loggers import CSVLogger
@@ -219,9 +217,9 @@ class CVAEDetector(BaseDetector):
                        learning_rate=self.learning_rate)
         bulk = counts if mask is None else counts[mask]
         shape = (bulk / pixel_scale(bulk)[..., None]).reshape(-1, energy.size).mean(axis=0)
-        reference = np.log(np.maximum(shape, 1e-6)) if self.likelihood == "poisson" else shape
+        bulk_shape = np.log(np.maximum(shape, 1e-6)) if self.likelihood == "poisson" else shape
         with torch.no_grad():
-            model.reference.copy_(torch.as_tensor(reference, dtype=torch.float32))
+            model.bulk_shape.copy_(torch.as_tensor(bulk_shape, dtype=torch.float32))
         started = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="eels-ad-cvae-") as scratch, _quiet_lightning(not self.progress):
             directory = self.checkpoint_dir or os.path.join(scratch, "checkpoints")
@@ -260,7 +258,7 @@ class CVAEDetector(BaseDetector):
         return patch[0] // 2, patch[1] // 2
 
     @torch.no_grad()
-    def _patch_outputs(self, cube: xr.DataArray, batch_size: int = 64):
+    def _patch_outputs(self, cube: xr.DataArray, batch_size: int = 64, nll: bool = False):
         """Yield (corners, counts, expected counts, voxel NLL) per batch of patches, as numpy.
 
         The cube is mirrored by half a patch on every side first; corners are in that padded frame.
@@ -278,9 +276,9 @@ class CVAEDetector(BaseDetector):
             scale = scales[start:start + batch_size].to(device)
             decoded, _, _ = model(block / scale.clamp_min(1e-12), sample=False)
             expected = model.expected_counts(scale, decoded)
-            nll = model.voxel_nll(block, scale, decoded) if self.scoring == "nll" else None
+            voxel_nll = model.voxel_nll(block, scale, decoded) if nll else None
             yield (corners[start:start + batch_size], block.cpu().numpy()[:, 0], expected.float().cpu().numpy()[:, 0],
-                   None if nll is None else nll.float().cpu().numpy()[:, 0])
+                   None if voxel_nll is None else voxel_nll.float().cpu().numpy()[:, 0])
         self.model_.to("cpu")
 
     def _accumulate(self, cube: xr.DataArray, per_patch) -> np.ndarray:
@@ -297,84 +295,41 @@ class CVAEDetector(BaseDetector):
                 covered[y:y + patch[0], x:x + patch[1]] += 1
         return (total / covered)[..., my:my + ny, mx:mx + nx]
 
-    def _score_array(self, cube: xr.DataArray) -> np.ndarray:
-        channels = self._score_channels(cube["energy"].values)
-
-        def per_patch():
-            for corners, counts, expected, nll in self._patch_outputs(cube):
-                if self.scoring == "nll":
-                    yield corners, nll[:, channels].mean(axis=1)
-                    continue
-                n, e, py, px = counts.shape
-                flat_counts = counts.transpose(0, 2, 3, 1).reshape(-1, e)[:, channels]
-                flat_expected = expected.transpose(0, 2, 3, 1).reshape(-1, e)[:, channels]
-                yield corners, score_spectra(flat_counts, flat_expected, self.scoring).reshape(n, py, px)
-
-        return self._accumulate(cube, per_patch())
-
-    def reconstruct(self, cube: xr.DataArray) -> xr.DataArray:
+    def _reconstruct_array(self, cube: xr.DataArray) -> np.ndarray:
         """The model's expected counts of every voxel, averaged over the patches covering each pixel."""
-        from ...datacube import validate
-
-        self._check_fitted()
-        cube = self._select_fitted_energy(validate(cube, negative="allow"))
         mean = self._accumulate(cube, ((corners, expected) for corners, _, expected, _ in self._patch_outputs(cube)))
-        return xr.DataArray(np.moveaxis(mean, 0, -1), dims=("y", "x", "energy"), coords=cube.coords,
-                            name="reconstruction", attrs={"units": "counts", "detector": type(self).__name__})
+        return np.moveaxis(mean, 0, -1)
+
+    def _score_array(self, cube: xr.DataArray) -> np.ndarray:
+        """Scores of each pixel's spectrum against its reconstruction (the same one ``reconstruct`` gives).
+
+        ``scoring="nll"`` instead averages the model's own per-voxel negative log-likelihood over the
+        patches that cover a pixel.
+        """
+        channels = self._score_channels(cube["energy"].values)
+        if self.scoring == "nll":
+            return self._accumulate(cube, ((corners, nll[:, channels].mean(axis=1))
+                                           for corners, _, _, nll in self._patch_outputs(cube, nll=True)))
+        model = self._reconstruct_array(cube)
+        counts = np.asarray(cube.transpose("y", "x", "energy").values, dtype=np.float64)
+        e = counts.shape[-1]
+        scores = score_spectra(counts.reshape(-1, e)[:, channels], model.reshape(-1, e)[:, channels], self.scoring)
+        return scores.reshape(counts.shape[:2])
 
     # -- persistence ------------------------------------------------------------------------------
-    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
-        """Write the trained detector (weights, parameters, fitted state) to a torch file, atomically."""
-        from ...io import atomic_path
+    def _state(self) -> dict[str, Any]:
+        weights = {f"model_.{name}": value.detach().cpu().numpy() for name, value in self.model_.state_dict().items()}
+        return {**weights, "history_": self.history_, "n_parameters_": self.n_parameters_,
+                "training_seconds_": self.training_seconds_, "n_calibration_spectra_": self.n_calibration_spectra_,
+                "n_training_patches_": self.n_training_patches_}
 
-        self._check_fitted()
-        payload = {
-            "detector": type(self).__name__,
-            "params": {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.get_params().items()},
-            "state_dict": self.model_.state_dict(),
-            "energy_": torch.as_tensor(np.array(self.energy_)),
-            "training_scores_": torch.as_tensor(np.array(self.training_scores_)),
-            "threshold_": self.threshold_,
-            "n_training_spectra_": self.n_training_spectra_,
-            "history_": self.history_,
-            "n_parameters_": self.n_parameters_,
-            "training_seconds_": self.training_seconds_,
-            "n_calibration_spectra_": self.n_calibration_spectra_,
-        }
-        with atomic_path(path, overwrite=overwrite) as temporary:
-            torch.save(payload, temporary)
-        return Path(path)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> CVAEDetector:
-        """Read a detector written by :meth:`save` (weights only: no code is unpickled)."""
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: no such file")
-        try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:
-            raise ValueError(f"{path}: not a saved CVAEDetector ({type(error).__name__}: {error})") from error
-        if payload.get("detector") != cls.__name__:
-            raise ValueError(f"{path}: holds a {payload.get('detector', 'unknown')} detector, not a {cls.__name__}")
-        params = payload["params"]
-        for key in ("energy_range", "score_range", "widths", "patch_size", "stride", "score_stride"):
-            if isinstance(params.get(key), list):
-                params[key] = tuple(params[key])
-        detector = cls(**params)
-        energy = payload["energy_"].numpy()
-        detector.model_ = CVAE3D(n_channels=energy.size, patch_size=_pair(detector.patch_size, "patch_size"),
-                                 latent_dim=detector.latent_dim, widths=tuple(detector.widths),
-                                 likelihood=detector.likelihood, beta=detector.beta,
-                                 learning_rate=detector.learning_rate)
-        detector.model_.load_state_dict(payload["state_dict"])
-        detector.model_.eval()
-        detector.energy_ = energy
-        detector.training_scores_ = payload["training_scores_"].numpy()
-        detector.threshold_ = payload["threshold_"]
-        detector.n_training_spectra_ = payload["n_training_spectra_"]
-        detector.history_ = payload["history_"]
-        detector.n_parameters_ = payload["n_parameters_"]
-        detector.training_seconds_ = payload["training_seconds_"]
-        detector.n_calibration_spectra_ = payload.get("n_calibration_spectra_", 0)
-        return detector
+    def _set_state(self, state: dict[str, Any]) -> None:
+        weights = {name.removeprefix("model_."): torch.as_tensor(np.asarray(state.pop(name)))
+                   for name in [k for k in state if k.startswith("model_.")]}
+        self.model_ = CVAE3D(n_channels=self.energy_.size, patch_size=_pair(self.patch_size, "patch_size"),
+                             latent_dim=self.latent_dim, widths=tuple(self.widths), likelihood=self.likelihood,
+                             beta=self.beta, learning_rate=self.learning_rate)
+        self.model_.load_state_dict(weights)
+        self.model_.eval()
+        for name, value in state.items():
+            setattr(self, name, value)

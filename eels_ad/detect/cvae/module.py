@@ -4,7 +4,7 @@ A patch of ``patch x patch`` pixels x ``E`` channels is one sample, laid out for
 (batch, 1, energy, y, x). Every pixel's spectrum enters divided by its mean count per channel (its
 ``scale``), so the network learns spectral shape and thickness is handled exactly: the Poisson
 rate of a voxel is ``scale * exp(decoded log-shape)``. The decoder adds its output to the bulk's
-mean shape (the buffer ``reference``, set from the training spectra): it learns the deviations only,
+mean shape (the buffer ``bulk_shape``, set from the training spectra): it learns the deviations only,
 and follows a composition somewhat beyond the training image's range (without it, bulk pixels 7 %
 richer in Fe than any training pixel scored like anomalies). The encoder's strided 3D convolutions reduce
 energy 8x and space 4x; a small dense layer maps that to the latent (mean, log-variance) and back,
@@ -88,7 +88,7 @@ class CVAE3D(pl.LightningModule):
         self.to_latent = nn.Linear(flat, 2 * latent_dim)
         self.from_latent = nn.Linear(latent_dim, flat)
         # the bulk's mean spectral shape (log of it for the Poisson model): the decoder adds its output to it
-        self.register_buffer("reference", torch.zeros(n_channels))
+        self.register_buffer("bulk_shape", torch.zeros(n_channels))
         out_channels = 2 if likelihood == "gaussian" else 1
         self.decoder = nn.Sequential(
             nn.GELU(),
@@ -118,7 +118,7 @@ class CVAE3D(pl.LightningModule):
         out = self.decoder(features)
         e, y, x = size
         out = out[:, :, :e, :y, :x]
-        return torch.cat([out[:, :1] + self.reference[:e].view(1, 1, e, 1, 1), out[:, 1:]], dim=1)
+        return torch.cat([out[:, :1] + self.bulk_shape[:e].view(1, 1, e, 1, 1), out[:, 1:]], dim=1)
 
     def forward(self, shape: torch.Tensor, sample: bool = False):
         mean, log_variance = self.encode(shape)
