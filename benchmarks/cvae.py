@@ -105,7 +105,7 @@ def paper_protocol(makers: dict, shape, seed: int) -> list[dict]:
         detector = make().fit(train)
         for shift_ev in (0.9, 2.0, 4.0, 6.0, 8.0, 11.4):
             channels = int(round(shift_ev / float(clean.eels.dispersion)))
-            test = roll_l3_window(clean, channels, fraction=0.014, seed=seed)
+            test = roll_l3_window(clean, channels, anomaly_fraction=0.014, seed=seed)
             scores = detector.score(test["counts"])
             metrics = detection_metrics(scores, test["anomaly"], threshold=detector.threshold_for(scores))
             rows.append({"detector": name, "shift_eV": shift_ev, "roc_auc": metrics["roc_auc"], "f1": metrics["f1"]})

@@ -55,7 +55,7 @@ def paper_protocol(detectors: dict, shape: tuple[int, int], seeds: list[int]) ->
             detector = make().fit(train)
             for shift_ev in PAPER_SHIFTS_EV:
                 channels = int(round(shift_ev / float(clean.eels.dispersion)))
-                test = roll_l3_window(clean, channels, fraction=0.014, seed=seed)
+                test = roll_l3_window(clean, channels, anomaly_fraction=0.014, seed=seed)
                 scores = detector.score(test["counts"])
                 metrics = detection_metrics(scores, test["anomaly"], threshold=detector.threshold_for(scores))
                 otsu = detection_metrics(scores, test["anomaly"], threshold=otsu_threshold(scores))["f1"]

@@ -5,9 +5,11 @@ Needs Debian's chromium and chromium-driver, and selenium (dev extra).
 """
 
 import argparse
+import sys
 from pathlib import Path
 
-from eels_ad.viz import check_in_browser
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from browser import check_in_browser  # noqa: E402  (the test suite's browser harness)
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -48,16 +48,12 @@ def run_demo(out: str | os.PathLike = "eels-ad-demo", *, overwrite: bool = False
         The metrics and the paths written; ``"text"`` is a short summary for people.
     """
     from . import data
-    from .detect import PCADetector, bimodality
-    from .evaluate import detection_metrics
     from .io import save
 
     out = Path(out)
-    results_path, metrics_path = out / "results.nc", out / "metrics.json"
-    channels_path, figure_path = out / "nb_channels.nc", out / "nb_channels.png"
-    report_path, denoised_path = out / "report.html", out / "denoised.nc"
+    paths = {name: out / file for name, file in _OUTPUTS.items()}
     if not overwrite:
-        for path in (results_path, metrics_path, channels_path, figure_path, report_path, denoised_path):
+        for path in paths.values():
             if path.exists():
                 raise FileExistsError(f"{path} exists from an earlier demo; pass --overwrite to replace it")
 
@@ -69,47 +65,91 @@ def run_demo(out: str | os.PathLike = "eels-ad-demo", *, overwrite: bool = False
     truth = data.sample_dataset()
     cube = data.sample_cube()
     say(f"[1/6] loaded the sample cube {dict(cube.sizes)} from {data.sample_path()}")
-
     say("[2/6] PCA (Poisson-normalised, robust fit on the image itself) ...")
+    pca = _detect_pca(cube, truth, seed)
+    say(f"[3/6] 3D-CVAE: a short CPU training ({cvae_epochs} epochs) on the pixels PCA left as bulk ...")
+    cvae = _detect_cvae(cube, truth, pca["labels"], seed, cvae_epochs, progress)
+    say("[4/6] negative-binomial test of every energy channel: flagged pixels against the bulk ...")
+    channels, nb_metrics = _channel_tests(cube, pca["labels"])
+    say("[5/6] SPIRAL-TAP: 3-D TV denoising of a low-dose copy (2 % of the counts) of a 32 x 32 region ...")
+    spiral = _denoise_low_dose(cube, seed)
+
+    say("[6/6] writing results ...")
+    results = xr.Dataset(
+        {"pca_score": pca["scores"], "pca_anomalous": pca["labels"], "cvae_score": cvae["scores"],
+         "cvae_anomalous": cvae["labels"], "true_anomaly": truth["anomaly"], "total_counts": cube.eels.total_counts()},
+        attrs={"source": str(data.sample_path()), "pipeline": "eels-ad demo"},
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    save(results, paths["results"], overwrite=overwrite)
+    save(xr.Dataset({"low_dose": spiral["low_dose"], "denoised": spiral["denoised"]}), paths["denoised"],
+         overwrite=overwrite)
+    if channels is not None:
+        save(channels, paths["channels"], overwrite=overwrite)
+        _save_channel_figure(channels, paths["figure"], overwrite)
+    _write_report(cube, truth, pca, cvae, channels, nb_metrics, spiral, paths["report"], overwrite)
+    summary: dict[str, Any] = {
+        "sample": {"shape": dict(cube.sizes), "n_true_anomalies": int(truth["anomaly"].sum()),
+                   "shift_eV": float(truth.attrs["shift_eV"]), "dose": float(truth.attrs["dose"])},
+        "pca": pca["metrics"],
+        "cvae": cvae["metrics"],
+        "negative_binomial": nb_metrics,
+        "spiral_tap": spiral["metrics"],
+        "seconds": round(time.perf_counter() - started, 2),
+        "outputs": {name: str(path) for name, path in paths.items()},
+    }
+    _write_json(summary, paths["metrics"], overwrite)
+    summary["text"] = _summary_text(summary, paths)
+    return summary
+
+
+_OUTPUTS = {"results": "results.nc", "metrics": "metrics.json", "channels": "nb_channels.nc",
+            "figure": "nb_channels.png", "report": "report.html", "denoised": "denoised.nc"}
+
+
+def _detect_pca(cube: xr.DataArray, truth: xr.Dataset, seed: int) -> dict[str, Any]:
+    from .detect import PCADetector, bimodality
+    from .evaluate import detection_metrics
+
     tic = time.perf_counter()
     detector = PCADetector(robust=True).fit(cube)
     scores = detector.score(cube)
     labels = detector.flag(scores)
-    pca_seconds = time.perf_counter() - tic
-    pca_metrics = detection_metrics(scores, truth["anomaly"], labels)
-    pca_metrics.update(
-        n_components=detector.n_components_, n_trimmed=detector.n_trimmed_, seconds=round(pca_seconds, 3),
-        bimodality=bimodality(scores, seed=seed),
-    )
+    metrics = detection_metrics(scores, truth["anomaly"], labels)
+    metrics.update(n_components=detector.n_components_, n_trimmed=detector.n_trimmed_,
+                   seconds=round(time.perf_counter() - tic, 3), bimodality=bimodality(scores, seed=seed))
+    return {"detector": detector, "scores": scores, "labels": labels, "metrics": metrics}
 
-    say(f"[3/6] 3D-CVAE: a short CPU training ({cvae_epochs} epochs) on the pixels PCA left as bulk ...")
-    from .detect import CVAEDetector
 
-    cvae = CVAEDetector(max_epochs=cvae_epochs, seed=seed, progress=progress).fit(cube, mask=~labels)
-    cvae_scores = cvae.score(cube)
-    cvae_labels = cvae.flag(cvae_scores)
-    cvae_metrics = detection_metrics(cvae_scores, truth["anomaly"], cvae_labels)
-    cvae_metrics.update(parameters=cvae.n_parameters_, epochs=cvae.epochs_,
-                        training_seconds=round(cvae.training_seconds_, 1),
-                        bimodality=bimodality(cvae_scores, seed=seed))
+def _detect_cvae(cube: xr.DataArray, truth: xr.Dataset, bulk_guess: xr.DataArray, seed: int, epochs: int,
+                 progress: bool) -> dict[str, Any]:
+    from .detect import CVAEDetector, bimodality
+    from .evaluate import detection_metrics
 
-    say("[4/6] negative-binomial test of every energy channel: flagged pixels against the bulk ...")
+    detector = CVAEDetector(max_epochs=epochs, seed=seed, progress=progress).fit(cube, mask=~bulk_guess)
+    scores = detector.score(cube)
+    labels = detector.flag(scores)
+    metrics = detection_metrics(scores, truth["anomaly"], labels)
+    metrics.update(parameters=detector.n_parameters_, epochs=detector.epochs_,
+                   training_seconds=round(detector.training_seconds_, 1), bimodality=bimodality(scores, seed=seed))
+    return {"detector": detector, "scores": scores, "labels": labels, "metrics": metrics}
+
+
+def _channel_tests(cube: xr.DataArray, labels: xr.DataArray) -> tuple[xr.Dataset | None, dict[str, Any]]:
     from .stats import compare_regions
 
-    nb_metrics: dict[str, Any] = {}
-    channels = None
-    if int(labels.sum()) >= 2:
-        pre_edge = (float(cube["energy"][0]), float(cube["energy"][0]) + 30.0)
-        channels = compare_regions(cube, ~labels, labels, method="mom", normalize_range=pre_edge)
-        significant = channels["energy"].values[channels["significant"].values]
-        nb_metrics = {"n_significant_channels": int(significant.size),
+    if int(labels.sum()) < 2:
+        return None, {"skipped": "fewer than 2 flagged pixels"}
+    pre_edge = (float(cube["energy"][0]), float(cube["energy"][0]) + 30.0)
+    channels = compare_regions(cube, ~labels, labels, method="mom", normalize_range=pre_edge)
+    significant = channels["energy"].values[channels["significant"].values]
+    return channels, {"n_significant_channels": int(significant.size),
                       "significant_range_eV": [float(significant.min()), float(significant.max())]
                       if significant.size else None,
                       "normalize_range_eV": list(pre_edge)}
-    else:
-        nb_metrics = {"skipped": "fewer than 2 flagged pixels"}
 
-    say("[5/6] SPIRAL-TAP: 3-D TV denoising of a low-dose copy (2 % of the counts) of a 32 x 32 region ...")
+
+def _denoise_low_dose(cube: xr.DataArray, seed: int) -> dict[str, Any]:
     import numpy as np
 
     from .reconstruct import denoise_cube
@@ -120,89 +160,68 @@ def run_demo(out: str | os.PathLike = "eels-ad-demo", *, overwrite: bool = False
     reference = region * 0.02  # the full-dose counts, scaled: the best available stand-in for the truth
     denoised = denoise_cube(low_dose, penalty="tv", weights=(1.0, 1.0, 0.5), truth=reference)
     raw_error = float(np.linalg.norm(low_dose.values - reference.values) / np.linalg.norm(reference.values))
-    spiral_metrics = {"region": [32, 32, int(region.sizes["energy"])], "dose_fraction": 0.02,
-                      "mean_counts_per_voxel": float(low_dose.mean()), "error_vs_scaled_full_dose_raw": raw_error,
-                      "error_vs_scaled_full_dose_denoised": float(denoised.attrs["relative_error"]),
-                      "tau": float(denoised.attrs["tau"]), "iterations": int(denoised.attrs["iterations"]),
-                      "seconds": round(denoised.attrs["seconds"], 1)}
+    metrics = {"region": [32, 32, int(region.sizes["energy"])], "dose_fraction": 0.02,
+               "mean_counts_per_voxel": float(low_dose.mean()), "error_vs_scaled_full_dose_raw": raw_error,
+               "error_vs_scaled_full_dose_denoised": float(denoised.attrs["relative_error"]),
+               "tau": float(denoised.attrs["tau"]), "iterations": int(denoised.attrs["iterations"]),
+               "seconds": round(denoised.attrs["seconds"], 1)}
+    return {"low_dose": low_dose, "denoised": denoised, "reference": reference, "metrics": metrics}
 
-    say("[6/6] writing results ...")
-    results = xr.Dataset(
-        {
-            "pca_score": scores,
-            "pca_anomalous": labels,
-            "cvae_score": cvae_scores,
-            "cvae_anomalous": cvae_labels,
-            "true_anomaly": truth["anomaly"],
-            "total_counts": cube.eels.total_counts(),
-        },
-        attrs={"source": str(data.sample_path()), "pipeline": "eels-ad demo"},
-    )
-    out.mkdir(parents=True, exist_ok=True)
-    save(results, results_path, overwrite=overwrite)
-    save(xr.Dataset({"low_dose": low_dose, "denoised": denoised}), denoised_path, overwrite=overwrite)
-    if channels is not None:
-        import matplotlib
 
-        matplotlib.use("Agg")
-        from .io import atomic_path
-        from .viz import plot_channel_tests
+def _save_channel_figure(channels: xr.Dataset, path: Path, overwrite: bool) -> None:
+    import matplotlib
 
-        save(channels, channels_path, overwrite=overwrite)
-        figure = plot_channel_tests(channels, title="flagged pixels (B) against the bulk (A)")
-        with atomic_path(figure_path, overwrite=overwrite) as temporary:
-            figure.savefig(temporary, format="png", dpi=100)
-    from .viz import reconstruction_hv, report_layout, save_html
+    matplotlib.use("Agg")
+    from .io import atomic_path
+    from .viz import plot_channel_tests
 
-    rows = "".join(
-        f"<tr><td>{name}</td><td>{m['n_flagged']}</td><td>{m['roc_auc']:.3f}</td><td>{m['f1']:.3f}</td>"
-        f"<td>{m['precision']:.3f}</td><td>{m['recall']:.3f}</td></tr>"
-        for name, m in (("PCA (Poisson-normalised, robust)", pca_metrics), ("3D-CVAE (Poisson NLL)", cvae_metrics))
-    )
-    summary_html = (
-        f"<h2>eels-ad demo</h2><p>Sample: simulated Fe L2,3 spectrum image, {cube.sizes['y']} x {cube.sizes['x']} "
-        f"pixels x {cube.sizes['energy']} channels, {int(truth['anomaly'].sum())} pixels with the Fe edge shifted "
-        f"by {float(truth.attrs['shift_eV']):+g} eV (ground truth known).</p>"
-        "<table border='1' cellpadding='4'><tr><th>detector</th><th>flagged</th><th>ROC AUC</th><th>F1</th>"
-        f"<th>precision</th><th>recall</th></tr>{rows}</table>"
-        f"<p>Negative-binomial test of the PCA-flagged pixels against the others: "
-        f"{nb_metrics.get('n_significant_channels', 0)} energy channels differ at 5 % FDR. Maps are outlined "
-        "where PCA flagged a pixel.</p>"
-        f"<p>SPIRAL-TAP (3-D TV) on a copy of a 32 x 32 region with 2 % of the counts "
-        f"({spiral_metrics['mean_counts_per_voxel']:.1f} counts per voxel): relative error against the scaled "
-        f"full-dose counts {spiral_metrics['error_vs_scaled_full_dose_raw']:.3f} before, "
-        f"{spiral_metrics['error_vs_scaled_full_dose_denoised']:.3f} after (bottom panels).</p>"
+    figure = plot_channel_tests(channels, title="flagged pixels (B) against the bulk (A)")
+    with atomic_path(path, overwrite=overwrite) as temporary:
+        figure.savefig(temporary, format="png", dpi=100)
+
+
+def _write_report(cube, truth, pca, cvae, channels, nb_metrics, spiral, path: Path, overwrite: bool) -> None:
+    from .viz import html_summary, reconstruction_hv, report_layout, save_html
+
+    rows = [[name, m["n_flagged"], m["roc_auc"], m["f1"], m["precision"], m["recall"]]
+            for name, m in (("PCA (Poisson-normalised, robust)", pca["metrics"]),
+                            ("3D-CVAE (Poisson NLL)", cvae["metrics"]))]
+    spiral_metrics = spiral["metrics"]
+    header = html_summary(
+        "eels-ad demo",
+        [f"Sample: simulated Fe L2,3 spectrum image, {cube.sizes['y']} x {cube.sizes['x']} pixels x "
+         f"{cube.sizes['energy']} channels, {int(truth['anomaly'].sum())} pixels with the Fe edge shifted by "
+         f"{float(truth.attrs['shift_eV']):+g} eV (ground truth known).",
+         f"Negative-binomial test of the PCA-flagged pixels against the others: "
+         f"{nb_metrics.get('n_significant_channels', 0)} energy channels differ at 5 % FDR. Maps are outlined "
+         "where PCA flagged a pixel.",
+         f"SPIRAL-TAP (3-D TV) on a copy of a 32 x 32 region with 2 % of the counts "
+         f"({spiral_metrics['mean_counts_per_voxel']:.1f} counts per voxel): relative error against the scaled "
+         f"full-dose counts {spiral_metrics['error_vs_scaled_full_dose_raw']:.3f} before, "
+         f"{spiral_metrics['error_vs_scaled_full_dose_denoised']:.3f} after (bottom panels)."],
+        columns=["detector", "flagged", "ROC AUC", "F1", "precision", "recall"], rows=rows,
     )
     layout = report_layout(
-        cube, {"PCA score": scores, "3D-CVAE score": cvae_scores, "truth": truth["anomaly"].astype(float)},
-        labels=labels, channel_tests=channels,
-    ) + reconstruction_hv(low_dose, denoised, truth=reference, energy_window=(705.0, 712.0))
-    save_html(layout, report_path, overwrite=overwrite, title="eels-ad demo report", header_html=summary_html)
-    summary: dict[str, Any] = {
-        "sample": {"shape": dict(cube.sizes), "n_true_anomalies": int(truth["anomaly"].sum()),
-                   "shift_eV": float(truth.attrs["shift_eV"]), "dose": float(truth.attrs["dose"])},
-        "pca": pca_metrics,
-        "cvae": cvae_metrics,
-        "negative_binomial": nb_metrics,
-        "spiral_tap": spiral_metrics,
-        "seconds": round(time.perf_counter() - started, 2),
-        "outputs": {"results": str(results_path), "metrics": str(metrics_path),
-                    "channels": str(channels_path), "figure": str(figure_path), "report": str(report_path),
-                    "denoised": str(denoised_path)},
-    }
-    _write_json(summary, metrics_path, overwrite)
-    summary["text"] = (
-        f"PCA: {pca_metrics['n_flagged']} pixels flagged, {pca_metrics['n_true']} true anomalies; "
-        f"ROC AUC {pca_metrics['roc_auc']:.3f}, F1 {pca_metrics['f1']:.3f} "
-        f"({detector.n_components_} components, {detector.n_trimmed_} training spectra trimmed)\n"
-        f"3D-CVAE: {cvae_metrics['n_flagged']} pixels flagged; ROC AUC {cvae_metrics['roc_auc']:.3f}, "
-        f"F1 {cvae_metrics['f1']:.3f} ({cvae.n_parameters_} parameters, {cvae.training_seconds_:.0f} s training)\n"
-        f"NB test: {nb_metrics.get('n_significant_channels', 0)} energy channels differ at 5 % FDR, "
-        f"{nb_metrics.get('significant_range_eV')} eV\n"
-        f"SPIRAL-TAP on a 2 % dose copy: relative error {spiral_metrics['error_vs_scaled_full_dose_raw']:.3f} -> "
-        f"{spiral_metrics['error_vs_scaled_full_dose_denoised']:.3f} ({spiral_metrics['seconds']} s)\n"
-        f"results: {results_path}\nmetrics: {metrics_path}\nfigure: {figure_path}\n"
-        f"report (open in a browser, works offline): {report_path}\n"
+        cube, {"PCA score": pca["scores"], "3D-CVAE score": cvae["scores"], "truth": truth["anomaly"].astype(float)},
+        labels=pca["labels"], channel_tests=channels,
+    ) + reconstruction_hv(spiral["low_dose"], spiral["denoised"], truth=spiral["reference"],
+                          energy_range=(705.0, 712.0))
+    save_html(layout, path, overwrite=overwrite, title="eels-ad demo report", header_html=header)
+
+
+def _summary_text(summary: dict[str, Any], paths: dict[str, Path]) -> str:
+    pca, cvae, nb, spiral = summary["pca"], summary["cvae"], summary["negative_binomial"], summary["spiral_tap"]
+    return (
+        f"PCA: {pca['n_flagged']} pixels flagged, {pca['n_true']} true anomalies; "
+        f"ROC AUC {pca['roc_auc']:.3f}, F1 {pca['f1']:.3f} "
+        f"({pca['n_components']} components, {pca['n_trimmed']} training spectra trimmed)\n"
+        f"3D-CVAE: {cvae['n_flagged']} pixels flagged; ROC AUC {cvae['roc_auc']:.3f}, "
+        f"F1 {cvae['f1']:.3f} ({cvae['parameters']} parameters, {cvae['training_seconds']:.0f} s training)\n"
+        f"NB test: {nb.get('n_significant_channels', 0)} energy channels differ at 5 % FDR, "
+        f"{nb.get('significant_range_eV')} eV\n"
+        f"SPIRAL-TAP on a 2 % dose copy: relative error {spiral['error_vs_scaled_full_dose_raw']:.3f} -> "
+        f"{spiral['error_vs_scaled_full_dose_denoised']:.3f} ({spiral['seconds']} s)\n"
+        f"results: {paths['results']}\nmetrics: {paths['metrics']}\nfigure: {paths['figure']}\n"
+        f"report (open in a browser, works offline): {paths['report']}\n"
         f"done in {summary['seconds']:.1f} s"
     )
-    return summary

@@ -20,6 +20,8 @@ Sultanov, Buban & Klie (arXiv:2412.16200): a circular roll of the L3 peak window
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from typing import Literal
 
 import numpy as np
@@ -157,19 +159,19 @@ def smooth_field(
 
 def anomaly_mask(
     shape: tuple[int, int],
-    fraction: float,
+    anomaly_fraction: float,
     layout: Layout = "pixels",
     *,
     cluster_radius: float = 2.0,
     seed: int | np.random.Generator = 0,
 ) -> np.ndarray:
-    """Choose exactly ``round(fraction * ny * nx)`` anomalous pixels.
+    """Choose exactly ``round(anomaly_fraction * ny * nx)`` anomalous pixels.
 
     Parameters
     ----------
     shape
         ``(ny, nx)``.
-    fraction
+    anomaly_fraction
         Fraction of anomalous pixels, in [0, 1].
     layout
         ``"pixels"``: scattered single pixels; ``"clusters"``: disk-shaped blobs of radius
@@ -185,14 +187,14 @@ def anomaly_mask(
     numpy.ndarray
         Boolean mask of shape ``shape``.
     """
-    if not 0.0 <= fraction <= 1.0:
-        raise ValueError(f"anomaly fraction must be in [0, 1], got {fraction}")
+    if not 0.0 <= anomaly_fraction <= 1.0:
+        raise ValueError(f"anomaly fraction must be in [0, 1], got {anomaly_fraction}")
     if layout not in ("pixels", "clusters", "line"):
         raise ValueError(f"layout must be 'pixels', 'clusters' or 'line', got {layout!r}")
     rng = np.random.default_rng(seed)
     ny, nx = shape
     n_total = ny * nx
-    n_anomalous = int(round(fraction * n_total))
+    n_anomalous = int(round(anomaly_fraction * n_total))
     mask = np.zeros(n_total, dtype=bool)
     if n_anomalous == 0:
         return mask.reshape(shape)
@@ -312,98 +314,152 @@ def simulate_fe_l23(
     >>> int(sim.anomaly.sum())
     13
     """
-    if len(shape) != 2 or min(shape) < 1:
-        raise ValueError(f"shape must be (ny, nx) with positive sizes, got {shape}")
-    if not dose > 0:
-        raise ValueError(f"dose must be > 0 counts per channel, got {dose}")
-    if overdispersion < 0:
-        raise ValueError(f"overdispersion must be >= 0, got {overdispersion}")
-    if anomaly_intensity < 0:
-        raise ValueError(f"anomaly_intensity must be >= 0, got {anomaly_intensity}")
-    energy = DEFAULT_ENERGY.copy() if energy is None else np.asarray(energy, dtype=float)
-    if energy.ndim != 1 or energy.size < 2 or np.any(np.diff(energy) <= 0):
-        raise ValueError("energy must be a strictly increasing 1-D axis of at least 2 channels (eV)")
-    rng = np.random.default_rng(seed)
-    thickness = smooth_field(shape, thickness_variation, correlation_length, rng)
-    concentration = smooth_field(shape, concentration_variation, correlation_length, rng)
-    anomalous = anomaly_mask(shape, anomaly_fraction, layout, cluster_radius=cluster_radius, seed=rng)
-
-    fine = _fine_grid(energy)
-    reference_energy = l3 - 5.0
-    background = _channel_average((fine / reference_energy) ** -background_exponent)
-    if oxygen:
-        background = background + _channel_average(0.6 * _oxygen_k_edge(fine, energy_resolution))
-    # the continuum step is `edge_jump` times the background just before the edge
-    edge_kwargs = dict(
-        l3=l3, white_line_area=white_line_area, energy_resolution=energy_resolution, continuum=edge_jump
-    )
-    bulk_edge_fine = fe_l23_edge(fine, l3_l2_ratio=l3_l2_ratio, **edge_kwargs)
-    anomaly_ratio = l3_l2_ratio if anomaly_l3_l2_ratio is None else anomaly_l3_l2_ratio
-    anomalous_edge_fine = fe_l23_edge(fine, l3_l2_ratio=anomaly_ratio, **edge_kwargs)
-    anomalous_edge_fine = shift_spectrum(anomalous_edge_fine, fine, shift)
-    bulk_edge = _channel_average(bulk_edge_fine)
-    anomalous_edge = _channel_average(anomalous_edge_fine)
-
-    edge_map = concentration * np.where(anomalous, anomaly_intensity, 1.0)
-    expected = thickness[..., None] * (
-        background[None, None, :]
-        + edge_map[..., None] * np.where(anomalous[..., None], anomalous_edge, bulk_edge)
-    )
-    pre_edge = (energy >= l3 - 15.0) & (energy <= l3 - 3.0)
-    dose_window = [float(l3 - 15.0), float(l3 - 3.0)]
-    if not pre_edge.any():
-        pre_edge = np.ones_like(energy, dtype=bool)
-        dose_window = [float(energy[0]), float(energy[-1])]
-    expected *= dose / expected[..., pre_edge].mean()
-
-    if noise:
-        rate = expected
-        if overdispersion > 0:
-            rate = rng.gamma(1.0 / overdispersion, expected * overdispersion)
-        counts = rng.poisson(rate).astype(np.int32)
-    else:
-        counts = expected.astype(np.float64)
-
-    coords = {
-        "y": ("y", np.arange(shape[0]), {"units": "px"}),
-        "x": ("x", np.arange(shape[1]), {"units": "px"}),
-        "energy": ("energy", energy, {"units": "eV", "long_name": "energy loss"}),
-    }
-    attrs = {
-        "simulator": "eels_ad.simulate.simulate_fe_l23",
-        "seed": int(seed),
-        "dose": float(dose),
-        "dose_window_eV": dose_window,
-        "edge_jump": float(edge_jump),
-        "white_line_area": float(white_line_area),
-        "l3_eV": float(l3),
-        "l3_l2_ratio": float(l3_l2_ratio),
-        "energy_resolution_eV": float(energy_resolution),
-        "background_exponent": float(background_exponent),
-        "thickness_variation": float(thickness_variation),
-        "concentration_variation": float(concentration_variation),
-        "oxygen": int(oxygen),
-        "overdispersion": float(overdispersion),
-        "anomaly_fraction": float(anomaly_fraction),
-        "layout": layout,
-        "shift_eV": float(shift),
-        "anomaly_l3_l2_ratio": float(anomaly_ratio),
-        "anomaly_intensity": float(anomaly_intensity),
-        "noise": int(noise),
-    }
-    data_vars = {
-        "counts": (DIMS, counts, {"units": "counts", "long_name": "electron counts"}),
-        "anomaly": (("y", "x"), anomalous, {"long_name": "injected anomaly (ground truth)"}),
-        "shift": (("y", "x"), np.where(anomalous, shift, 0.0), {"units": "eV", "long_name": "edge shift"}),
-        "l3_l2_ratio": (("y", "x"), np.where(anomalous, anomaly_ratio, l3_l2_ratio), {"long_name": "L3/L2"}),
-    }
-    if include_expected:
-        data_vars["expected"] = (DIMS, expected, {"units": "counts", "long_name": "noise-free counts"})
-    return xr.Dataset(data_vars, coords=coords, attrs=attrs)
+    recipe = FeL23Recipe(**{name: value for name, value in locals().items() if name != "recipe"})
+    return recipe.simulate()
 
 
-def l3_peak_energy(spectrum: np.ndarray | xr.DataArray, energy: np.ndarray | None = None,
-                   window: tuple[float, float] | None = None) -> float:
+@dataclass(frozen=True)
+class FeL23Recipe:
+    """Everything that makes a simulated Fe L2,3 spectrum image: the parameters of :func:`simulate_fe_l23`.
+
+    ``recipe.simulate()`` makes the cube; the same recipe (with its seed) makes the same cube, and
+    ``recipe.attrs()`` is what the cube's ``attrs`` record. The sample cube's recipe is
+    :data:`eels_ad.data.SAMPLE_RECIPE`.
+    """
+
+    shape: tuple[int, int] = (64, 64)
+    energy: np.ndarray | None = None
+    dose: float = 200.0
+    edge_jump: float = 0.7
+    white_line_area: float = 10.0
+    l3: float = FE_L3_ONSET
+    l3_l2_ratio: float = 4.0
+    energy_resolution: float = 1.0
+    background_exponent: float = 3.0
+    thickness_variation: float = 0.2
+    concentration_variation: float = 0.05
+    correlation_length: float = 0.25
+    oxygen: bool = False
+    overdispersion: float = 0.0
+    anomaly_fraction: float = 0.01
+    layout: Layout = "pixels"
+    shift: float = 1.0
+    anomaly_l3_l2_ratio: float | None = None
+    anomaly_intensity: float = 1.0
+    cluster_radius: float = 2.0
+    noise: bool = True
+    include_expected: bool = False
+    seed: int = 0
+
+    def check(self) -> np.ndarray:
+        """Clear errors for impossible parameters; returns the energy axis (eV)."""
+        shape = self.shape
+        if len(shape) != 2 or min(shape) < 1:
+            raise ValueError(f"shape must be (ny, nx) with positive sizes, got {shape}")
+        if not self.dose > 0:
+            raise ValueError(f"dose must be > 0 counts per channel, got {self.dose}")
+        if self.overdispersion < 0:
+            raise ValueError(f"overdispersion must be >= 0, got {self.overdispersion}")
+        if self.anomaly_intensity < 0:
+            raise ValueError(f"anomaly_intensity must be >= 0, got {self.anomaly_intensity}")
+        energy = DEFAULT_ENERGY.copy() if self.energy is None else np.asarray(self.energy, dtype=float)
+        if energy.ndim != 1 or energy.size < 2 or np.any(np.diff(energy) <= 0):
+            raise ValueError("energy must be a strictly increasing 1-D axis of at least 2 channels (eV)")
+        return energy
+
+    @property
+    def anomaly_ratio(self) -> float:
+        """The L3/L2 ratio of the anomalous pixels."""
+        return self.l3_l2_ratio if self.anomaly_l3_l2_ratio is None else self.anomaly_l3_l2_ratio
+
+    def _edges(self, energy: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Background, bulk edge and anomalous edge per channel (averaged over a fine grid)."""
+        fine = _fine_grid(energy)
+        background = _channel_average((fine / (self.l3 - 5.0)) ** -self.background_exponent)
+        if self.oxygen:
+            background = background + _channel_average(0.6 * _oxygen_k_edge(fine, self.energy_resolution))
+        # the continuum step is `edge_jump` times the background just before the edge
+        edge = dict(l3=self.l3, white_line_area=self.white_line_area, energy_resolution=self.energy_resolution,
+                    continuum=self.edge_jump)
+        bulk = fe_l23_edge(fine, l3_l2_ratio=self.l3_l2_ratio, **edge)
+        anomalous = shift_spectrum(fe_l23_edge(fine, l3_l2_ratio=self.anomaly_ratio, **edge), fine, self.shift)
+        return background, _channel_average(bulk), _channel_average(anomalous)
+
+    def _dose_window(self, energy: np.ndarray) -> tuple[np.ndarray, list[float]]:
+        pre_edge = (energy >= self.l3 - 15.0) & (energy <= self.l3 - 3.0)
+        if not pre_edge.any():
+            return np.ones_like(energy, dtype=bool), [float(energy[0]), float(energy[-1])]
+        return pre_edge, [float(self.l3 - 15.0), float(self.l3 - 3.0)]
+
+    def attrs(self, energy: np.ndarray | None = None) -> dict:
+        """The recipe as NetCDF-friendly attributes (what the simulated cube records)."""
+        energy = self.check() if energy is None else energy
+        return {
+            "simulator": "eels_ad.simulate.simulate_fe_l23",
+            "seed": int(self.seed),
+            "dose": float(self.dose),
+            "dose_window_eV": self._dose_window(energy)[1],
+            "edge_jump": float(self.edge_jump),
+            "white_line_area": float(self.white_line_area),
+            "l3_eV": float(self.l3),
+            "l3_l2_ratio": float(self.l3_l2_ratio),
+            "energy_resolution_eV": float(self.energy_resolution),
+            "background_exponent": float(self.background_exponent),
+            "thickness_variation": float(self.thickness_variation),
+            "concentration_variation": float(self.concentration_variation),
+            "oxygen": int(self.oxygen),
+            "overdispersion": float(self.overdispersion),
+            "anomaly_fraction": float(self.anomaly_fraction),
+            "layout": self.layout,
+            "shift_eV": float(self.shift),
+            "anomaly_l3_l2_ratio": float(self.anomaly_ratio),
+            "anomaly_intensity": float(self.anomaly_intensity),
+            "noise": int(self.noise),
+        }
+
+    def simulate(self) -> xr.Dataset:
+        """The cube and its ground truth (see :func:`simulate_fe_l23` for what it holds)."""
+        energy = self.check()
+        shape = tuple(self.shape)
+        rng = np.random.default_rng(self.seed)
+        thickness = smooth_field(shape, self.thickness_variation, self.correlation_length, rng)
+        concentration = smooth_field(shape, self.concentration_variation, self.correlation_length, rng)
+        anomalous = anomaly_mask(shape, self.anomaly_fraction, self.layout, cluster_radius=self.cluster_radius,
+                                 seed=rng)
+        background, bulk_edge, anomalous_edge = self._edges(energy)
+        edge_map = concentration * np.where(anomalous, self.anomaly_intensity, 1.0)
+        expected = thickness[..., None] * (
+            background[None, None, :]
+            + edge_map[..., None] * np.where(anomalous[..., None], anomalous_edge, bulk_edge)
+        )
+        pre_edge, _ = self._dose_window(energy)
+        expected *= self.dose / expected[..., pre_edge].mean()
+        if self.noise:
+            rate = expected
+            if self.overdispersion > 0:
+                rate = rng.gamma(1.0 / self.overdispersion, expected * self.overdispersion)
+            counts = rng.poisson(rate).astype(np.int32)
+        else:
+            counts = expected.astype(np.float64)
+        coords = {
+            "y": ("y", np.arange(shape[0]), {"units": "px"}),
+            "x": ("x", np.arange(shape[1]), {"units": "px"}),
+            "energy": ("energy", energy, {"units": "eV", "long_name": "energy loss"}),
+        }
+        data_vars = {
+            "counts": (DIMS, counts, {"units": "counts", "long_name": "electron counts"}),
+            "anomaly": (("y", "x"), anomalous, {"long_name": "injected anomaly (ground truth)"}),
+            "shift": (("y", "x"), np.where(anomalous, self.shift, 0.0), {"units": "eV", "long_name": "edge shift"}),
+            "l3_l2_ratio": (("y", "x"), np.where(anomalous, self.anomaly_ratio, self.l3_l2_ratio),
+                            {"long_name": "L3/L2"}),
+        }
+        if self.include_expected:
+            data_vars["expected"] = (DIMS, expected, {"units": "counts", "long_name": "noise-free counts"})
+        return xr.Dataset(data_vars, coords=coords, attrs=self.attrs(energy))
+
+
+def peak_energy(spectrum: np.ndarray | xr.DataArray, energy: np.ndarray | None = None,
+                energy_range: tuple[float, float] | None = None) -> float:
     """Sub-channel position (eV) of the highest peak, by a parabola through its 3 top channels.
 
     Parameters
@@ -412,8 +468,8 @@ def l3_peak_energy(spectrum: np.ndarray | xr.DataArray, energy: np.ndarray | Non
         One spectrum; a DataArray brings its own ``energy`` coordinate.
     energy
         The energy axis when ``spectrum`` is a plain array.
-    window
-        ``(e_min, e_max)`` in eV to search in (default: the whole axis).
+    energy_range
+        ``(e_min, e_max)`` in eV to search in (default: the whole axis), e.g. around L3 or L2.
 
     Returns
     -------
@@ -426,9 +482,10 @@ def l3_peak_energy(spectrum: np.ndarray | xr.DataArray, energy: np.ndarray | Non
     energy = np.asarray(energy, dtype=float)
     if values.shape != energy.shape:
         raise ValueError(f"spectrum has shape {values.shape} but energy has {energy.shape}")
-    inside = np.ones_like(energy, dtype=bool) if window is None else (energy >= window[0]) & (energy <= window[1])
+    inside = (np.ones_like(energy, dtype=bool) if energy_range is None
+              else (energy >= energy_range[0]) & (energy <= energy_range[1]))
     if inside.sum() < 3:
-        raise ValueError(f"the window {window} eV holds fewer than 3 channels")
+        raise ValueError(f"energy_range {energy_range} eV holds fewer than 3 channels")
     index = np.flatnonzero(inside)[np.argmax(values[inside])]
     index = int(np.clip(index, 1, energy.size - 2))
     left, centre, right = values[index - 1 : index + 2]
@@ -442,15 +499,15 @@ def roll_l3_window(
     cube: xr.DataArray,
     shift_channels: int,
     *,
-    fraction: float = 0.014,
+    anomaly_fraction: float = 0.014,
     layout: Layout = "pixels",
     half_width: int = 20,
-    peak_window: tuple[float, float] | None = None,
+    peak_range: tuple[float, float] | None = None,
     seed: int = 0,
 ) -> xr.Dataset:
     """The anomaly protocol of Sultanov, Buban & Klie (arXiv:2412.16200).
 
-    In a random ``fraction`` of pixels the window of ``2 * half_width + 1`` channels centred on the
+    In a random ``anomaly_fraction`` of pixels the window of ``2 * half_width + 1`` channels centred on the
     L3 maximum of the mean spectrum is rolled circularly by ``shift_channels`` channels. Unlike a
     physical chemical shift this wraps intensity from one end of the window to the other; it is
     here to compare with the paper's numbers side by side.
@@ -461,11 +518,11 @@ def roll_l3_window(
         A datacube (``validate`` conventions).
     shift_channels
         Roll in channels (the paper uses 0.9 to 11.4 eV).
-    fraction, layout, seed
+    anomaly_fraction, layout, seed
         The anomalous pixels (see :func:`anomaly_mask`).
     half_width
         Channels on each side of the L3 maximum (the paper: 20).
-    peak_window
+    peak_range
         ``(e_min, e_max)`` eV to look for the L3 maximum (default: the whole axis).
 
     Returns
@@ -477,15 +534,15 @@ def roll_l3_window(
     mean = cube.mean(("y", "x"))
     energy = cube["energy"].values
     inside = np.ones(energy.size, dtype=bool)
-    if peak_window is not None:
-        inside = (energy >= peak_window[0]) & (energy <= peak_window[1])
+    if peak_range is not None:
+        inside = (energy >= peak_range[0]) & (energy <= peak_range[1])
     peak = int(np.flatnonzero(inside)[np.argmax(mean.values[inside])])
     lo, hi = peak - half_width, peak + half_width + 1
     if lo < 0 or hi > energy.size:
         raise ValueError(
             f"the L3 window (channel {peak} +/- {half_width}) runs off the energy axis of {energy.size} channels"
         )
-    mask = anomaly_mask((cube.sizes["y"], cube.sizes["x"]), fraction, layout, seed=seed)
+    mask = anomaly_mask((cube.sizes["y"], cube.sizes["x"]), anomaly_fraction, layout, seed=seed)
     counts = cube.values.copy()
     window = counts[mask, lo:hi]
     counts[mask, lo:hi] = np.roll(window, shift_channels, axis=-1)
@@ -499,7 +556,7 @@ def roll_l3_window(
         coords={d: cube[d] for d in DIMS},
         attrs={"protocol": "circular roll of the L3 window (arXiv:2412.16200)",
                "shift_channels": int(shift_channels), "half_width": int(half_width),
-               "window_eV": [float(energy[lo]), float(energy[hi - 1])], "fraction": float(fraction),
+               "window_eV": [float(energy[lo]), float(energy[hi - 1])], "anomaly_fraction": float(anomaly_fraction),
                "seed": int(seed)},
     )
     return dataset

@@ -214,7 +214,7 @@ print(f"raw counts: relative error {relative_error(counts):.3f}")
 clean = denoise_cube(counts, penalty="tv", tau=TAU, weights=(1.0, 1.0, 0.5), truth=truth)
 print(f"SPIRAL-TV (tau {clean.attrs['tau']:.2f}): relative error {clean.attrs['relative_error']:.3f} "
       f"in {clean.attrs['iterations']} iterations, {clean.attrs['seconds']:.1f} s")
-reconstruction_hv(counts, clean, truth=truth, energy_window=(705, 712))
+reconstruction_hv(counts, clean, truth=truth, energy_range=(705, 712))
 """,
     "md:## A 25 % random scan\n\nOnly a quarter of the pixels were visited; the reconstruction starts from the "
     "nearest visited neighbour and fills the rest.",
@@ -223,6 +223,6 @@ visited = np.random.default_rng(0).random((SIZE, SIZE)) < 0.25
 scan = sim["counts"].where(visited[..., None], 0)
 filled = denoise_cube(scan, penalty="tv", tau=TAU, visited=visited, truth=truth)
 print(f"25 % scan (tau {filled.attrs['tau']:.2f}): relative error {filled.attrs['relative_error']:.3f}")
-reconstruction_hv(scan, filled, truth=truth, energy_window=(705, 712))
+reconstruction_hv(scan, filled, truth=truth, energy_range=(705, 712))
 """,
 ])

@@ -5,7 +5,7 @@ import xarray as xr
 from eels_ad.simulate import (
     anomaly_mask,
     fe_l23_edge,
-    l3_peak_energy,
+    peak_energy,
     roll_l3_window,
     shift_spectrum,
     simulate_fe_l23,
@@ -35,11 +35,11 @@ def test_shift_moves_l3_maximum_noise_free(shift):
     energy = sim["energy"].values
     bulk = sim["counts"].values[~sim["anomaly"].values][0]
     shifted = sim["counts"].values[sim["anomaly"].values][0]
-    moved = l3_peak_energy(shifted, energy) - l3_peak_energy(bulk, energy)
+    moved = peak_energy(shifted, energy) - peak_energy(bulk, energy)
     assert moved == pytest.approx(shift, abs=0.05)
     # the whole edge moves: L2 too
     window = (715.0, 730.0)
-    moved_l2 = l3_peak_energy(shifted, energy, window) - l3_peak_energy(bulk, energy, window)
+    moved_l2 = peak_energy(shifted, energy, window) - peak_energy(bulk, energy, window)
     assert moved_l2 == pytest.approx(shift, abs=0.05)
 
 
@@ -49,7 +49,7 @@ def test_shift_is_not_a_circular_roll():
     shifted = shift_spectrum(spectrum, energy, 5.0)
     # what leaves the top end does not come back at the bottom
     assert shifted[:20].max() < 1e-6
-    assert l3_peak_energy(shift_spectrum(spectrum, energy, -3.0), energy) == pytest.approx(715.0, abs=0.02)
+    assert peak_energy(shift_spectrum(spectrum, energy, -3.0), energy) == pytest.approx(715.0, abs=0.02)
 
 
 @pytest.mark.parametrize("layout", ["pixels", "clusters", "line"])
@@ -129,19 +129,19 @@ def test_reference_spectra_chemical_shift_matches_default_scale(reference_spectr
     energy = table["energy_eV"].to_numpy()
     wustite = table.filter(like="wustite").mean(axis=1).to_numpy()
     magnetite = table.filter(like="magnetite").mean(axis=1).to_numpy()
-    chemical_shift = l3_peak_energy(magnetite, energy) - l3_peak_energy(wustite, energy)
+    chemical_shift = peak_energy(magnetite, energy) - peak_energy(wustite, energy)
     assert 1.0 < chemical_shift < 3.0  # the simulator's default 1 eV anomaly is a realistic size
     # and the spin-orbit splitting of the model is that of the references
-    l2_minus_l3 = l3_peak_energy(wustite, energy, (715, 730)) - l3_peak_energy(wustite, energy)
+    l2_minus_l3 = peak_energy(wustite, energy, (715, 730)) - peak_energy(wustite, energy)
     model = fe_l23_edge(energy)
-    model_split = l3_peak_energy(model, energy, (715, 730)) - l3_peak_energy(model, energy)
+    model_split = peak_energy(model, energy, (715, 730)) - peak_energy(model, energy)
     assert model_split == pytest.approx(l2_minus_l3, abs=0.5)
 
 
 def test_paper_protocol_rolls_the_l3_window():
     sim = simulate_fe_l23((20, 20), anomaly_fraction=0.0, seed=8)
     cube = sim["counts"]
-    rolled = roll_l3_window(cube, 8, fraction=0.014, seed=1)
+    rolled = roll_l3_window(cube, 8, anomaly_fraction=0.014, seed=1)
     mask = rolled["anomaly"].values
     assert mask.sum() == round(0.014 * 400)
     np.testing.assert_array_equal(rolled["counts"].values[~mask], cube.values[~mask])
@@ -163,3 +163,17 @@ def test_bad_parameters_are_named():
         simulate_fe_l23((4, 4), layout="stripes")
     with pytest.raises(ValueError, match="overdispersion"):
         simulate_fe_l23((4, 4), overdispersion=-1)
+
+
+def test_the_function_and_its_recipe_take_the_same_parameters():
+    import dataclasses
+    import inspect
+
+    from eels_ad.simulate import FeL23Recipe, simulate_fe_l23
+
+    signature = inspect.signature(simulate_fe_l23).parameters
+    fields = {f.name: f.default for f in dataclasses.fields(FeL23Recipe)}
+    assert list(signature) == list(fields)
+    assert {name: p.default for name, p in signature.items()} == fields
+    recipe = FeL23Recipe(shape=(6, 5), shift=0.5, seed=3)
+    xr.testing.assert_identical(recipe.simulate(), simulate_fe_l23((6, 5), shift=0.5, seed=3))

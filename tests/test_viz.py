@@ -2,6 +2,7 @@ import shutil
 
 import numpy as np
 import pytest
+from browser import check_in_browser
 
 import eels_ad
 from eels_ad import viz
@@ -77,7 +78,7 @@ def test_report_renders_in_a_real_browser(tmp_path, results):
     html = viz.save_html(layout, tmp_path / "report.html", header_html=header)
     _require_browser()
     screenshot = tmp_path / "report.png"
-    errors = viz.check_in_browser(html, screenshot, min_canvases=4)
+    errors = check_in_browser(html, screenshot, min_canvases=4)
     assert errors == [], errors
     from PIL import Image
 

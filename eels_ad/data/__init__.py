@@ -13,12 +13,13 @@ from pathlib import Path
 
 import xarray as xr
 
+from ..simulate import FeL23Recipe
+
 SAMPLE_FILE = "fe_l23_sample.nc"
 
-SAMPLE_RECIPE = dict(
-    shape=(64, 64), dose=200.0, anomaly_fraction=0.01, layout="pixels", shift=1.0, seed=20241216
-)
-"""Parameters of :func:`eels_ad.simulate.simulate_fe_l23` that made the sample cube."""
+SAMPLE_RECIPE = FeL23Recipe(shape=(64, 64), dose=200.0, anomaly_fraction=0.01, layout="pixels", shift=1.0,
+                            seed=20241216)
+"""The recipe (:class:`eels_ad.simulate.FeL23Recipe`) that made the sample cube."""
 
 
 def sample_path() -> Path:
@@ -28,9 +29,7 @@ def sample_path() -> Path:
 
 def make_sample() -> xr.Dataset:
     """Re-create the sample data set (counts and ground truth) from :data:`SAMPLE_RECIPE`."""
-    from ..simulate import simulate_fe_l23
-
-    dataset = simulate_fe_l23(**SAMPLE_RECIPE)
+    dataset = SAMPLE_RECIPE.simulate()
     dataset.attrs["title"] = "eels-ad sample: simulated Fe L2,3 SI, 1 % pixels shifted by +1 eV"
     return dataset
 

@@ -1,0 +1,25 @@
+"""Looking at results: linked maps and spectra in a notebook, figures, and an offline HTML report.
+
+Imported lazily: ``import eels_ad`` does not load matplotlib or HoloViews.
+
+- :func:`explore`: linked score map, energy-filtered map and spectra in a live notebook.
+- :func:`report_layout`, :func:`save_html`, :func:`save_png`: a static report that works offline.
+- :func:`plot_channel_tests`, :func:`channel_tests_hv`, :func:`reconstruction_hv`,
+  :func:`plot_detection_grid`: figures of the NB channel tests, SPIRAL-TAP and detection grids.
+"""
+
+from ._explore import explore
+from ._figures import channel_tests_hv, plot_channel_tests, plot_detection_grid, reconstruction_hv
+from ._report import html_summary, report_layout, save_html, save_png
+
+__all__ = [
+    "channel_tests_hv",
+    "explore",
+    "html_summary",
+    "plot_channel_tests",
+    "plot_detection_grid",
+    "reconstruction_hv",
+    "report_layout",
+    "save_html",
+    "save_png",
+]

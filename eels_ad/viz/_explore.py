@@ -1,0 +1,68 @@
+"""The linked explorer for a live notebook: tap a pixel, drag an energy range."""
+
+from __future__ import annotations
+
+import xarray as xr
+
+from ._common import _flagged_points, _holoviews, _image
+
+
+def _spectrum_overlay(hv, cube: xr.DataArray, recon: xr.DataArray | None, y, x):
+    spectrum = cube.sel(y=y, x=x, method="nearest")
+    curves = [hv.Curve((cube["energy"].values, spectrum.values), "energy", "counts", label="spectrum")]
+    if recon is not None:
+        model = recon.sel(y=y, x=x, method="nearest")
+        curves.append(hv.Curve((recon["energy"].values, model.values), "energy", "counts", label="reconstruction"))
+        residual = spectrum.sel(energy=recon["energy"]).values - model.values
+        curves.append(hv.Curve((recon["energy"].values, residual), "energy", "counts", label="residual"))
+    title = f"y={float(spectrum['y']):g}, x={float(spectrum['x']):g}"
+    return hv.Overlay(curves).opts(title=title, frame_width=420, legend_position="top_left")
+
+
+def explore(cube: xr.DataArray, scores: xr.DataArray | None = None, recon: xr.DataArray | None = None,
+            labels: xr.DataArray | None = None, *, energy_range: tuple[float, float] | None = None):
+    """Linked maps and spectra for a notebook (HoloViews, Bokeh backend; needs a live kernel).
+
+    The left map shows the anomaly scores (or total counts when there are none) with the flagged
+    pixels outlined; tap a pixel to plot its spectrum with the reconstruction and the residual.
+    Drag a range on the spectrum (box-select) to redraw the middle map as counts in that energy
+    window.
+
+    Parameters
+    ----------
+    cube
+        The spectrum image.
+    scores, recon, labels
+        A detector's ``score``, ``reconstruct`` and ``predict`` results (each optional).
+    energy_range
+        Initial ``(e_min, e_max)`` eV of the energy-filtered map (default: the whole axis).
+
+    Returns
+    -------
+    holoviews.Layout
+        Display it in JupyterLab (``hv.extension("bokeh")`` first) or serve it with Panel.
+
+    Examples
+    --------
+    >>> import eels_ad
+    >>> from eels_ad.viz import explore
+    >>> layout = explore(eels_ad.data.sample_cube())
+    """
+    hv = _holoviews()
+    base = scores if scores is not None else cube.eels.total_counts()
+    label = "anomaly score" if scores is not None else "total counts"
+    score_map = _image(hv, base, label) * _flagged_points(hv, labels)
+    tap = hv.streams.Tap(source=score_map, x=float(cube["x"][0]), y=float(cube["y"][0]))
+    spectrum = hv.DynamicMap(lambda x, y: _spectrum_overlay(hv, cube, recon, y, x), streams=[tap]).opts(
+        hv.opts.Curve(tools=["xbox_select", "hover"]))
+    first, last = energy_range or (float(cube["energy"][0]), float(cube["energy"][-1]))
+    window = hv.streams.BoundsX(source=spectrum, boundsx=(first, last))
+
+    def window_map(boundsx):
+        low, high = sorted(boundsx) if boundsx else (first, last)
+        if high - low < cube.eels.dispersion:
+            low, high = first, last
+        return _image(hv, cube.eels.total_counts((low, high)), f"counts {low:.1f}-{high:.1f} eV", cmap="magma")
+
+    energy_map = hv.DynamicMap(window_map, streams=[window])
+    return (score_map + energy_map + spectrum).cols(3)
