@@ -21,7 +21,6 @@ Sultanov, Buban & Klie (arXiv:2412.16200): a circular roll of the L3 peak window
 from __future__ import annotations
 
 from dataclasses import dataclass
-
 from typing import Literal
 
 import numpy as np

@@ -47,13 +47,11 @@ def edge_shift_z(counts: np.ndarray, model: np.ndarray) -> np.ndarray:
     ``U = -sum((y - mu) mu' / mu)`` with Fisher information ``I = sum(mu'**2 / mu)``; under the model
     ``z = U / sqrt(I)`` is close to standard normal whatever the dose, and ``U / I`` estimates the shift
     in channels. Unlike the deviance, which spreads its attention over every channel, it looks only
-    along the one direction a shifted edge moves the counts, so it finds small shifts at low dose:
-    on simulated Fe L2,3 (64 x 64, 20 counts per channel before the edge, 1 % anomalies) ROC AUC
-    0.64 -> 0.996 at 0.25 eV and 0.94 -> 1.000 at 0.5 eV, with PCA and the 3D-CVAE alike. It is a
+    along the one direction a shifted edge moves the counts, so it finds small shifts at low dose
+    (measured in ``benchmarks/cvae.py --scoring shift``; figures in ``benchmarks/README.md``). It is a
     local (first-order) test: once the shift is comparable to the white lines' width the edges no
-    longer overlap and it can miss (at 4 eV, F1 0.96-0.98 at dose 200 but 0.0-0.2 at dose 20; the
-    4 eV circular roll of Sultanov et al. is missed), and it is blind to changes that do not move the
-    edge (an L3/L2 ratio at a fixed position). Use the deviance for those.
+    longer overlap and it can miss large shifts at low dose, and it is blind to changes that do not
+    move the edge (an L3/L2 ratio at a fixed position). Use the deviance for those.
     """
     mu = np.maximum(model, _FLOOR)
     slope = np.gradient(mu, axis=-1) if mu.shape[-1] > 1 else np.zeros_like(mu)

@@ -86,9 +86,9 @@ class PatchDataModule(pl.LightningDataModule):
     augment
         Show each training patch in a random one of its 8 mirror images and quarter turns (4 when the
         patch is not square) every epoch: a bulk region has no preferred direction, and one image gives
-        only a few hundred patches. On the simulated 64 x 64 grid it changed nothing measurable (F1 1.000
-        with and without); it is there for real images with oriented features (a grain boundary, a scan
-        distortion) that a small training set would otherwise tie to one direction.
+        only a few hundred patches. It is there for real images with oriented features (a grain
+        boundary, a scan distortion) that a small training set would otherwise tie to one direction;
+        on the simulated grid it changed nothing measurable (``benchmarks/README.md``).
     seed
         Seed of the split, the shuffling and the augmentation.
 
@@ -142,8 +142,6 @@ class PatchDataModule(pl.LightningDataModule):
                 val = train
         if self.mask is not None:
             self.holdout_pixels &= np.asarray(self.mask, dtype=bool)
-        self.n_patches = int(keep.sum())
-        self.n_validation_patches = int(val.sum()) if val is not train else 0
         train_index, val_index = torch.from_numpy(np.flatnonzero(train)), torch.from_numpy(np.flatnonzero(val))
         self.train_set = TensorDataset(patches[train_index], scales[train_index])
         self.val_set = TensorDataset(patches[val_index], scales[val_index])
