@@ -171,23 +171,68 @@ def spiral_tap(
         raise ValueError(f"penalty must be one of {sorted(PENALTIES)}, got {penalty!r}")
     if (A is None) != (AT is None):
         raise ValueError("give both A and AT (the forward operator and its adjoint), or neither")
+    if stop not in ("step", "objective", "gap", "iterations"):
+        raise ValueError(f"stop must be 'step', 'objective', 'gap' or 'iterations', got {stop!r}")
+    if stop == "gap" and penalty != "canonical":
+        raise ValueError(f"the duality-gap stop is for the 'canonical' (l1) penalty, not {penalty!r}")
     if A is None:
         A, AT = identity()
-    rule = PENALTIES[penalty]
-    monotone = rule.accept_test if monotone is None else monotone
     background = np.asarray(background, dtype=float)
     if np.any(background < 0):
         raise ValueError("the background must be >= 0")
-    prox, penalty_value = rule.prox, rule.value
-    if on.backend == "torch" and not rule.any_array:
-        def prox(step, lam, **options):  # a numpy-only subproblem: through the CPU and back
-            return on.asarray(rule.prox(to_numpy(step).astype(float), lam, **options))
-
-        def penalty_value(x, **options):
-            return rule.value(to_numpy(x).astype(float), **options)
+    rule = PENALTIES[penalty]
+    prox, penalty_value = _penalty_on(rule, on)
     y = on.asarray(y)
     background = on.asarray(background) if background.ndim else float(background)
+    back_projection = _check_operators(A, AT, y, truth)
+    if penalty == "onb" and "basis" not in penalty_options:
+        penalty_options["basis"] = WaveletBasis(np.shape(back_projection))
+    value_options = {k: v for k, v in penalty_options.items() if k in ("weights", "basis")}
+    problem = _Problem(on, y, A, AT, background, tau, lambda x: penalty_value(x, **value_options), log_epsilon,
+                       None if truth is None else on.asarray(truth), gap=stop == "gap")
+    if on.total(y) == 0:
+        x = back_projection * 0.0
+        empty = np.array([0.0])
+        return SpiralResult(to_numpy(x).astype(float), 0, empty,
+                            None if truth is None else np.array([problem.error(x)]), empty, True)
+    x = _initial_point(on, y, AT, back_projection, initialization)
+    monotone = rule.accept_test if monotone is None else monotone
+    history = _History(problem, x, A(x), started)
+    alpha = alpha_init
+    converged = False
+    iteration = 0
+    while iteration < max_iter:
+        iteration += 1
+        x, ax, alpha, norm_dx, value = _spiral_step(problem, prox, penalty_options, history.x, history.ax, alpha,
+                                                    reference=max(history.objectives[-(memory + 1):]),
+                                                    monotone=monotone, eta=eta, sigma=sigma, alpha_min=alpha_min,
+                                                    alpha_max=alpha_max)
+        history.record(x, ax, value)
+        if iteration >= min_iter:
+            converged = history.converged(stop, norm_dx, tol)
+            if converged:
+                break
+        if max_time is not None and history.times[-1] > max_time:
+            break
+    return history.result(iteration, converged)
 
+
+def _penalty_on(rule, on):
+    """The penalty's prox and value on the array library ``on`` (numpy-only ones through the CPU)."""
+    if on.backend == "numpy" or rule.any_array:
+        return rule.prox, rule.value
+
+    def prox(step, lam, **options):
+        return on.asarray(rule.prox(to_numpy(step).astype(float), lam, **options))
+
+    def value(x, **options):
+        return rule.value(to_numpy(x).astype(float), **options)
+
+    return prox, value
+
+
+def _check_operators(A, AT, y, truth):
+    """``AT(y)``, after checking that A and AT fit y (and truth the unknown): clear errors otherwise."""
     try:
         back_projection = AT(y)
     except ValueError as error:
@@ -200,27 +245,11 @@ def spiral_tap(
         raise ValueError(f"A maps the unknown to shape {forward_shape} but y has shape {y.shape}")
     if truth is not None and np.shape(truth) != np.shape(back_projection):
         raise ValueError(f"truth has shape {np.shape(truth)} but the unknown has {np.shape(back_projection)}")
-    if stop not in ("step", "objective", "gap", "iterations"):
-        raise ValueError(f"stop must be 'step', 'objective', 'gap' or 'iterations', got {stop!r}")
-    if stop == "gap" and penalty != "canonical":
-        raise ValueError(f"the duality-gap stop is for the 'canonical' (l1) penalty, not {penalty!r}")
-    if penalty == "onb" and "basis" not in penalty_options:
-        penalty_options["basis"] = WaveletBasis(np.shape(back_projection))
-    value_options = {k: v for k, v in penalty_options.items() if k in ("weights", "basis")}
+    return back_projection
 
-    if truth is not None:
-        truth = on.asarray(truth)
-    truth_norm = on.total(truth * truth) ** 0.5 if truth is not None else None
 
-    def error_of(x) -> float:
-        return on.total((x - truth) ** 2) ** 0.5 / truth_norm if truth_norm else float("nan")
-
-    if on.total(y) == 0:
-        x = back_projection * 0.0
-        empty = np.array([0.0])
-        return SpiralResult(to_numpy(x).astype(float), 0, empty,
-                            None if truth is None else np.array([error_of(x)]), empty, True)
-
+def _initial_point(on, y, AT, back_projection, initialization):
+    """``AT(y)`` scaled so that its forward projection has the counts' total, or the user's start."""
     if initialization is None:
         ones_projection = AT(y * 0.0 + 1.0)
         scale = on.total(y) * np.prod(y.shape) / (on.total(back_projection) * on.total(ones_projection))
@@ -230,77 +259,119 @@ def spiral_tap(
             raise ValueError(f"initialization has shape {np.shape(initialization)} but the unknown has "
                              f"{tuple(np.shape(back_projection))}")
         x = on.asarray(initialization) * 1.0
-    x = x.clip(0.0, None)
+    return x.clip(0.0, None)
 
-    def objective_of(x, ax) -> float:
-        mean = ax + background
-        value = on.total(mean) - on.total(y * on.xp.log(mean + log_epsilon))
-        return value + tau * penalty_value(x, **value_options) if tau else value
 
-    ones_back_projection = AT(y * 0.0 + 1.0) if stop == "gap" else None
+@dataclass
+class _Problem:
+    """The objective Phi, its gradient, the l1 duality gap and the error against the truth."""
 
-    def duality_gap(objective: float, ax) -> float:
+    on: Any
+    y: Any
+    A: Callable
+    AT: Callable
+    background: Any
+    tau: float
+    penalty_value: Callable
+    log_epsilon: float
+    truth: Any = None
+    gap: bool = False
+
+    def __post_init__(self) -> None:
+        self.truth_norm = self.on.total(self.truth * self.truth) ** 0.5 if self.truth is not None else None
+        self.sqrt_y = self.on.xp.sqrt(self.y)
+        self.ones_back_projection = self.AT(self.y * 0.0 + 1.0) if self.gap else None
+
+    def objective(self, x, ax) -> float:
+        on = self.on
+        mean = ax + self.background
+        value = on.total(mean) - on.total(self.y * on.xp.log(mean + self.log_epsilon))
+        return value + self.tau * self.penalty_value(x) if self.tau else value
+
+    def gradient(self, ax):
+        return self.AT(1.0 - self.y / (ax + self.background + self.log_epsilon))
+
+    def curvature(self, a_dx, ax) -> float:
+        """``||sqrt(y) A dx / (A x + b)||^2``: the curvature-weighted Barzilai-Borwein numerator."""
+        return self.on.total((a_dx * self.sqrt_y / (ax + self.background + self.log_epsilon)) ** 2)
+
+    def duality_gap(self, objective: float, ax) -> float:
         """Phi minus the dual value at the scaled dual point lambda = 1 - theta y / (A x + b)."""
-        mean = ax + background + log_epsilon
+        on, y, background = self.on, self.y, self.background
+        mean = ax + background + self.log_epsilon
         ratio = y / mean
-        back = AT(ratio)
+        back = self.AT(ratio)
         # the largest theta <= 1 that keeps the dual feasible: theta AT(y / mean) <= AT(1) + tau
-        theta = min(1.0, float(((ones_back_projection + tau) / back.clip(1e-300, None)).min()))
+        theta = min(1.0, float(((self.ones_back_projection + self.tau) / back.clip(1e-300, None)).min()))
         dual = on.total(y) + on.total(y * on.xp.log(theta / mean))
         if np.any(np.asarray(to_numpy(background) if not isinstance(background, float) else background)):
             dual += on.total((1.0 - theta * ratio) * background)
         return objective - dual
 
-    ax = A(x)
-    objectives = [objective_of(x, ax)]
-    gaps = [duality_gap(objectives[0], ax)] if stop == "gap" else None
-    errors = [error_of(x)] if truth is not None else None
-    times = [time.perf_counter() - started]
-    alpha = alpha_init
-    sqrt_y = on.xp.sqrt(y)
-    converged = False
-    iteration = 0
-    while iteration < max_iter:
-        iteration += 1
-        gradient = AT(1.0 - y / (ax + background + log_epsilon))
-        reference = max(objectives[-(memory + 1):])
-        while True:
-            step = x - gradient / alpha
-            candidate = prox(step, tau / alpha, **penalty_options)
-            dx = candidate - x
-            a_candidate = A(candidate)
-            norm_dx = on.total(dx * dx)
-            value = objective_of(candidate, a_candidate) if monotone else float("nan")
-            if not monotone or value <= reference - sigma / 2 * alpha * norm_dx or alpha >= alpha_max:
-                break
-            alpha *= eta
-        a_dx = a_candidate - ax
-        x, ax = candidate, a_candidate
-        objectives.append(value if monotone else objective_of(x, ax))
-        if gaps is not None:
-            gaps.append(duality_gap(objectives[-1], ax))
-        if errors is not None:
-            errors.append(error_of(x))
-        times.append(time.perf_counter() - started)
-        # curvature-weighted Barzilai-Borwein step for the next iteration
-        gamma = on.total((a_dx * sqrt_y / (ax + background + log_epsilon)) ** 2)
-        alpha = alpha_min if gamma == 0 or norm_dx == 0 else float(np.clip(gamma / norm_dx, alpha_min, alpha_max))
-        if iteration >= min_iter:
-            if stop == "step":
-                norm_x = on.total(x * x)
-                converged = norm_x == 0 or norm_dx / norm_x <= tol**2
-            elif stop == "objective":
-                previous = objectives[-2]
-                converged = abs(objectives[-1] - previous) <= tol * abs(previous)
-            elif stop == "gap":
-                converged = gaps[-1] <= tol * abs(objectives[-1])
-            if converged:
-                break
-        if max_time is not None and times[-1] > max_time:
+    def error(self, x) -> float:
+        if not self.truth_norm:
+            return float("nan")
+        return self.on.total((x - self.truth) ** 2) ** 0.5 / self.truth_norm
+
+
+class _History:
+    """The current point and what each iteration recorded."""
+
+    def __init__(self, problem: _Problem, x, ax, started: float) -> None:
+        self.problem, self.x, self.ax, self.started = problem, x, ax, started
+        self.objectives = [problem.objective(x, ax)]
+        self.gaps = [problem.duality_gap(self.objectives[0], ax)] if problem.gap else None
+        self.errors = [problem.error(x)] if problem.truth is not None else None
+        self.times = [time.perf_counter() - started]
+
+    def record(self, x, ax, value: float) -> None:
+        problem = self.problem
+        self.x, self.ax = x, ax
+        self.objectives.append(value if np.isfinite(value) else problem.objective(x, ax))
+        if self.gaps is not None:
+            self.gaps.append(problem.duality_gap(self.objectives[-1], ax))
+        if self.errors is not None:
+            self.errors.append(problem.error(x))
+        self.times.append(time.perf_counter() - self.started)
+
+    def converged(self, stop: str, norm_dx: float, tol: float) -> bool:
+        if stop == "step":
+            norm_x = self.problem.on.total(self.x * self.x)
+            return norm_x == 0 or norm_dx / norm_x <= tol**2
+        if stop == "objective":
+            previous = self.objectives[-2]
+            return abs(self.objectives[-1] - previous) <= tol * abs(previous)
+        if stop == "gap":
+            return self.gaps[-1] <= tol * abs(self.objectives[-1])
+        return False
+
+    def result(self, iterations: int, converged: bool) -> SpiralResult:
+        return SpiralResult(to_numpy(self.x).astype(float), iterations, np.asarray(self.objectives),
+                            None if self.errors is None else np.asarray(self.errors), np.asarray(self.times),
+                            converged, None if self.gaps is None else np.asarray(self.gaps))
+
+
+def _spiral_step(problem: _Problem, prox, penalty_options, x, ax, alpha: float, *, reference: float, monotone: bool,
+                 eta: float, sigma: float, alpha_min: float, alpha_max: float):
+    """One outer iteration: the prox step with the (non-monotone) acceptance test, then the next BB step.
+
+    Returns the new point, its forward projection, the next alpha, ``||dx||^2`` and Phi at the new
+    point (NaN when the acceptance test is off, so that it is computed once, by the history).
+    """
+    gradient = problem.gradient(ax)
+    while True:
+        candidate = prox(x - gradient / alpha, problem.tau / alpha, **penalty_options)
+        dx = candidate - x
+        a_candidate = problem.A(candidate)
+        norm_dx = problem.on.total(dx * dx)
+        value = problem.objective(candidate, a_candidate) if monotone else float("nan")
+        if not monotone or value <= reference - sigma / 2 * alpha * norm_dx or alpha >= alpha_max:
             break
-    return SpiralResult(to_numpy(x).astype(float), iteration, np.asarray(objectives),
-                        None if errors is None else np.asarray(errors), np.asarray(times), converged,
-                        None if gaps is None else np.asarray(gaps))
+        alpha *= eta
+    # curvature-weighted Barzilai-Borwein step for the next iteration
+    gamma = problem.curvature(a_candidate - ax, a_candidate)
+    alpha = alpha_min if gamma == 0 or norm_dx == 0 else float(np.clip(gamma / norm_dx, alpha_min, alpha_max))
+    return candidate, a_candidate, alpha, norm_dx, value
 
 
 @dataclass
