@@ -322,11 +322,42 @@ def nb_fit(
     >>> bool(np.allclose(fit.coef[:, 1], np.log(3), atol=0.3))
     True
     """
+    if method not in ("mom", "mle"):
+        raise ValueError(f"method must be 'mom' or 'mle', got {method!r}")
+    if shrink and method != "mle":
+        raise ValueError("dispersion shrinkage needs method='mle'")
     counts = _as_counts(counts)
     n_features, n_samples = counts.shape
     design = _validate_design(design, n_samples)
     factors = _as_size_factors(size_factors, n_samples)
-    offset = np.log(factors)
+    p = design.shape[1]
+    reason = _reasons_for_nan(counts, design, method)
+    ok = reason == ""
+    fit = NBFit(coef=np.full((n_features, p), np.nan), dispersion=np.full(n_features, np.nan),
+                mu=np.full((n_features, n_samples), np.nan), loglik=np.full(n_features, np.nan),
+                cov=np.full((n_features, p, p), np.nan), converged=np.zeros(n_features, dtype=bool), n_iter=0,
+                reason=reason, method=method, df_residual=n_samples - p)
+    if not ok.any():
+        return fit
+    if method == "mle":
+        coef, alpha, mu, ll, cov, converged, fit.n_iter = _nb_fit_mle(
+            counts[ok], design, factors, max_iter=max_iter, tol=tol, on=arrays(backend, device, np.float64),
+            shrink=shrink)
+        failed = ok.copy()
+        failed[ok] = ~converged
+        reason[failed] = f"not converged in {max_iter} iterations"
+    else:
+        coef, alpha, mu, cov = _fit_mom(counts[ok], _two_group_columns(design), factors)
+        ll = nb_loglik(counts[ok], mu, alpha) if loglik else np.nan
+        converged = True
+    fit.coef[ok], fit.dispersion[ok], fit.mu[ok], fit.loglik[ok], fit.cov[ok] = coef, alpha, mu, ll, cov
+    fit.converged[ok] = converged
+    return fit
+
+
+def _reasons_for_nan(counts: np.ndarray, design: np.ndarray, method: str) -> np.ndarray:
+    """Why each feature cannot be fitted ("" where it can): too few samples, no counts, an empty group (MLE)."""
+    n_features, n_samples = counts.shape
     p = design.shape[1]
     reason = np.full(n_features, "", dtype=object)
     if n_samples <= p:
@@ -339,51 +370,27 @@ def nb_fit(
             if np.isin(values, (0.0, 1.0)).all() and 0 < values.sum() < n_samples:
                 empty = (counts[:, values == 1.0].sum(1) == 0) | (counts[:, values == 0.0].sum(1) == 0)
                 reason[empty & (reason == "")] = "a group has no counts: the MLE of its log fold change is infinite"
-    ok = reason == ""
-    coef = np.full((n_features, p), np.nan)
-    dispersion = np.full(n_features, np.nan)
-    mu = np.full((n_features, n_samples), np.nan)
-    compute_loglik = loglik
-    loglik = np.full(n_features, np.nan)
-    cov = np.full((n_features, p, p), np.nan)
-    converged = np.zeros(n_features, dtype=bool)
-    n_iter = 0
-    if method == "mle":
-        if ok.any():
-            on = arrays(backend, device, np.float64)
-            b, a, m, ll, conv, n_iter = _fit_mle(counts[ok], design, offset, max_iter, tol, on)
-            if shrink:
-                prior_mean, prior_var = _dispersion_prior(a, m, conv, n_samples - p)
-                b, a, m, ll, conv, n_iter = _fit_mle(counts[ok], design, offset, max_iter, tol, on,
-                                                     prior_mean, prior_var)
-            coef[ok], dispersion[ok], mu[ok], loglik[ok], converged[ok] = b, a, m, ll, conv
-            information = _observed_information(counts[ok], design, m, a)
-            # at the Poisson boundary alpha is not estimable, and a shrunken alpha is no MLE: use the
-            # beta block alone there
-            boundary = np.full(a.shape, True) if shrink else a <= 1.01 * ALPHA_MIN
-            covariance = np.empty((int(ok.sum()), p, p))
-            interior = ~boundary
-            if interior.any():
-                covariance[interior] = _safe_inverse(information[interior])[:, :p, :p]
-            if boundary.any():
-                covariance[boundary] = _safe_inverse(information[boundary][:, :p, :p])
-            cov[ok] = covariance
-            failed = ok.copy()
-            failed[ok] = ~conv
-            reason[failed] = f"not converged in {max_iter} iterations"
-    elif method == "mom":
-        if shrink:
-            raise ValueError("dispersion shrinkage needs method='mle'")
-        groups = _two_group_columns(design)
-        result = _fit_mom(counts[ok], groups, factors)
-        coef[ok], dispersion[ok], mu[ok], cov[ok] = result
-        if compute_loglik:
-            loglik[ok] = nb_loglik(counts[ok], mu[ok], dispersion[ok])
-        converged[ok] = True
-    else:
-        raise ValueError(f"method must be 'mom' or 'mle', got {method!r}")
-    return NBFit(coef=coef, dispersion=dispersion, mu=mu, loglik=loglik, cov=cov, converged=converged,
-                 n_iter=n_iter, reason=reason, method=method, df_residual=n_samples - p)
+    return reason
+
+
+def _nb_fit_mle(counts, design, factors, *, max_iter: int, tol: float, on: Arrays, shrink: bool):
+    """Joint MLE (or, with ``shrink``, the MAP dispersion) with the covariance of beta, for fittable features."""
+    p = design.shape[1]
+    offset = np.log(factors)
+    b, a, m, ll, conv, n_iter = _fit_mle(counts, design, offset, max_iter, tol, on)
+    if shrink:
+        prior_mean, prior_var = _dispersion_prior(a, m, conv, counts.shape[1] - p)
+        b, a, m, ll, conv, n_iter = _fit_mle(counts, design, offset, max_iter, tol, on, prior_mean, prior_var)
+    information = _observed_information(counts, design, m, a)
+    # at the Poisson boundary alpha is not estimable, and a shrunken alpha is no MLE: use the beta block alone there
+    boundary = np.full(a.shape, True) if shrink else a <= 1.01 * ALPHA_MIN
+    covariance = np.empty((counts.shape[0], p, p))
+    interior = ~boundary
+    if interior.any():
+        covariance[interior] = _safe_inverse(information[interior])[:, :p, :p]
+    if boundary.any():
+        covariance[boundary] = _safe_inverse(information[boundary][:, :p, :p])
+    return b, a, m, ll, covariance, conv, n_iter
 
 
 def _dispersion_prior(alpha, mu, converged, df: int) -> tuple[np.ndarray, float]:
