@@ -160,3 +160,15 @@ def test_plan_keeps_subfolders_apart(tmp_path):
     assert [o.relative_to(tmp_path / "out").as_posix() for _, o in pairs] == ["a/same.detect.nc", "b/same.detect.nc"]
     with pytest.raises(ValueError, match="same outputs"):
         plan([tmp_path / "in" / "a" / "same.nc", tmp_path / "in" / "b" / "same.nc"], tmp_path / "out", suffix=".x")
+
+
+def test_relative_paths_survive_a_change_of_folder(tmp_path, model, folder, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["detect", "pca.nc", "in", "--out", "detections", "--quiet"]) == 0
+    detection = eels_ad.open_results(tmp_path / "detections" / "good0.detect.nc")
+    assert Path(detection.attrs["source_file"]) == (folder / "good0.nc").resolve()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["compare", str(tmp_path / "detections"), "--out", "channels", "--quiet"]) == 0
+    assert (elsewhere / "channels" / "good0.channels.nc").is_file()

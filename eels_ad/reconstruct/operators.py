@@ -7,7 +7,7 @@ from typing import Literal
 
 import numpy as np
 
-from .._xp import through_numpy
+from .._xp import like, through_numpy
 
 Operator = tuple[Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray], np.ndarray]]
 
@@ -92,9 +92,7 @@ def scan_mask(visited: np.ndarray) -> Operator:
             return mask
         key = (x.dtype, x.device)  # a torch tensor: the mask as a tensor on its device, made once
         if key not in cache:
-            import torch
-
-            cache[key] = torch.as_tensor(mask, dtype=x.dtype, device=x.device)
+            cache[key] = like(mask, x)
         return cache[key]
 
     return (lambda x: x * weights(x)), (lambda y: y * weights(y))
