@@ -32,7 +32,7 @@ def as_datacube(
     x: np.ndarray | Sequence | None = None,
     spatial_units: str = "px",
     attrs: Mapping[str, Any] | None = None,
-    negative: NegativePolicy = "raise",
+    negative: NegativePolicy = "clip",
     name: str = "counts",
 ) -> xr.DataArray:
     """Build a validated datacube from a numpy array of counts.
@@ -54,8 +54,10 @@ def as_datacube(
     attrs
         Acquisition metadata to keep (beam energy, dwell time, source file ...).
     negative
-        What to do with negative counts: ``"raise"`` (default), ``"clip"`` them to zero (for
-        dark-reference-corrected data) or ``"allow"`` them.
+        What to do with negative counts (dark-reference-corrected data has some): ``"clip"`` them to
+        zero (default; the number is kept in ``attrs["clipped_negative_voxels"]``), ``"raise"`` or
+        ``"allow"`` them. The same default holds at every entry point (``load``, ``validate``, the
+        detectors, ``compare_regions``, ``denoise_cube``).
     name
         Name of the DataArray.
 
@@ -104,7 +106,7 @@ def as_datacube(
     return validate(cube, negative=negative)
 
 
-def validate(cube: xr.DataArray, *, negative: NegativePolicy = "raise") -> xr.DataArray:
+def validate(cube: xr.DataArray, *, negative: NegativePolicy = "clip") -> xr.DataArray:
     """Check that ``cube`` follows the datacube convention and return it.
 
     Parameters
@@ -112,8 +114,9 @@ def validate(cube: xr.DataArray, *, negative: NegativePolicy = "raise") -> xr.Da
     cube
         The spectrum image to check.
     negative
-        ``"raise"`` on negative counts (default), ``"clip"`` them to zero (the count of clipped
-        voxels is kept in ``attrs["clipped_negative_voxels"]``) or ``"allow"`` them.
+        ``"clip"`` negative counts to zero (default, the one policy of every entry point: the count
+        of clipped voxels is kept in ``attrs["clipped_negative_voxels"]``), ``"raise"`` on them or
+        ``"allow"`` them.
 
     Returns
     -------
@@ -179,8 +182,10 @@ def validate(cube: xr.DataArray, *, negative: NegativePolicy = "raise") -> xr.Da
                     f"the datacube has {n_negative} negative counts (minimum {float(cube.min()):.4g}); "
                     "dark-reference-corrected data has some: pass negative='clip' to set them to 0"
                 )
+            attrs = dict(cube.attrs)
             cube = cube.clip(min=0)
-            cube.attrs["clipped_negative_voxels"] = n_negative
+            cube.attrs = attrs
+            cube.attrs["clipped_negative_voxels"] = n_negative + int(attrs.get("clipped_negative_voxels", 0))
     return cube
 
 

@@ -72,14 +72,20 @@ def test_non_uniform_energy_axis():
         as_datacube(np.ones((2, 2, 10)), energy=energy)
 
 
-def test_negative_counts_raise_or_clip():
+def test_negative_counts_clip_by_default_everywhere_or_raise():
     values = np.full((2, 2, 4), 10.0)
     values[0, 0, :2] = -3.0
     with pytest.raises(ValueError, match="2 negative counts.*negative='clip'"):
-        as_datacube(values, energy_offset=0.0, dispersion=1.0)
-    clipped = as_datacube(values, energy_offset=0.0, dispersion=1.0, negative="clip")
+        as_datacube(values, energy_offset=0.0, dispersion=1.0, negative="raise")
+    clipped = as_datacube(values, energy_offset=0.0, dispersion=1.0)
     assert float(clipped.min()) == 0.0
     assert clipped.attrs["clipped_negative_voxels"] == 2
+    raw = as_datacube(values, energy_offset=0.0, dispersion=1.0, negative="allow")
+    assert validate(raw).attrs["clipped_negative_voxels"] == 2  # validate, fit and score: the same default
+    from eels_ad.detect import PCADetector
+
+    detector = PCADetector(n_components=1).fit(raw)
+    np.testing.assert_allclose(detector.reconstruct(raw).values, detector.reconstruct(clipped).values)
     allowed = as_datacube(values, energy_offset=0.0, dispersion=1.0, negative="allow")
     assert float(allowed.min()) == -3.0
 

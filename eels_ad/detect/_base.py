@@ -167,7 +167,7 @@ class BaseDetector(abc.ABC):
 
     def _prepared(self, cube: xr.DataArray) -> xr.DataArray:
         self._check_fitted()
-        return self._select_fitted_energy(validate(cube, negative="allow"))
+        return self._select_fitted_energy(validate(cube))
 
     # -- the API ----------------------------------------------------------------------------
     def fit(self, cube: xr.DataArray, mask: xr.DataArray | np.ndarray | None = None) -> BaseDetector:
@@ -178,10 +178,16 @@ class BaseDetector(abc.ABC):
         self
         """
         self._check_params()
-        cube = validate(cube, negative="allow")
+        cube = validate(cube)
         mask_values = None if mask is None else np.asarray(as_mask(mask, cube).values)
         if mask_values is not None and not mask_values.any():
             raise ValueError("the training mask selects no pixel")
+        if "vacuum" in cube.coords:  # marked by eels_ad.prepare: never part of the bulk
+            vacuum = np.asarray(cube["vacuum"].values, dtype=bool)
+            if vacuum.all() or (mask_values is not None and not (mask_values & ~vacuum).any()):
+                raise ValueError("every training pixel is marked vacuum (coordinate 'vacuum'): nothing to learn from")
+            if vacuum.any():
+                mask_values = ~vacuum if mask_values is None else mask_values & ~vacuum
         cube = self._select_training_energy(cube)
         energy = np.asarray(cube["energy"].values, dtype=float)
         self._score_channels(energy)
@@ -203,11 +209,14 @@ class BaseDetector(abc.ABC):
     def score(self, cube: xr.DataArray) -> xr.DataArray:
         """Anomaly score of every pixel, a DataArray (y, x); higher = more anomalous."""
         cube = self._prepared(cube)
-        return xr.DataArray(
+        scores = xr.DataArray(
             self._score_array(cube), dims=("y", "x"), coords={"y": cube["y"], "x": cube["x"]},
             name="score", attrs={"score": str(self.get_params().get("scoring", "model")),
                                  "detector": type(self).__name__},
         )
+        if "vacuum" in cube.coords:  # the scores keep the mask, so that flag() leaves vacuum alone
+            scores.coords["vacuum"] = (("y", "x"), np.asarray(cube["vacuum"].values, dtype=bool))
+        return scores
 
     def reconstruct(self, cube: xr.DataArray) -> xr.DataArray:
         """The bulk model's reconstruction of every spectrum, over the fitted energy channels."""
@@ -229,12 +238,18 @@ class BaseDetector(abc.ABC):
         """Boolean (y, x) map of the pixels whose ``scores`` (from :meth:`score`) exceed the threshold.
 
         ``"otsu"`` and ``"gmm"`` set the threshold from these scores, ``"fpr"`` from the calibration
-        scores, ``"auto"`` from both, a number is used as it is.
+        scores, ``"auto"`` from both, a number is used as it is. Pixels marked vacuum (the coordinate
+        ``vacuum`` that :func:`eels_ad.prepare.prepare` adds) neither set the threshold nor are flagged.
         """
         if not isinstance(scores, xr.DataArray) or scores.dims != ("y", "x"):
             raise TypeError("flag takes the (y, x) score map from score(cube); to label a cube use predict(cube)")
-        threshold = self.threshold_for(scores)
-        labels = scores > threshold
+        vacuum = (np.asarray(scores["vacuum"].values, dtype=bool) if "vacuum" in scores.coords
+                  else np.zeros(scores.shape, dtype=bool))
+        if vacuum.all():
+            threshold = float("inf")
+        else:
+            threshold = self.threshold_for(scores.values[~vacuum] if vacuum.any() else scores)
+        labels = (scores > threshold) & ~vacuum
         labels.name = "anomalous"
         labels.attrs = {"threshold": threshold, "threshold_method": str(self.get_params().get("threshold", "auto")),
                         "score": str(scores.attrs.get("score", ""))}

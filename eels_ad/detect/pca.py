@@ -198,8 +198,18 @@ class PCADetector(SpectrumDetector):
         if self.n_components == "auto":
             noise_variance = 1.0 if self.poisson_normalize else max(float(mean_spectrum.mean()), 1e-12)
             edge = noise_variance * (1 + np.sqrt(n_channels / n_train)) ** 2 * (1 + self.auto_margin)
-            n_keep = int(np.clip(np.sum(eigenvalues > edge), 1, self.max_components))
+            above = int(np.sum(eigenvalues > edge))
+            n_keep = int(np.clip(above, 1, self.max_components))
             self.noise_edge_ = float(edge)
+            if above > self.max_components:
+                import warnings
+
+                warnings.warn(
+                    f"PCADetector: {above} components rise above the noise edge but max_components="
+                    f"{self.max_components} keeps {n_keep}. With Poisson normalisation this usually means the "
+                    "counts are not electron counts (a detector gain: run eels_ad.prepare.prepare first) or the "
+                    "image holds more than one material; raise max_components or set n_components",
+                    UserWarning, stacklevel=4)
         else:
             n_keep = int(self.n_components)
             if n_keep > min(n_channels, n_train):

@@ -386,11 +386,15 @@ class TauSelection:
         The candidates, as tried on the thinned data.
     held_out_loss : ndarray
         Poisson negative log-likelihood of the held-out counts under each candidate's reconstruction.
+    at_edge : bool
+        The best candidate is still the smallest or the largest after extending the search: the
+        minimum of the held-out loss was not found inside the range (a warning said so).
     """
 
     tau: float
     taus: np.ndarray
     held_out_loss: np.ndarray
+    at_edge: bool = False
 
 
 def default_taus(y: np.ndarray, count: int = 7, *, relative: bool = False) -> np.ndarray:
@@ -419,6 +423,7 @@ def select_tau(
     fraction: float = 0.5,
     seed: int = 0,
     initialize: Callable[[np.ndarray], np.ndarray] | None = None,
+    max_extensions: int = 3,
     **options: Any,
 ) -> TauSelection:
     """Choose the regularisation weight from the data alone, by Poisson thinning.
@@ -447,6 +452,10 @@ def select_tau(
     initialize
         A function of the counts that gives the starting point (e.g. the interpolation of a
         sub-sampled scan), applied to the training part so that the held-out counts stay unseen.
+    max_extensions
+        When the best candidate is the smallest or the largest, the grid is extended beyond it (by its
+        own ratio) up to this many times, to find an interior minimum; if there is still none a
+        :class:`UserWarning` says so and ``at_edge`` is set.
     **options
         Passed to :func:`spiral_tap`.
 
@@ -477,19 +486,43 @@ def select_tau(
     if taus.ndim != 1 or taus.size == 0 or np.any(taus < 0):
         raise ValueError(f"taus must be a non-empty list of weights >= 0, got {taus}")
     rng = np.random.default_rng(seed)
-    training = rng.binomial(y.astype(np.int64), fraction).astype(float)
-    held_out = y - training
+    # electron counts divided by a gain are not whole: thin their nearest whole numbers
+    training = rng.binomial(np.rint(y).astype(np.int64), fraction).astype(float)
+    held_out = np.maximum(y - training, 0.0)
     forward = A if A is not None else (lambda x: x)
     scale = (1.0 - fraction) / fraction
-    losses = []
-    for tau in taus:
+
+    def held_out_loss(tau: float) -> float:
         start = None if initialize is None else initialize(training)
         result = spiral_tap(training, A, AT, tau=float(tau), penalty=penalty, initialization=start, **options)
         mean = scale * np.asarray(forward(result.x), dtype=float) + 1e-10
-        losses.append(float(np.sum(mean - held_out * np.log(mean))))
-    losses = np.asarray(losses)
+        return float(np.sum(mean - held_out * np.log(mean)))
+
+    taus = list(np.sort(taus))
+    losses = [held_out_loss(tau) for tau in taus]
+    ratio = taus[-1] / taus[-2] if len(taus) > 1 and taus[-2] > 0 else 2.0
+    for _ in range(max_extensions):
+        best = int(np.argmin(losses))
+        if 0 < best < len(taus) - 1 or len(taus) < 2:
+            break
+        if best == 0 and taus[0] > 0:
+            taus.insert(0, taus[0] / ratio)
+            losses.insert(0, held_out_loss(taus[0]))
+        elif best == len(taus) - 1:
+            taus.append(taus[-1] * ratio)
+            losses.append(held_out_loss(taus[-1]))
+        else:
+            break
     best = int(np.argmin(losses))
-    return TauSelection(float(taus[best] * np.sqrt(fraction)), taus, losses)
+    at_edge = len(taus) > 1 and best in (0, len(taus) - 1)
+    if at_edge:
+        import warnings
+
+        side = "smallest" if best == 0 else "largest"
+        warnings.warn(f"select_tau: the held-out loss is lowest at the {side} weight tried ({taus[best]:.4g} of "
+                      f"{taus[0]:.4g}-{taus[-1]:.4g}), after {max_extensions} extensions of the grid: no interior "
+                      "minimum; pass taus= or a fixed tau", UserWarning, stacklevel=2)
+    return TauSelection(float(taus[best] * np.sqrt(fraction)), np.asarray(taus), np.asarray(losses), at_edge)
 
 
 def _interpolate_unvisited(counts: np.ndarray, visited: np.ndarray) -> np.ndarray:
@@ -578,7 +611,7 @@ def denoise_cube(
     """
     from ..datacube import as_mask, validate
 
-    cube = validate(cube, negative="raise")
+    cube = validate(cube)
     counts = np.asarray(cube.values, dtype=float)
     operators = []
     visited_values = None
@@ -645,10 +678,18 @@ def denoise_cube(
         selection = select_tau(counts, candidates, forward, adjoint, penalty=penalty, background=background,
                                initialize=initialize, **options)
         tau = selection.tau
-        attrs.update(tau_candidates=selection.taus * np.sqrt(0.5), tau_held_out_loss=selection.held_out_loss)
+        attrs.update(tau_candidates=selection.taus * np.sqrt(0.5), tau_held_out_loss=selection.held_out_loss,
+                     tau_at_edge=int(selection.at_edge))
     result = spiral_tap(counts, forward, adjoint, tau=tau, penalty=penalty, background=background,
                         initialization=initialize(counts), **options)
     intensity = result.x * scale
+    if not result.converged:
+        import warnings
+
+        warnings.warn(f"denoise_cube: SPIRAL-TAP stopped at max_iter={result.iterations} before its stopping rule "
+                      f"was met (stop={options.get('stop', 'step')!r}, tol={options.get('tol', 1e-6):g}); the result "
+                      "is usable but not converged: raise max_iter (attrs['converged'] = 0)", UserWarning,
+                      stacklevel=2)
     reference_name = "none" if reference is None else ("mean spectrum" if isinstance(reference, str) else "given")
     attrs.update(reconstruction=f"SPIRAL-TAP {penalty}", tau=float(tau), iterations=result.iterations,
                  seconds=float(result.times[-1]), converged=int(result.converged), reference=reference_name)

@@ -70,7 +70,7 @@ def compare_regions(
         Indexed by ``energy``: ``mean_a``, ``mean_b`` (mean normalised spectra), ``log_fold_change``,
         ``se``, ``statistic``, ``pvalue``, ``qvalue``, ``dispersion``, ``significant`` and ``reason``.
     """
-    cube = validate(cube, negative="raise")
+    cube = validate(cube)
     normalising_cube = cube.eels.crop(*normalize_range) if normalize_range is not None else None
     if energy_range is not None:
         cube = cube.eels.crop(*energy_range)

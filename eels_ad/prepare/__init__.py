@@ -1,0 +1,20 @@
+"""What real data needs before any likelihood: detector gain, X-ray spikes, vacuum.
+
+:func:`prepare` does all of it in one call and is what the pipeline (``eels-ad demo``, ``train``,
+``detect``) runs by default; each step is also a function of its own.
+
+- :func:`estimate_gain`: counts per electron from neighbouring-pixel differences; counts are divided
+  by it before any Poisson likelihood (PCA normalisation, the CVAE's NLL, SPIRAL-TAP, NB tests).
+- :func:`find_spikes`, :func:`remove_spikes`: single-voxel X-ray spikes, repaired from the spatial
+  neighbours, with the mask kept as the coordinate ``spike``.
+- :func:`vacuum_mask`: vacuum and very thin pixels, kept as the coordinate ``vacuum``; detectors
+  neither train on nor flag them.
+"""
+
+from ._gain import GainEstimate, estimate_gain, resolve_gain
+from ._prepare import prepare
+from ._spikes import find_spikes, remove_spikes
+from ._vacuum import vacuum_mask
+
+__all__ = ["GainEstimate", "estimate_gain", "find_spikes", "prepare", "remove_spikes", "resolve_gain",
+           "vacuum_mask"]
