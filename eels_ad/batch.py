@@ -54,9 +54,18 @@ def plan(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, *, suf
 
     Outputs are ``OUT_DIR/<name><suffix>``; for files found inside a folder the sub-folders below it
     are kept, so equal names in different sub-folders do not collide. A named file is taken as it
-    is, whatever its suffix, so that a bad file gets reported rather than silently left out.
+    is, whatever its suffix, so that a bad file gets reported rather than silently left out. Files
+    inside ``out_dir`` found in an input folder are this job's own outputs and are left out.
+
+    Raises
+    ------
+    ValueError
+        No datacube in the inputs, ``out_dir`` is a file, or two inputs would write one output.
     """
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir} is a file; give a folder for the outputs")
+    resolved_out = out_dir.resolve()
 
     def stem(path: Path) -> str:  # "a.detect.nc" -> "a": results of one job name those of the next
         name = path.stem
@@ -68,10 +77,15 @@ def plan(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, *, suf
     for entry in map(Path, inputs):
         if entry.is_dir():
             for path in find_datacubes(entry, pattern, recursive=recursive):
+                if path.resolve().is_relative_to(resolved_out):
+                    continue  # an output of this job (or of an earlier run of it)
                 relative = path.relative_to(entry)
                 pairs.append((path, out_dir / relative.parent / f"{stem(relative)}{suffix}"))
         else:
             pairs.append((entry, out_dir / f"{stem(entry)}{suffix}"))
+    if not pairs:
+        raise ValueError(f"no datacube found in {', '.join(str(i) for i in inputs)} "
+                         f"({'recursively' if recursive else 'not searching sub-folders: add --recursive'})")
     outputs = [output for _, output in pairs]
     duplicates = {str(o) for o in outputs if outputs.count(o) > 1}
     if duplicates:
@@ -110,39 +124,59 @@ def _cached_detector(path: str | os.PathLike):
     return _DETECTORS[key]
 
 
+def load_prepared(source: str | os.PathLike, preparation: dict[str, Any] | None = None,
+                  chunks: dict[str, int] | None = None):
+    """:func:`eels_ad.load`, then :func:`eels_ad.prepare.prepare` with ``preparation`` (None: as recorded)."""
+    source = Path(source)
+    cube = load(source, chunks=chunks if source.suffix.lower() == ".nc" else None)
+    if preparation is None:
+        return cube
+    from .prepare import prepare
+
+    return prepare(cube, **preparation)
+
+
 def detect_job(source: Path, output: Path, *, model: str, reconstruction: bool = False,
-               chunks: dict[str, int] | None = None) -> FileResult:
-    """Score one cube with a saved detector and write scores, labels (and reconstructions)."""
+               chunks: dict[str, int] | None = None, preparation: dict[str, Any] | None = None) -> FileResult:
+    """Score one cube with a saved detector and write scores, labels (and reconstructions).
+
+    ``preparation``: options of :func:`eels_ad.prepare.prepare` (gain, spikes, vacuum), or None to
+    score the counts as recorded.
+    """
     import xarray as xr
 
     result = FileResult(str(source), str(output), "done")
     detector = _cached_detector(model)
-    cube = load(source, chunks=chunks if source.suffix.lower() == ".nc" else None)
+    cube = load_prepared(source, preparation, chunks)
     result.shape = "x".join(str(n) for n in cube.shape)
     scores = detector.score(cube)
     labels = detector.flag(scores)
     variables = {"score": scores, "anomalous": labels}
     if reconstruction:
         variables["reconstruction"] = detector.reconstruct(cube)
+    if "spike" in cube.coords:
+        variables["spikes_per_pixel"] = cube["spike"].sum("energy").astype("int32")
     # resolved paths: a later stage (compare) reopens the source from wherever it runs
     dataset = xr.Dataset(variables, attrs={"source_file": str(Path(source).resolve()),
                                            "model": str(Path(model).resolve()),
                                            "detector": type(detector).__name__,
-                                           "threshold": float(labels.attrs["threshold"])})
+                                           "threshold": float(labels.attrs["threshold"]),
+                                           "prepared": cube.attrs.get("prepared", "no"),
+                                           "preparation": json.dumps(preparation)})
     save(dataset, output, overwrite=True)
     _describe_scores(result, scores.values, labels.values)
     return result
 
 
-def denoise_job(source: Path, output: Path, *, penalty: str, tau: float | str, weights: Sequence[float],
-                options: dict[str, Any] | None = None) -> FileResult:
-    """SPIRAL-TAP denoising of one cube."""
+def denoise_job(source: Path, output: Path, *, options: dict[str, Any] | None = None,
+                preparation: dict[str, Any] | None = None) -> FileResult:
+    """SPIRAL-TAP denoising of one cube (:func:`eels_ad.reconstruct.denoise_cube` with ``options``)."""
     from .reconstruct import denoise_cube
 
     result = FileResult(str(source), str(output), "done")
-    cube = load(source)
+    cube = load_prepared(source, preparation)
     result.shape = "x".join(str(n) for n in cube.shape)
-    clean = denoise_cube(cube, penalty=penalty, tau=tau, weights=tuple(weights), **(options or {}))
+    clean = denoise_cube(cube.drop_vars([c for c in ("spike", "vacuum") if c in cube.coords]), **(options or {}))
     save(clean.to_dataset(name="intensity").assign_attrs(source_file=str(Path(source).resolve())), output,
          overwrite=True)
     result.extra = {"iterations": clean.attrs["iterations"]}
@@ -158,10 +192,15 @@ def compare_job(source: Path, output: Path, *, method: str = "mom", fdr: float =
     detection = open_results(source)
     if "anomalous" not in detection or "source_file" not in detection.attrs:
         raise ValueError(f"{source}: not an `eels-ad detect` result (no 'anomalous' map or source_file)")
-    cube = load(detection.attrs["source_file"])
-    labels = detection["anomalous"]
+    # the counts as the detection saw them: prepared the same way
+    preparation = json.loads(detection.attrs.get("preparation", "null"))
+    cube = load_prepared(detection.attrs["source_file"], preparation)
+    labels = detection["anomalous"].drop_vars("vacuum", errors="ignore")
+    bulk = ~labels
+    if "vacuum" in cube.coords:  # vacuum is neither flagged nor bulk
+        bulk = bulk & ~cube["vacuum"].drop_vars("vacuum", errors="ignore").values
     result.shape = "x".join(str(n) for n in cube.shape)
-    table = compare_regions(cube, ~labels, labels, method=method, fdr=fdr, normalize_range=normalize_range)
+    table = compare_regions(cube, bulk, labels, method=method, fdr=fdr, normalize_range=normalize_range)
     table.attrs["source_file"] = str(detection.attrs["source_file"])
     save(table, output, overwrite=True)
     result.n_flagged = int(labels.sum())
@@ -313,13 +352,14 @@ def write_summary(results: Iterable[FileResult], out_dir: Path) -> None:
 
 
 def train(bulk: Sequence[str | os.PathLike], model: str, out: str | os.PathLike, *, recursive: bool = False,
-          overwrite: bool = False, **parameters: Any):
+          overwrite: bool = False, preparation: dict[str, Any] | None = None, **parameters: Any):
     """Fit a detector on bulk datacubes (files or folders) and save it (NetCDF, ``.nc``).
 
     ``model`` is a key of :data:`eels_ad.detect.MODELS` (``"pca"``, ``"cvae"``); ``parameters`` go to
     its class. With several inputs, a per-spectrum detector (PCA) pools all their spectra; a CVAE
     needs spatial neighbours, so several CVAE inputs must have the same number of rows and are put
-    side by side.
+    side by side. ``preparation``: options of :func:`eels_ad.prepare.prepare` for every bulk cube
+    (None: the counts as recorded).
     """
     import xarray as xr
 
@@ -336,7 +376,7 @@ def train(bulk: Sequence[str | os.PathLike], model: str, out: str | os.PathLike,
         files.extend(find_datacubes(entry, recursive=recursive) if entry.is_dir() else [entry])
     if not files:
         raise ValueError(f"no bulk datacube found in {[str(b) for b in bulk]}")
-    cubes = [load(path) for path in files]
+    cubes = [load_prepared(path, preparation) for path in files]
     energies = [cube["energy"].values for cube in cubes]
     for path, energy in zip(files[1:], energies[1:], strict=True):
         if energy.shape != energies[0].shape or not np.allclose(energy, energies[0]):
@@ -345,13 +385,14 @@ def train(bulk: Sequence[str | os.PathLike], model: str, out: str | os.PathLike,
     if len(cubes) == 1:
         cube = cubes[0]
     elif issubclass(cls, SpectrumDetector):
-        spectra = np.concatenate([cube.values.reshape(-1, cube.sizes["energy"]) for cube in cubes])
+        keep = [np.ones(c.shape[:2], bool) if "vacuum" not in c.coords else ~c["vacuum"].values for c in cubes]
+        spectra = np.concatenate([c.values[k] for c, k in zip(cubes, keep, strict=True)])
         cube = xr.DataArray(spectra[None], dims=("y", "x", "energy"), coords={"energy": cubes[0]["energy"]})
     else:
         rows = {cube.sizes["y"] for cube in cubes}
         if len(rows) > 1:
             raise ValueError(f"{cls.__name__} training cubes must have the same number of rows; got {sorted(rows)}")
-        cube = xr.concat([c.drop_vars(["x", "y"]) for c in cubes], dim="x")
+        cube = xr.concat([c.drop_vars(["x", "y", "spike"], errors="ignore") for c in cubes], dim="x")
     detector = cls(**parameters).fit(cube)
     detector.save(out, overwrite=overwrite)
     return detector

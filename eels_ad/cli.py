@@ -67,35 +67,66 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def _api_default(function, name: str):
+    """The default of ``name`` in ``function``'s signature: the CLI and the API share one set of defaults."""
+    import inspect
+
+    return inspect.signature(function).parameters[name].default
+
+
+def _simulate_defaults():
+    from .simulate import FeL23Recipe
+
+    return FeL23Recipe()
+
+
 def _cmd_simulate(args: argparse.Namespace) -> int:
     from .io import save
     from .simulate import simulate_fe_l23
 
-    dataset = simulate_fe_l23(
-        tuple(args.shape), dose=args.dose, shift=args.shift, anomaly_fraction=args.anomaly_fraction,
-        layout=args.layout, overdispersion=args.overdispersion, seed=args.seed,
-    )
+    out = Path(args.out)
+    if out.suffix.lower() not in (".nc", ".nc4", ".netcdf"):
+        return _error(f"{out}: simulate writes NetCDF; name the output *.nc")
+    if not out.parent.is_dir():
+        return _error(f"{out}: the folder {out.parent} does not exist; create it first")
+    if out.exists() and not args.overwrite:
+        return _error(f"{out} exists; pass --overwrite to replace it")
     try:
-        save(dataset, args.out, overwrite=args.overwrite)
-    except FileExistsError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+        dataset = simulate_fe_l23(
+            tuple(args.shape), dose=args.dose, shift=args.shift, anomaly_fraction=args.anomaly_fraction,
+            layout=args.layout, overdispersion=args.overdispersion, seed=args.seed,
+        )
+        save(dataset, out, overwrite=args.overwrite)
+    except (OSError, ValueError) as error:
+        return _error(_with_option_names(str(error)))
     n_anomalous = int(dataset["anomaly"].sum())
     print(
-        f"wrote {args.out}: {args.shape[0]} x {args.shape[1]} px x {dataset.sizes['energy']} channels, "
+        f"wrote {out}: {args.shape[0]} x {args.shape[1]} px x {dataset.sizes['energy']} channels, "
         f"{n_anomalous} anomalous pixels shifted by {args.shift:+g} eV ({args.layout}), seed {args.seed}"
     )
     return 0
+
+
+def _with_option_names(message: str) -> str:
+    """The API's parameter names, as the command line spells them."""
+    for name in ("anomaly_fraction", "overdispersion", "shift", "dose", "seed", "shape", "layout"):
+        message = message.replace(f"{name} must", f"--{name.replace('_', '-')} must", 1)
+    return message.replace("overwrite=True (--overwrite on the command line)", "--overwrite")
+
+
+def _error(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 1
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     try:
-        summary = run_demo(args.out, overwrite=args.overwrite, progress=not args.quiet, seed=args.seed)
-    except FileExistsError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+        summary = run_demo(args.out, overwrite=args.overwrite, progress=not args.quiet, verbose=args.verbose,
+                           seed=args.seed)
+    except (OSError, ValueError) as error:
+        return _error(_with_option_names(str(error)))
     if not args.quiet:
         print(summary["text"])
     return 0
@@ -112,6 +143,13 @@ def _report(results, out_dir: str, quiet: bool) -> int:
     return 1 if failed else 0
 
 
+def _preparation(args: argparse.Namespace) -> dict | None:
+    """The options of eels_ad.prepare.prepare from --gain, --no-spike-repair, --no-vacuum-mask, --raw."""
+    if args.raw:
+        return None
+    return {"gain": args.gain, "spikes": not args.no_spike_repair, "vacuum": not args.no_vacuum_mask}
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from .batch import train
 
@@ -120,16 +158,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
         parameters.update(n_components=args.components if args.components else "auto", robust=args.robust,
                           poisson_normalize=not args.plain)
     else:
-        parameters.update(max_epochs=args.epochs, likelihood=args.likelihood, accelerator=args.accelerator,
-                          devices=args.devices, strategy=args.strategy, progress=not args.quiet, seed=args.seed)
+        parameters.update(likelihood=args.likelihood, accelerator=args.accelerator, devices=args.devices,
+                          strategy=args.strategy, progress=args.verbose, seed=args.seed)
+        if args.epochs is not None:
+            parameters["max_epochs"] = args.epochs
     if args.energy_range:
         parameters["energy_range"] = tuple(args.energy_range)
     try:
         detector = train(args.bulk, args.model, args.out, recursive=args.recursive, overwrite=args.overwrite,
-                         **parameters)
+                         preparation=_preparation(args), **parameters)
     except (OSError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+        return _error(_with_option_names(str(error)))
     if not args.quiet:
         print(f"trained {type(detector).__name__} on {detector.n_training_spectra_} spectra; saved {args.out}")
     return 0
@@ -141,8 +180,7 @@ def _run_batch(args: argparse.Namespace, job, suffix: str, description: str) -> 
     try:
         pairs = plan(args.inputs, args.out, suffix=suffix, recursive=args.recursive)
     except (OSError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+        return _error(str(error))
     results = run(job, pairs, args.out, overwrite=args.overwrite, workers=args.workers, scheduler=args.scheduler,
                   progress=not args.quiet, description=description)
     return _report(results, args.out, args.quiet)
@@ -157,11 +195,10 @@ def _cmd_detect(args: argparse.Namespace) -> int:
     try:
         load_detector(args.model)
     except (OSError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+        return _error(str(error))
     chunks = {"y": args.chunk_rows} if args.chunk_rows else None
     job = partial(detect_job, model=str(Path(args.model).resolve()), reconstruction=args.reconstruction,
-                  chunks=chunks)
+                  chunks=chunks, preparation=_preparation(args))
     return _run_batch(args, job, ".detect.nc", "detect")
 
 
@@ -182,8 +219,12 @@ def _cmd_denoise(args: argparse.Namespace) -> int:
 
     from .batch import denoise_job
 
-    job = partial(denoise_job, penalty=args.penalty, tau=args.tau, weights=args.weights,
-                  options={"max_iter": args.max_iter, "backend": args.backend})
+    options = {"penalty": args.penalty, "tau": args.tau, "backend": args.backend}
+    if args.weights is not None:
+        options["weights"] = tuple(args.weights)
+    if args.max_iter is not None:
+        options["max_iter"] = args.max_iter
+    job = partial(denoise_job, options=options, preparation=_preparation(args))
     return _run_batch(args, job, ".denoised.nc", "denoise")
 
 
@@ -192,29 +233,64 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
     from .batch import compare_job
 
+    if not 0 < args.fdr < 1:
+        return _error(f"--fdr must lie in (0, 1), got {args.fdr}")
     job = partial(compare_job, method=args.method, fdr=args.fdr,
                   normalize_range=tuple(args.normalize_range) if args.normalize_range else None)
     return _run_batch(args, job, ".channels.nc", "compare")
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
+
+
+def _gain(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"gain must be a number > 0 or 'auto', got {text!r}") from None
+    if not (value > 0 and value < float("inf")):
+        raise argparse.ArgumentTypeError(f"gain must be a finite number > 0, got {text}")
+    return value
+
+
+def _preparation_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("preparation (eels_ad.prepare: before any Poisson model)")
+    group.add_argument("--gain", type=_gain, default="auto",
+                       help="detector counts per electron, or 'auto' (default): estimated from the data")
+    group.add_argument("--no-spike-repair", action="store_true", help="keep X-ray spikes as recorded")
+    group.add_argument("--no-vacuum-mask", action="store_true", help="treat vacuum pixels like the others")
+    group.add_argument("--raw", action="store_true", help="no preparation at all: the counts as recorded")
+
+
 def _batch_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="datacube files and/or folders")
-    parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
     parser.add_argument("--recursive", action="store_true", help="also search sub-folders of INPUT folders")
     parser.add_argument("--overwrite", action="store_true", help="redo inputs whose output exists")
-    parser.add_argument("--workers", type=int, default=1, help="processes on this machine (default 1)")
+    parser.add_argument("--workers", type=_positive_int, default=1, help="processes on this machine (default 1)")
     parser.add_argument("--scheduler", metavar="ADDRESS", help="run on a Dask distributed cluster (tcp://...)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar (the log file is still written)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``eels-ad`` (one sub-command per job)."""
+    from . import __version__
+    from .reconstruct import denoise_cube
+    from .stats import compare_regions
+
     parser = argparse.ArgumentParser(
         prog="eels-ad",
         description="Find and explain anomalies in EELS spectrum images.",
     )
-    from . import __version__
-
     parser.add_argument("--version", action="version", version=f"eels-ad {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -224,20 +300,26 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print JSON instead of text")
     info.set_defaults(run=_cmd_info)
 
+    recipe = _simulate_defaults()
     simulate = commands.add_parser(
         "simulate", help="write a simulated Fe L2,3 spectrum image with anomalies",
         description="Write a simulated Fe L2,3 spectrum image (counts + ground truth) to NetCDF.",
     )
-    simulate.add_argument("out", metavar="OUT.nc", help="output NetCDF file")
-    simulate.add_argument("--shape", nargs=2, type=int, default=(64, 64), metavar=("NY", "NX"))
-    simulate.add_argument("--shift", type=float, default=1.0, help="Fe edge shift of anomalies in eV (default 1)")
-    simulate.add_argument("--anomaly-fraction", type=float, default=0.01,
-                          help="fraction of anomalous pixels (0.01)")
-    simulate.add_argument("--layout", choices=("pixels", "clusters", "line"), default="pixels")
-    simulate.add_argument("--dose", type=float, default=200.0, help="mean pre-edge counts per channel (200)")
-    simulate.add_argument("--overdispersion", type=float, default=0.0,
+    simulate.add_argument("out", metavar="OUT.nc", help="output NetCDF file (its folder must exist)")
+    simulate.add_argument("--shape", nargs=2, type=_positive_int, default=recipe.shape, metavar=("NY", "NX"),
+                          help=f"pixels along y and x (default {recipe.shape[0]} {recipe.shape[1]})")
+    simulate.add_argument("--shift", type=float, default=recipe.shift,
+                          help=f"Fe edge shift of the anomalous pixels in eV (default {recipe.shift:g})")
+    simulate.add_argument("--anomaly-fraction", type=float, default=recipe.anomaly_fraction,
+                          help=f"fraction of anomalous pixels, 0-1 (default {recipe.anomaly_fraction:g})")
+    simulate.add_argument("--layout", choices=("pixels", "clusters", "line"), default=recipe.layout,
+                          help=f"how the anomalous pixels lie (default {recipe.layout})")
+    simulate.add_argument("--dose", type=float, default=recipe.dose,
+                          help=f"mean pre-edge counts per channel (default {recipe.dose:g})")
+    simulate.add_argument("--overdispersion", type=float, default=recipe.overdispersion,
                           help="gamma-Poisson over-dispersion alpha (variance mu + alpha mu^2; default 0)")
-    simulate.add_argument("--seed", type=int, default=0)
+    simulate.add_argument("--seed", type=int, default=recipe.seed,
+                          help=f"seed of every random step, >= 0 (default {recipe.seed})")
     simulate.add_argument("--overwrite", action="store_true", help="replace OUT.nc if it exists")
     simulate.set_defaults(run=_cmd_simulate)
 
@@ -247,28 +329,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--out", default="eels-ad-demo", help="output folder (default eels-ad-demo)")
     demo.add_argument("--overwrite", action="store_true", help="replace the results of an earlier demo")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=int, default=0, help="seed of every random step (default 0)")
     demo.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    demo.add_argument("--verbose", action="store_true",
+                      help="also show Lightning's training progress and every library warning")
     demo.set_defaults(run=_cmd_demo)
 
     train = commands.add_parser("train", help="fit a detector on bulk datacubes and save it",
                                 description="Fit a PCA or 3D-CVAE detector on bulk data (files or folders).")
     train.add_argument("bulk", nargs="+", metavar="BULK", help="bulk datacube files and/or folders")
-    train.add_argument("--model", choices=("pca", "cvae"), default="pca")
+    train.add_argument("--model", choices=("pca", "cvae"), default="pca", help="the detector (default pca)")
     train.add_argument("--out", required=True, metavar="MODEL.nc", help="model file (NetCDF, .nc)")
-    train.add_argument("--energy-range", nargs=2, type=float, metavar=("E_MIN", "E_MAX"))
-    train.add_argument("--components", type=int, help="PCA components (default: automatic)")
+    train.add_argument("--energy-range", nargs=2, type=float, metavar=("E_MIN", "E_MAX"),
+                       help="fit these energies only (eV; default: the whole axis)")
+    train.add_argument("--components", type=_positive_int, help="PCA components (default: automatic)")
     train.add_argument("--plain", action="store_true", help="PCA without Poisson normalisation")
     train.add_argument("--robust", action="store_true", help="PCA: trim spectra that do not belong to the bulk")
-    train.add_argument("--epochs", type=int, default=25, help="CVAE training epochs (25)")
-    train.add_argument("--likelihood", choices=("poisson", "gaussian"), default="poisson")
+    train.add_argument("--epochs", type=_positive_int, help="CVAE training epochs (default: the API's, 25)")
+    train.add_argument("--likelihood", choices=("poisson", "gaussian"), default="poisson",
+                       help="CVAE likelihood (default poisson)")
     train.add_argument("--accelerator", default="auto", help="Lightning accelerator (auto, cpu, gpu)")
     train.add_argument("--devices", default="auto", help="Lightning devices (e.g. 4 GPUs)")
     train.add_argument("--strategy", default="auto", help="Lightning strategy (e.g. ddp)")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--recursive", action="store_true")
-    train.add_argument("--overwrite", action="store_true")
-    train.add_argument("--quiet", action="store_true")
+    train.add_argument("--seed", type=int, default=0, help="seed of the CVAE's training (default 0)")
+    train.add_argument("--recursive", action="store_true", help="also search sub-folders of BULK folders")
+    train.add_argument("--overwrite", action="store_true", help="replace MODEL.nc if it exists")
+    train.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    train.add_argument("--verbose", action="store_true", help="show Lightning's training progress")
+    _preparation_options(train)
     train.set_defaults(run=_cmd_train)
 
     detect = commands.add_parser("detect", help="score every datacube of files/folders with a saved model",
@@ -277,28 +365,38 @@ def build_parser() -> argparse.ArgumentParser:
     detect.add_argument("model", metavar="MODEL", help="a model written by `eels-ad train`")
     _batch_options(detect)
     detect.add_argument("--reconstruction", action="store_true", help="also write the reconstructions")
-    detect.add_argument("--chunk-rows", type=int, help="read NetCDF inputs lazily, this many rows at a time")
+    detect.add_argument("--chunk-rows", type=_positive_int,
+                        help="read NetCDF inputs lazily, this many rows at a time (with --raw)")
+    _preparation_options(detect)
     detect.set_defaults(run=_cmd_detect)
 
     denoise = commands.add_parser("denoise", help="SPIRAL-TAP denoising of every datacube of files/folders",
-                                  description="Denoise datacubes with SPIRAL-TAP; one NetCDF per input.")
+                                  description="Denoise datacubes with SPIRAL-TAP (eels_ad.reconstruct.denoise_cube); "
+                                  "one NetCDF per input.")
     _batch_options(denoise)
-    denoise.add_argument("--penalty", choices=("tv", "onb", "canonical"), default="tv")
-    denoise.add_argument("--tau", type=_tau, default="auto",
+    denoise.add_argument("--penalty", choices=("tv", "onb", "canonical"), default=_api_default(denoise_cube, "penalty"),
+                         help="the penalty (default tv)")
+    denoise.add_argument("--tau", type=_tau, default=_api_default(denoise_cube, "tau"),
                          help="regularisation weight, or 'auto' (default): chosen per cube by Poisson thinning")
-    denoise.add_argument("--weights", nargs=3, type=float, default=(1.0, 1.0, 0.5), metavar=("WY", "WX", "WE"),
-                         help="TV weights of y, x and energy (default 1 1 0.5)")
-    denoise.add_argument("--max-iter", type=int, default=30)
+    weights = _api_default(denoise_cube, "weights")
+    denoise.add_argument("--weights", nargs=3, type=float, metavar=("WY", "WX", "WE"),
+                         help="TV weights of y, x and energy (default: denoise_cube's, "
+                         f"{' '.join(f'{w:g}' for w in weights)})")
+    denoise.add_argument("--max-iter", type=_positive_int, help="SPIRAL-TAP iterations (default: denoise_cube's)")
     denoise.add_argument("--backend", choices=("numpy", "torch"), default="numpy",
                          help="torch: float32 on the GPU when there is one, else on the CPU's threads (faster)")
+    _preparation_options(denoise)
     denoise.set_defaults(run=_cmd_denoise)
 
     compare = commands.add_parser("compare", help="NB test per energy channel: flagged pixels against the bulk",
                                   description="For each `eels-ad detect` result, test every energy channel of "
-                                  "the flagged pixels against the others (negative binomial).")
+                                  "the flagged pixels against the others (negative binomial), prepared as the "
+                                  "detection was.")
     _batch_options(compare)
-    compare.add_argument("--method", choices=("mom", "mle"), default="mom")
-    compare.add_argument("--fdr", type=float, default=0.05)
+    compare.add_argument("--method", choices=("mom", "mle"), default=_api_default(compare_regions, "method"),
+                         help="method of moments (default, fast) or maximum likelihood")
+    fdr = _api_default(compare_regions, "fdr")
+    compare.add_argument("--fdr", type=float, default=fdr, help=f"false-discovery rate, 0-1 (default {fdr:g})")
     compare.add_argument("--normalize-range", nargs=2, type=float, metavar=("E_MIN", "E_MAX"),
                          help="energy window whose counts give the size factors (e.g. the pre-edge)")
     compare.set_defaults(run=_cmd_compare)

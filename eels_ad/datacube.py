@@ -155,6 +155,8 @@ def validate(cube: xr.DataArray, *, negative: NegativePolicy = "clip") -> xr.Dat
             raise ValueError(
                 f"the energy axis must be strictly increasing; channel {bad + 1} "
                 f"({energy[bad + 1]:.4f} eV) does not exceed channel {bad} ({energy[bad]:.4f} eV)"
+                + ("; the axis runs backwards: use cube.sortby('energy')" if np.all(steps < 0) else
+                   "; sort it with cube.sortby('energy') and drop repeated channels")
             )
         mean_step = (energy[-1] - energy[0]) / (energy.size - 1)
         spread = float(np.max(np.abs(steps - mean_step)))

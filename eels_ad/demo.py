@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ def _write_json(payload: dict[str, Any], path: Path, overwrite: bool) -> None:
 
 
 def run_demo(out: str | os.PathLike = "eels-ad-demo", *, overwrite: bool = False, progress: bool = True,
-             seed: int = 0, cvae_epochs: int = 8) -> dict[str, Any]:
+             verbose: bool = False, seed: int = 0, cvae_epochs: int = 8) -> dict[str, Any]:
     """Run the demo pipeline and write its outputs to ``out``.
 
     Parameters
@@ -36,7 +37,10 @@ def run_demo(out: str | os.PathLike = "eels-ad-demo", *, overwrite: bool = False
     overwrite
         Replace the outputs of an earlier run.
     progress
-        Print what each step does.
+        Print one line per step.
+    verbose
+        Also show Lightning's progress bars and the libraries' warnings (otherwise the warnings are
+        kept in ``metrics.json`` under ``"warnings"``, not printed).
     seed
         Seed of every random step.
     cvae_epochs
@@ -47,9 +51,6 @@ def run_demo(out: str | os.PathLike = "eels-ad-demo", *, overwrite: bool = False
     dict
         The metrics and the paths written; ``"text"`` is a short summary for people.
     """
-    from . import data
-    from .io import save
-
     out = Path(out)
     paths = {name: out / file for name, file in _OUTPUTS.items()}
     if not overwrite:
@@ -61,14 +62,29 @@ def run_demo(out: str | os.PathLike = "eels-ad-demo", *, overwrite: bool = False
         if progress:
             print(message, flush=True)
 
+    with warnings.catch_warnings(record=not verbose) as caught:
+        if not verbose:
+            warnings.simplefilter("always")
+        summary = _run(out, paths, overwrite, say, verbose, seed, cvae_epochs)
+    summary["warnings"] = [f"{w.category.__name__}: {w.message}" for w in caught or []]
+    _write_json({k: v for k, v in summary.items() if k != "text"}, paths["metrics"], overwrite)
+    return summary
+
+
+def _run(out: Path, paths: dict[str, Path], overwrite: bool, say, verbose: bool, seed: int,
+         cvae_epochs: int) -> dict[str, Any]:
+    from . import data
+    from .io import save
+    from .prepare import prepare
+
     started = time.perf_counter()
     truth = data.sample_dataset()
-    cube = data.sample_cube()
-    say(f"[1/6] loaded the sample cube {dict(cube.sizes)} from {data.sample_path()}")
+    cube = prepare(data.sample_cube())
+    say(f"[1/6] loaded the sample cube {dict(cube.sizes)} from {data.sample_path()}; {cube.attrs['prepared']}")
     say("[2/6] PCA (Poisson-normalised, robust fit on the image itself) ...")
     pca = _detect_pca(cube, truth, seed)
     say(f"[3/6] 3D-CVAE: a short CPU training ({cvae_epochs} epochs) on the pixels PCA left as bulk ...")
-    cvae = _detect_cvae(cube, truth, pca["labels"], seed, cvae_epochs, progress)
+    cvae = _detect_cvae(cube, truth, pca["labels"], seed, cvae_epochs, verbose)
     say("[4/6] negative-binomial test of every energy channel: flagged pixels against the bulk ...")
     channels, nb_metrics = _channel_tests(cube, pca["labels"])
     say("[5/6] SPIRAL-TAP: 3-D TV denoising of a low-dose copy (2 % of the counts) of a 32 x 32 region ...")
@@ -90,7 +106,8 @@ def run_demo(out: str | os.PathLike = "eels-ad-demo", *, overwrite: bool = False
     _write_report(cube, truth, pca, cvae, channels, nb_metrics, spiral, paths["report"], overwrite)
     summary: dict[str, Any] = {
         "sample": {"shape": dict(cube.sizes), "n_true_anomalies": int(truth["anomaly"].sum()),
-                   "shift_eV": float(truth.attrs["shift_eV"]), "dose": float(truth.attrs["dose"])},
+                   "shift_eV": float(truth.attrs["shift_eV"]), "dose": float(truth.attrs["dose"]),
+                   "prepared": cube.attrs["prepared"]},
         "pca": pca["metrics"],
         "cvae": cvae["metrics"],
         "negative_binomial": nb_metrics,
@@ -98,7 +115,6 @@ def run_demo(out: str | os.PathLike = "eels-ad-demo", *, overwrite: bool = False
         "seconds": round(time.perf_counter() - started, 2),
         "outputs": {name: str(path) for name, path in paths.items()},
     }
-    _write_json(summary, paths["metrics"], overwrite)
     summary["text"] = _summary_text(summary, paths)
     return summary
 

@@ -143,9 +143,19 @@ def _reader(format_name: str) -> Callable[..., list[dict[str, Any]]]:
 
 
 def _load_microscope_file(path: Path, format_name: str, signal_index: int | None) -> xr.DataArray:
+    import struct
+
+    size = path.stat().st_size
+    if size == 0:
+        raise DatacubeReadError(path, "is an empty file (0 bytes)")
     try:
         signals = _reader(format_name)(str(path))
-    except Exception as error:  # the readers raise anything from struct.error to KeyError on bad files
+    except (struct.error, EOFError) as error:  # the reader ran out of bytes
+        raise DatacubeReadError(
+            path, f"is truncated or not a {path.suffix.lower()} file: its {size} bytes end before the data does "
+            f"({type(error).__name__}: {error})"
+        ) from error
+    except Exception as error:  # the readers raise anything from ValueError to KeyError on bad files
         raise DatacubeReadError(
             path, f"cannot be read as {path.suffix.lower()} ({type(error).__name__}: {error})"
         ) from error
@@ -255,9 +265,12 @@ def atomic_path(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator
         ``path`` exists and ``overwrite`` is False.
     """
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder, not a file name")
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
+        raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite on the command line) to replace it")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"{path}: the folder {path.parent} does not exist; create it first")
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(handle)
     temporary_path = Path(temporary)
@@ -306,10 +319,12 @@ def save(obj: xr.DataArray | xr.Dataset, path: str | os.PathLike, *, overwrite: 
     for name in dataset.variables:
         dataset[name].attrs = _netcdf_attrs(dataset[name].attrs)
     encoding = {}
-    for name, variable in dataset.data_vars.items():
+    for name in list(dataset.variables):  # variables and coordinates (masks such as 'vacuum')
+        variable = dataset[name]
         if variable.dtype == bool:
+            attrs = {**variable.attrs, "dtype": "bool"}
             dataset[name] = variable.astype("u1")
-            dataset[name].attrs["dtype"] = "bool"
+            dataset[name].attrs = attrs
         if compress and variable.ndim > 0:
             encoding[name] = {"zlib": True, "complevel": 4}
     with atomic_path(path, overwrite=overwrite) as temporary:
@@ -346,7 +361,8 @@ def open_results(path: str | os.PathLike) -> xr.Dataset:
             dataset = dataset.load()
     except Exception as error:
         raise DatacubeReadError(path, f"cannot be read as NetCDF ({type(error).__name__}: {error})") from error
-    for name, variable in dataset.data_vars.items():
+    for name in list(dataset.variables):
+        variable = dataset[name]
         if variable.attrs.get("dtype") == "bool":
             attrs = {k: v for k, v in variable.attrs.items() if k != "dtype"}
             dataset[name] = variable.astype(bool)

@@ -353,10 +353,16 @@ class FeL23Recipe:
     def check(self) -> np.ndarray:
         """Clear errors for impossible parameters; returns the energy axis (eV)."""
         shape = self.shape
-        if len(shape) != 2 or min(shape) < 1:
-            raise ValueError(f"shape must be (ny, nx) with positive sizes, got {shape}")
-        if not self.dose > 0:
-            raise ValueError(f"dose must be > 0 counts per channel, got {self.dose}")
+        if len(shape) != 2 or not all(isinstance(s, (int, np.integer)) and s >= 1 for s in shape):
+            raise ValueError(f"shape must be (ny, nx) with positive whole sizes, got {shape}")
+        if not (np.isfinite(self.dose) and self.dose > 0):
+            raise ValueError(f"dose must be a finite number > 0 counts per channel, got {self.dose}")
+        if not 0.0 <= self.anomaly_fraction <= 1.0:
+            raise ValueError(f"anomaly_fraction must be in [0, 1], got {self.anomaly_fraction}")
+        if self.layout not in ("pixels", "clusters", "line"):
+            raise ValueError(f"layout must be 'pixels', 'clusters' or 'line', got {self.layout!r}")
+        if not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
+            raise ValueError(f"seed must be a whole number >= 0, got {self.seed!r}")
         if self.overdispersion < 0:
             raise ValueError(f"overdispersion must be >= 0, got {self.overdispersion}")
         if self.anomaly_intensity < 0:
@@ -364,6 +370,10 @@ class FeL23Recipe:
         energy = DEFAULT_ENERGY.copy() if self.energy is None else np.asarray(self.energy, dtype=float)
         if energy.ndim != 1 or energy.size < 2 or np.any(np.diff(energy) <= 0):
             raise ValueError("energy must be a strictly increasing 1-D axis of at least 2 channels (eV)")
+        span = float(energy[-1] - energy[0])
+        if not (np.isfinite(self.shift) and abs(self.shift) < span / 2):
+            raise ValueError(f"shift must be a finite number of eV smaller in size than half the energy axis "
+                             f"({span / 2:g} eV), got {self.shift}")
         return energy
 
     @property

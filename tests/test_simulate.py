@@ -157,7 +157,7 @@ def test_paper_protocol_rolls_the_l3_window():
 def test_bad_parameters_are_named():
     with pytest.raises(ValueError, match="fraction must be in"):
         simulate_fe_l23((4, 4), anomaly_fraction=1.5)
-    with pytest.raises(ValueError, match="dose must be > 0"):
+    with pytest.raises(ValueError, match="dose must be a finite number > 0"):
         simulate_fe_l23((4, 4), dose=0)
     with pytest.raises(ValueError, match="layout must be"):
         simulate_fe_l23((4, 4), layout="stripes")

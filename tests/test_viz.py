@@ -44,6 +44,24 @@ def test_explore_links_map_and_spectrum(results):
     assert isinstance(viz.explore(cube), hv.Layout)  # no scores: the total-counts map
 
 
+def test_explore_opens_on_the_most_anomalous_pixel_outside_vacuum(results):
+    from eels_ad.prepare import prepare
+
+    _, cube, scores, labels, _ = results
+    iy, ix = np.unravel_index(int(np.argmax(scores.values)), scores.shape)
+    layout = viz.explore(cube, scores, labels=labels)
+    tap = layout[2].streams[0]
+    assert (tap.y, tap.x) == (float(cube["y"][iy]), float(cube["x"][ix]))
+    dim = cube.copy()
+    dim[:, :4] = dim[:, :4] // 50  # vacuum where the scores would be highest
+    ready = prepare(dim)
+    fake = scores.copy()
+    fake[:, :4] = 1e9
+    fake.coords["vacuum"] = ready["vacuum"]
+    y0, x0 = viz._explore.start_pixel(ready, fake)
+    assert x0 >= 4 and not bool(ready["vacuum"].sel(y=y0, x=x0))
+
+
 def test_report_html_is_offline_and_png_is_written(tmp_path, results):
     sim, cube, scores, labels, _ = results
     table = compare_regions(cube, ~labels, labels)

@@ -167,7 +167,9 @@ class BaseDetector(abc.ABC):
 
     def _prepared(self, cube: xr.DataArray) -> xr.DataArray:
         self._check_fitted()
-        return self._select_fitted_energy(validate(cube))
+        cube = self._select_fitted_energy(validate(cube))
+        _check_has_counts(cube)
+        return cube
 
     # -- the API ----------------------------------------------------------------------------
     def fit(self, cube: xr.DataArray, mask: xr.DataArray | np.ndarray | None = None) -> BaseDetector:
@@ -189,6 +191,7 @@ class BaseDetector(abc.ABC):
             if vacuum.any():
                 mask_values = ~vacuum if mask_values is None else mask_values & ~vacuum
         cube = self._select_training_energy(cube)
+        _check_has_counts(cube)
         energy = np.asarray(cube["energy"].values, dtype=float)
         self._score_channels(energy)
         self.n_training_spectra_ = int(mask_values.sum()) if mask_values is not None else cube.eels.n_pixels
@@ -403,6 +406,15 @@ def load(path: str | os.PathLike) -> BaseDetector:
     if version != FORMAT_VERSION:
         raise ValueError(f"{path}: detector file format {version}, this eels-ad reads {FORMAT_VERSION}: retrain it")
     return detector_class(str(name))._from_dataset(dataset)
+
+
+def _check_has_counts(cube: xr.DataArray) -> None:
+    total = cube.sum()
+    if float(total.compute() if hasattr(total, "compute") else total) <= 0:
+        source = cube.attrs.get("source_file")
+        where = f"{source}: " if source else ""
+        raise ValueError(f"{where}the cube holds no counts (every voxel is 0 in the fitted energy range): "
+                         "nothing to score")
 
 
 def _jsonable(value: Any) -> Any:

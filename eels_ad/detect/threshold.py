@@ -78,19 +78,39 @@ def gmm_threshold(scores: np.ndarray | xr.DataArray, *, log_scale: bool = False,
     return float(np.exp(threshold)) if used_log else threshold
 
 
-def false_alarm_threshold(bulk_scores: np.ndarray | xr.DataArray, rate: float = 0.001) -> float:
+def false_alarm_threshold(bulk_scores: np.ndarray | xr.DataArray, rate: float = 0.001, *,
+                          outlier_mads: float | None = 5.0) -> float:
     """The ``1 - rate`` quantile of the scores of known-bulk spectra (a false-alarm rate).
 
     Parameters
     ----------
     bulk_scores
-        Scores of spectra known to be normal, e.g. the training spectra.
+        Scores of spectra believed to be normal, e.g. the calibration spectra of a detector.
     rate
         Accepted fraction of false alarms among bulk spectra (0.001 = 0.1 %).
+    outlier_mads
+        Leave out scores more than this many (normal-consistent) median absolute deviations above
+        the median first: a detector trained on the image itself keeps a few anomalous pixels among
+        its calibration spectra, and with a few hundred of them one such pixel *is* the 0.999
+        quantile. On clean bulk scores hardly anything is left out (5 MADs: a Gaussian tail of 3e-7).
+        None keeps every score.
+
+    Examples
+    --------
+    >>> scores = np.r_[np.linspace(0.0, 1.0, 199), 50.0]   # one anomalous pixel among the bulk
+    >>> false_alarm_threshold(scores), false_alarm_threshold(scores, outlier_mads=None)
+    (1.0, 50.0)
     """
     if not 0.0 < rate < 1.0:
         raise ValueError(f"false-alarm rate must be in (0, 1), got {rate}")
-    return float(np.quantile(_finite(bulk_scores), 1.0 - rate, method="higher"))
+    values = _finite(bulk_scores)
+    if outlier_mads is not None:
+        median = float(np.median(values))
+        spread = 1.4826 * float(np.median(np.abs(values - median)))
+        if spread > 0:
+            kept = values[values <= median + outlier_mads * spread]
+            values = kept if kept.size >= 2 else values
+    return float(np.quantile(values, 1.0 - rate, method="higher"))
 
 
 def choose_threshold(

@@ -72,8 +72,15 @@ def estimate_gain(cube: xr.DataArray, *, min_counts: float = 20.0) -> GainEstima
     ny, nx, n_channels = values.shape
     if ny * nx < 2:
         raise ValueError(f"estimating the gain needs at least 2 pixels, the cube has {ny} x {nx}")
-    typical = float(np.median(values))
-    channels_per_bin = int(np.clip(np.ceil(min_counts / max(typical, 1e-9)), 1, max(n_channels // 4, 1)))
+    first = _pair_estimate(values, 1)
+    # how many channels to sum so that a bin holds ~min_counts electrons (a first estimate says how many that is)
+    electrons = float(np.median(values)) / max(first.gain, 1e-12)
+    channels_per_bin = int(np.clip(np.ceil(min_counts / max(electrons, 1e-9)), 1, max(n_channels // 4, 1)))
+    return first if channels_per_bin == 1 else _pair_estimate(values, channels_per_bin)
+
+
+def _pair_estimate(values: np.ndarray, channels_per_bin: int) -> GainEstimate:
+    ny, nx, n_channels = values.shape
     usable = n_channels // channels_per_bin * channels_per_bin
     binned = values[..., :usable].reshape(ny, nx, -1, channels_per_bin).sum(-1)
     totals = binned.sum(-1)
@@ -90,7 +97,8 @@ def estimate_gain(cube: xr.DataArray, *, min_counts: float = 20.0) -> GainEstima
         ratios.append(((a - s * b) ** 2)[keep] / denominator[keep])
     samples = np.concatenate(ratios) if ratios else np.zeros(0)
     if samples.size < 10:
-        raise ValueError(f"too few counts to estimate the gain ({samples.size} usable voxel pairs); pass gain=")
+        raise ValueError(f"too few counts to estimate the gain ({samples.size} usable voxel pairs); "
+                         "pass gain= (--gain on the command line)")
     return GainEstimate(float(np.median(samples) / _CHI2_1_MEDIAN), int(samples.size), channels_per_bin)
 
 

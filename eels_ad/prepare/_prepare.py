@@ -52,8 +52,10 @@ def prepare(cube: xr.DataArray, *, gain: float | str = "auto", spikes: bool = Tr
     cube = validate(cube, negative="clip")
     if cube.attrs.get("prepared"):
         raise ValueError(f"this cube was prepared already ({cube.attrs['prepared']}); prepare the recorded cube once")
+    if float(cube.sum()) <= 0:
+        raise ValueError("the cube holds no counts (every voxel is 0): nothing to prepare or score")
     value, source = resolve_gain(cube, gain)
-    done = [f"gain {value:.4g} ({source})"]
+    done = [f"gain {value:.4g}: {source}"]
     if value != 1.0:
         cube = (cube / value).assign_attrs(cube.attrs)
         cube.attrs["units"] = "electrons"

@@ -32,3 +32,15 @@ def _flagged_points(hv, labels: xr.DataArray | None):
     yy, xx = np.nonzero(np.asarray(labels.values, dtype=bool))
     return hv.Points((labels["x"].values[xx], labels["y"].values[yy]), ["x", "y"], label="flagged").opts(
         marker="square", size=6, fill_alpha=0, line_color="red", line_width=1.5, show_legend=False)
+
+
+def _vacuum_points(hv, values: xr.DataArray, cube: xr.DataArray | None = None):
+    """Grey crosses on the pixels marked vacuum (the coordinate ``vacuum`` of the map or the cube)."""
+    vacuum = values.coords.get("vacuum")
+    if vacuum is None and cube is not None:
+        vacuum = cube.coords.get("vacuum")
+    if vacuum is None or not np.any(vacuum.values):
+        return hv.Points([], ["x", "y"])
+    yy, xx = np.nonzero(np.asarray(vacuum.values, dtype=bool))
+    return hv.Points((values["x"].values[xx], values["y"].values[yy]), ["x", "y"], label="vacuum").opts(
+        marker="x", size=5, color="0.6", show_legend=False)

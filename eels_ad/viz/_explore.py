@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
 import xarray as xr
 
-from ._common import _flagged_points, _holoviews, _image
+from ._common import _flagged_points, _holoviews, _image, _vacuum_points
 
 
 def _spectrum_overlay(hv, cube: xr.DataArray, recon: xr.DataArray | None, y, x):
@@ -16,7 +17,21 @@ def _spectrum_overlay(hv, cube: xr.DataArray, recon: xr.DataArray | None, y, x):
         residual = spectrum.sel(energy=recon["energy"]).values - model.values
         curves.append(hv.Curve((recon["energy"].values, residual), "energy", "counts", label="residual"))
     title = f"y={float(spectrum['y']):g}, x={float(spectrum['x']):g}"
-    return hv.Overlay(curves).opts(title=title, frame_width=420, legend_position="top_left")
+    # framewise: each tapped pixel gets the axis range of its own spectrum (white lines never cut off);
+    # the legend sits beside the frame, not on the spectrum
+    return hv.Overlay(curves).opts(hv.opts.Curve(framewise=True), hv.opts.Overlay(
+        title=title, frame_width=420, legend_position="right", framewise=True))
+
+
+def start_pixel(cube: xr.DataArray, scores: xr.DataArray | None = None) -> tuple[float, float]:
+    """(y, x) coordinates the explorer opens on: the highest score outside vacuum, else the most counts."""
+    values = np.asarray((scores if scores is not None else cube.eels.total_counts()).values, dtype=float).copy()
+    vacuum = scores.coords.get("vacuum") if scores is not None else cube.coords.get("vacuum")
+    if vacuum is not None and not np.all(vacuum.values):
+        values[np.asarray(vacuum.values, dtype=bool)] = -np.inf
+    values[~np.isfinite(values)] = -np.inf
+    iy, ix = np.unravel_index(int(np.argmax(values)), values.shape)
+    return float(cube["y"][iy]), float(cube["x"][ix])
 
 
 def explore(cube: xr.DataArray, scores: xr.DataArray | None = None, recon: xr.DataArray | None = None,
@@ -24,7 +39,9 @@ def explore(cube: xr.DataArray, scores: xr.DataArray | None = None, recon: xr.Da
     """Linked maps and spectra for a notebook (HoloViews, Bokeh backend; needs a live kernel).
 
     The left map shows the anomaly scores (or total counts when there are none) with the flagged
-    pixels outlined; tap a pixel to plot its spectrum with the reconstruction and the residual.
+    pixels outlined and vacuum crossed out (the ``vacuum`` mask of :func:`eels_ad.prepare.prepare`);
+    it opens on the most anomalous pixel outside vacuum. Tap a pixel to plot its spectrum with the
+    reconstruction and the residual.
     Drag a range on the spectrum (box-select) to redraw the middle map as counts in that energy
     window.
 
@@ -51,8 +68,9 @@ def explore(cube: xr.DataArray, scores: xr.DataArray | None = None, recon: xr.Da
     hv = _holoviews()
     base = scores if scores is not None else cube.eels.total_counts()
     label = "anomaly score" if scores is not None else "total counts"
-    score_map = _image(hv, base, label) * _flagged_points(hv, labels)
-    tap = hv.streams.Tap(source=score_map, x=float(cube["x"][0]), y=float(cube["y"][0]))
+    score_map = _image(hv, base, label) * _flagged_points(hv, labels) * _vacuum_points(hv, base, cube)
+    y0, x0 = start_pixel(cube, scores)
+    tap = hv.streams.Tap(source=score_map, x=x0, y=y0)
     spectrum = hv.DynamicMap(lambda x, y: _spectrum_overlay(hv, cube, recon, y, x), streams=[tap]).opts(
         hv.opts.Curve(tools=["xbox_select", "hover"]))
     first, last = energy_range or (float(cube["energy"][0]), float(cube["energy"][-1]))

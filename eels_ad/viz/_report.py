@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from ._common import _flagged_points, _holoviews, _image
+from ._common import _flagged_points, _holoviews, _image, _vacuum_points
 from ._figures import channel_tests_hv
 
 
@@ -37,7 +37,7 @@ def report_layout(cube: xr.DataArray, maps: dict[str, xr.DataArray], *, labels: 
     """
     hv = _holoviews()
     outline = _flagged_points(hv, labels)
-    panels = [_image(hv, values, title) * outline for title, values in maps.items()]
+    panels = [_image(hv, values, title) * outline * _vacuum_points(hv, values, cube) for title, values in maps.items()]
     flagged = np.zeros(cube.shape[:2], bool) if labels is None else np.asarray(labels.values, bool)
     if pixels is None:
         ranking = np.asarray(next(iter(maps.values())).values, float)
