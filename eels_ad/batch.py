@@ -196,11 +196,8 @@ def compare_job(source: Path, output: Path, *, method: str = "mom", fdr: float =
     preparation = json.loads(detection.attrs.get("preparation", "null"))
     cube = load_prepared(detection.attrs["source_file"], preparation)
     labels = detection["anomalous"].drop_vars("vacuum", errors="ignore")
-    bulk = ~labels
-    if "vacuum" in cube.coords:  # vacuum is neither flagged nor bulk
-        bulk = bulk & ~cube["vacuum"].drop_vars("vacuum", errors="ignore").values
     result.shape = "x".join(str(n) for n in cube.shape)
-    table = compare_regions(cube, bulk, labels, method=method, fdr=fdr, normalize_range=normalize_range)
+    table = compare_regions(cube, ~labels, labels, method=method, fdr=fdr, normalize_range=normalize_range)
     table.attrs["source_file"] = str(detection.attrs["source_file"])
     save(table, output, overwrite=True)
     result.n_flagged = int(labels.sum())

@@ -202,16 +202,22 @@ def _cmd_detect(args: argparse.Namespace) -> int:
     return _run_batch(args, job, ".detect.nc", "detect")
 
 
-def _tau(text: str) -> float | str:
-    if text == "auto":
-        return text
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"tau must be a number >= 0 or 'auto', got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"tau must be >= 0, got {text}")
-    return value
+def _number_or_auto(name: str, *, zero_allowed: bool):
+    """An argparse type: ``"auto"`` or a finite number > 0 (>= 0 with ``zero_allowed``)."""
+    bound = ">= 0" if zero_allowed else "> 0"
+
+    def parse(text: str) -> float | str:
+        if text == "auto":
+            return text
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number {bound} or 'auto', got {text!r}") from None
+        if not (value < float("inf") and (value >= 0 if zero_allowed else value > 0)):
+            raise argparse.ArgumentTypeError(f"{name} must be a finite number {bound}, got {text}")
+        return value
+
+    return parse
 
 
 def _cmd_denoise(args: argparse.Namespace) -> int:
@@ -250,21 +256,9 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _gain(text: str) -> float | str:
-    if text == "auto":
-        return text
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"gain must be a number > 0 or 'auto', got {text!r}") from None
-    if not (value > 0 and value < float("inf")):
-        raise argparse.ArgumentTypeError(f"gain must be a finite number > 0, got {text}")
-    return value
-
-
 def _preparation_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("preparation (eels_ad.prepare: before any Poisson model)")
-    group.add_argument("--gain", type=_gain, default="auto",
+    group.add_argument("--gain", type=_number_or_auto("gain", zero_allowed=False), default="auto",
                        help="detector counts per electron, or 'auto' (default): estimated from the data")
     group.add_argument("--no-spike-repair", action="store_true", help="keep X-ray spikes as recorded")
     group.add_argument("--no-vacuum-mask", action="store_true", help="treat vacuum pixels like the others")
@@ -376,7 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     _batch_options(denoise)
     denoise.add_argument("--penalty", choices=("tv", "onb", "canonical"), default=_api_default(denoise_cube, "penalty"),
                          help="the penalty (default tv)")
-    denoise.add_argument("--tau", type=_tau, default=_api_default(denoise_cube, "tau"),
+    denoise.add_argument("--tau", type=_number_or_auto("tau", zero_allowed=True),
+                         default=_api_default(denoise_cube, "tau"),
                          help="regularisation weight, or 'auto' (default): chosen per cube by Poisson thinning")
     weights = _api_default(denoise_cube, "weights")
     denoise.add_argument("--weights", nargs=3, type=float, metavar=("WY", "WX", "WE"),

@@ -58,6 +58,8 @@ def test_demo_runs_and_refuses_to_overwrite(tmp_path):
                          capture_output=True, text=True, timeout=3600)  # a hang guard, not a speed test
     assert run.returncode == 0, run.stderr
     assert "ROC AUC" in run.stdout
+    # one line per step and the summary: no progress bars, tips or warnings unless --verbose
+    assert run.stderr == "" and len(run.stdout.splitlines()) < 20 and len(run.stdout) < 3000, run.stdout
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["pca"]["roc_auc"] > 0.99
     results = eels_ad.open_results(out / "results.nc")

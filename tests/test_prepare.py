@@ -71,6 +71,11 @@ def test_vacuum_is_marked_never_trained_on_nor_flagged():
     assert not labels.values[:, :5].any()
     truth = sim["anomaly"].values & ~ready["vacuum"].values
     assert labels.values[truth].all()
+    from eels_ad.stats import compare_regions
+
+    table = compare_regions(ready, ~labels, labels)
+    assert table.attrs["n_pixels_a"] + table.attrs["n_pixels_b"] == 24 * 19
+    assert table.attrs["n_vacuum_left_out"] == 120
 
 
 def test_prepare_says_what_it_did_and_round_trips(tmp_path):
@@ -107,3 +112,20 @@ def test_real_fe_oxide_si(real_si_path):
     np.testing.assert_array_equal(mask.values, ready["vacuum"].values)
     labels = PCADetector(robust=True).fit(ready).predict(ready)
     assert not (labels.values & ready["vacuum"].values).any()
+
+
+def test_defaults_say_when_they_give_up():
+    from eels_ad.reconstruct import denoise_cube, select_tau
+
+    counts = eels_ad.simulate_fe_l23((16, 16), anomaly_fraction=0.0, seed=1)["counts"]
+    with pytest.warns(UserWarning, match="max_components=1 keeps 1"):
+        PCADetector(max_components=1).fit(counts * 6)  # counts that are not electron counts
+    rng = np.random.default_rng(0)
+    flat = rng.poisson(5.0, 400).astype(float)  # a constant truth: the largest weight always wins
+    with pytest.warns(UserWarning, match="no interior minimum"):
+        choice = select_tau(flat, taus=[0.01, 0.02, 0.04], penalty="tv", max_extensions=2, max_iter=20)
+    assert choice.at_edge and choice.taus.size == 5
+    with pytest.warns(UserWarning, match="not converged"):
+        result = denoise_cube(counts.isel(y=slice(0, 6), x=slice(0, 6)), tau=1.0, max_iter=2, min_iter=1,
+                              tol=1e-12)
+    assert result.attrs["converged"] == 0

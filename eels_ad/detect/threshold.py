@@ -93,6 +93,7 @@ def false_alarm_threshold(bulk_scores: np.ndarray | xr.DataArray, rate: float = 
         the median first: a detector trained on the image itself keeps a few anomalous pixels among
         its calibration spectra, and with a few hundred of them one such pixel *is* the 0.999
         quantile. On clean bulk scores hardly anything is left out (5 MADs: a Gaussian tail of 3e-7).
+        Needs at least 20 scores; with fewer every score is kept.
         None keeps every score.
 
     Examples
@@ -104,7 +105,7 @@ def false_alarm_threshold(bulk_scores: np.ndarray | xr.DataArray, rate: float = 
     if not 0.0 < rate < 1.0:
         raise ValueError(f"false-alarm rate must be in (0, 1), got {rate}")
     values = _finite(bulk_scores)
-    if outlier_mads is not None:
+    if outlier_mads is not None and values.size >= 20:  # a median and a MAD of fewer say little
         median = float(np.median(values))
         spread = 1.4826 * float(np.median(np.abs(values - median)))
         if spread > 0:

@@ -38,7 +38,8 @@ def compare_regions(
 ) -> xr.Dataset:
     """Negative-binomial test of every energy channel: region B (e.g. flagged pixels) against A (bulk).
 
-    Each pixel of a region is one sample. With ``normalize="total"`` each pixel's counts are scaled by
+    Each pixel of a region is one sample; pixels marked vacuum (the coordinate ``vacuum`` that
+    :func:`eels_ad.prepare.prepare` adds) are in neither region. With ``normalize="total"`` each pixel's counts are scaled by
     a size factor from its total counts in ``energy_range``, so that thickness differences are not
     reported as composition; what remains are changes of spectral shape, e.g. an edge shift shows as
     paired negative / positive log fold changes below and above the edge.
@@ -79,6 +80,8 @@ def compare_regions(
     in_b = ~in_a if mask_b is None else np.asarray(as_mask(mask_b, cube).values)
     if np.any(in_a & in_b):
         raise ValueError(f"regions A and B overlap in {int(np.sum(in_a & in_b))} pixels")
+    vacuum = np.asarray(cube["vacuum"].values, dtype=bool) if "vacuum" in cube.coords else np.zeros_like(in_a)
+    in_a, in_b = in_a & ~vacuum, in_b & ~vacuum  # vacuum (eels_ad.prepare) belongs to neither region
     for name, region in (("A", in_a), ("B", in_b)):
         if region.sum() < 2:
             raise ValueError(f"region {name} has {int(region.sum())} pixels; a test needs at least 2")
@@ -103,7 +106,7 @@ def compare_regions(
     dataset["significant"] = dataset["qvalue"] < fdr
     dataset["log_fold_change"].attrs = {"long_name": "log fold change (B over A)", "units": "natural log"}
     dataset.attrs = {"method": method, "test": test, "fdr": fdr, "n_pixels_a": int(in_a.sum()),
-                     "n_pixels_b": int(in_b.sum()), "normalize": str(normalize),
+                     "n_pixels_b": int(in_b.sum()), "n_vacuum_left_out": int(vacuum.sum()), "normalize": str(normalize),
                      "null_distribution": null_distribution,
                      "normalize_range": list(normalize_range) if normalize_range else "tested channels"}
     return dataset
