@@ -41,8 +41,9 @@ def compare_regions(
     Each pixel of a region is one sample; pixels marked vacuum (the coordinate ``vacuum`` that
     :func:`eels_ad.prepare.prepare` adds) are in neither region. With ``normalize="total"`` each
     pixel's counts are scaled by a size factor from its total counts in ``energy_range``, so that
-    thickness differences are not reported as composition; what remains are changes of spectral shape, e.g. an edge shift shows as
-    paired negative / positive log fold changes below and above the edge.
+    thickness differences are not reported as composition; what remains are changes of spectral
+    shape, e.g. an edge shift shows as paired negative / positive log fold changes below and above
+    the edge.
 
     Parameters
     ----------
