@@ -553,8 +553,8 @@ def denoise_cube(
     The unknown is the intensity relative to a reference spectrum (by default the mean spectrum):
     ``x = reference * u``, counts ``~ Poisson(A x + background)``, and the penalty acts on ``u``. The
     white lines and the edge are in the reference, so the spectral total variation of ``u`` only
-    penalises what differs from the average material: on simulated Fe L2,3 cubes this halved the
-    error of SPIRAL-TV against penalising the counts themselves (benchmarks/spiral_cube.py).
+    penalises what differs from the average material (against penalising the counts themselves:
+    ``benchmarks/spiral_cube.py``, figures in ``benchmarks/README.md``).
 
     Parameters
     ----------
