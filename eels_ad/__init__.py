@@ -1,8 +1,8 @@
 """eels-ad: find and explain anomalies in electron energy-loss spectrum images.
 
 The face of the package: datacube conventions and IO here, the rest in subpackages
-(``eels_ad.detect``, ``eels_ad.reconstruct``, ``eels_ad.stats``, ``eels_ad.viz``) that import their
-heavy dependencies (torch, HoloViews) only when used.
+(``eels_ad.prepare``, ``eels_ad.detect``, ``eels_ad.reconstruct``, ``eels_ad.stats``, ``eels_ad.viz``,
+``eels_ad.batch``) that import their heavy dependencies (torch, HoloViews) only when used.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ __all__ = [
     "validate",
 ]
 
-_LAZY_SUBPACKAGES = {"detect", "evaluate", "reconstruct", "stats", "viz", "batch"}
+_LAZY_SUBPACKAGES = {"detect", "evaluate", "prepare", "reconstruct", "stats", "viz", "batch"}
 
 
 def __getattr__(name: str) -> Any:

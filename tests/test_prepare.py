@@ -129,3 +129,7 @@ def test_defaults_say_when_they_give_up():
         result = denoise_cube(counts.isel(y=slice(0, 6), x=slice(0, 6)), tau=1.0, max_iter=2, min_iter=1,
                               tol=1e-12)
     assert result.attrs["converged"] == 0
+
+
+def test_prepare_is_reachable_from_the_package_face():
+    assert eels_ad.prepare.prepare is prepare
