@@ -246,6 +246,25 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return _run_batch(args, job, ".channels.nc", "compare")
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .io import open_results
+    from .viz import report, write_html
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        return _error(f"{out} exists; pass --overwrite to replace it")
+    try:
+        detection = open_results(args.detection)
+        channels = open_results(args.channels) if args.channels else None
+        page = report(detection, channels=channels, title=args.title or f"eels-ad report: {Path(args.detection).name}")
+        write_html(page, out, overwrite=args.overwrite)
+    except (OSError, ValueError) as error:
+        return _error(f"{args.detection}: {error}" if str(args.detection) not in str(error) else str(error))
+    if not args.quiet:
+        print(f"wrote {out} (open it in a browser; it works offline)")
+    return 0
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -395,6 +414,17 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--normalize-range", nargs=2, type=float, metavar=("E_MIN", "E_MAX"),
                          help="energy window whose counts give the size factors (e.g. the pre-edge)")
     compare.set_defaults(run=_cmd_compare)
+
+    report = commands.add_parser("report", help="an offline HTML report of one detection result",
+                                 description="Write the report of an `eels-ad detect` result (and its `eels-ad "
+                                 "compare` table): what was analysed, how, the answer, maps and spectra.")
+    report.add_argument("detection", metavar="DETECTION.nc", help="a result of `eels-ad detect`")
+    report.add_argument("--channels", metavar="CHANNELS.nc", help="its result of `eels-ad compare` (optional)")
+    report.add_argument("--out", required=True, metavar="REPORT.html", help="the page to write")
+    report.add_argument("--title", help="the page's title (default: from the file name)")
+    report.add_argument("--overwrite", action="store_true", help="replace REPORT.html if it exists")
+    report.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    report.set_defaults(run=_cmd_report)
     return parser
 
 

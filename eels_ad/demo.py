@@ -197,32 +197,33 @@ def _save_channel_figure(channels: xr.Dataset, path: Path, overwrite: bool) -> N
 
 
 def _write_report(cube, truth, pca, cvae, channels, nb_metrics, spiral, path: Path, overwrite: bool) -> None:
-    from .viz import html_summary, reconstruction_hv, report_layout, save_html
+    from .viz import report, write_html
 
-    rows = [[name, m["n_flagged"], m["roc_auc"], m["f1"], m["precision"], m["recall"]]
-            for name, m in (("PCA (Poisson-normalised, robust)", pca["metrics"]),
-                            ("3D-CVAE (Poisson NLL)", cvae["metrics"]))]
+    detection = xr.Dataset({"score": pca["scores"], "anomalous": pca["labels"]},
+                           attrs={"detector": "PCADetector (Poisson-normalised, robust fit on the image itself)",
+                                  "threshold": float(pca["labels"].attrs["threshold"]),
+                                  "source_file": str(cube.attrs.get("source_file", "the eels-ad sample"))})
     spiral_metrics = spiral["metrics"]
-    header = html_summary(
-        "eels-ad demo",
-        [f"Sample: simulated Fe L2,3 spectrum image, {cube.sizes['y']} x {cube.sizes['x']} pixels x "
-         f"{cube.sizes['energy']} channels, {int(truth['anomaly'].sum())} pixels with the Fe edge shifted by "
-         f"{float(truth.attrs['shift_eV']):+g} eV (ground truth known).",
-         f"Negative-binomial test of the PCA-flagged pixels against the others: "
-         f"{nb_metrics.get('n_significant_channels', 0)} energy channels differ at 5 % FDR. Maps are outlined "
-         "where PCA flagged a pixel.",
-         f"SPIRAL-TAP (3-D TV) on a copy of a 32 x 32 region with 2 % of the counts "
-         f"({spiral_metrics['mean_counts_per_voxel']:.1f} counts per voxel): relative error against the scaled "
-         f"full-dose counts {spiral_metrics['error_vs_scaled_full_dose_raw']:.3f} before, "
-         f"{spiral_metrics['error_vs_scaled_full_dose_denoised']:.3f} after (bottom panels)."],
-        columns=["detector", "flagged", "ROC AUC", "F1", "precision", "recall"], rows=rows,
-    )
-    layout = report_layout(
-        cube, {"PCA score": pca["scores"], "3D-CVAE score": cvae["scores"], "truth": truth["anomaly"].astype(float)},
-        labels=pca["labels"], channel_tests=channels,
-    ) + reconstruction_hv(spiral["low_dose"], spiral["denoised"], truth=spiral["reference"],
-                          energy_range=(705.0, 712.0))
-    save_html(layout, path, overwrite=overwrite, title="eels-ad demo report", header_html=header)
+    rows = "; ".join(
+        f"{name}: {m['n_flagged']} flagged, ROC AUC {m['roc_auc']:.3f}, F1 {m['f1']:.3f}"
+        for name, m in (("PCA", pca["metrics"]), ("3D-CVAE", cvae["metrics"])))
+    notes = [
+        f"Sample: simulated Fe L2,3 spectrum image with {int(truth['anomaly'].sum())} pixels whose Fe edge is shifted "
+        f"by {float(truth.attrs['shift_eV']):+g} eV (ground truth known). Against the truth: {rows}.",
+        f"The maps are outlined where PCA flagged a pixel; the 3D-CVAE's score and the truth are beside them. "
+        f"Negative-binomial test of the PCA-flagged pixels against the others: "
+        f"{nb_metrics.get('n_significant_channels', 0)} energy channels differ at 5 % FDR.",
+        f"Bottom panels: SPIRAL-TAP (3-D TV) on a copy of a 32 x 32 region with 2 % of the counts "
+        f"({spiral_metrics['mean_counts_per_voxel']:.1f} counts per voxel): relative error against the scaled "
+        f"full-dose counts {spiral_metrics['error_vs_scaled_full_dose_raw']:.3f} before, "
+        f"{spiral_metrics['error_vs_scaled_full_dose_denoised']:.3f} after.",
+    ]
+    denoising = xr.Dataset({"low_dose": spiral["low_dose"], "denoised": spiral["denoised"],
+                            "reference": spiral["reference"]})
+    page = report(detection, cube, channels=channels, title="eels-ad demo report", notes=notes,
+                  maps={"3D-CVAE score": cvae["scores"], "truth": truth["anomaly"].astype(float)},
+                  denoising=denoising)
+    write_html(page, path, overwrite=overwrite)
 
 
 def _summary_text(summary: dict[str, Any], paths: dict[str, Path]) -> str:

@@ -16,7 +16,7 @@ return count(document);
 
 def check_in_browser(path, screenshot=None, *, min_canvases: int = 1, width: int = 1400, height: int = 1800,
                      timeout: float = 60.0, chromium: str = "/usr/bin/chromium",
-                     chromedriver: str = "/usr/bin/chromedriver") -> list[str]:
+                     chromedriver: str = "/usr/bin/chromedriver", widths: dict | None = None) -> list[str]:
     """Open a saved HTML file in headless Chromium, wait until Bokeh has drawn, return the console errors.
 
     Needs selenium and Debian's ``chromium`` and ``chromium-driver``. Bokeh draws into canvases inside
@@ -28,6 +28,8 @@ def check_in_browser(path, screenshot=None, *, min_canvases: int = 1, width: int
         The HTML file.
     screenshot
         Where to save a PNG screenshot (optional).
+    widths
+        A dict to fill with ``scroll`` (the document's scrollWidth) and ``window`` (innerWidth), in px.
 
     Returns
     -------
@@ -53,6 +55,9 @@ def check_in_browser(path, screenshot=None, *, min_canvases: int = 1, width: int
         _time.sleep(0.5)
         if screenshot is not None:
             browser.save_screenshot(str(screenshot))
+        if widths is not None:
+            widths.update(browser.execute_script(
+                "return {scroll: document.documentElement.scrollWidth, window: window.innerWidth};"))
         return [entry["message"] for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
     finally:
         browser.quit()

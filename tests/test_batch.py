@@ -139,6 +139,12 @@ def test_train_denoise_compare_commands(tmp_path, folder):
                  "--normalize-range", "670", "700"]) == 0
     table = eels_ad.open_results(channels / "good0.channels.nc")
     assert table["significant"].dtype == bool and table.sizes["energy"] == 320
+    page = tmp_path / "report.html"
+    assert main(["report", str(detections / "good0.detect.nc"), "--channels", str(channels / "good0.channels.nc"),
+                 "--out", str(page), "--quiet"]) == 0
+    text = page.read_text()
+    assert "pixels flagged" in text and "good0.nc" in text and "energy channels differ" in text
+    assert main(["report", str(detections / "good0.detect.nc"), "--out", str(page), "--quiet"]) == 1  # exists
     denoised = tmp_path / "denoised"
     assert main(["denoise", str(folder / "good0.nc"), "--out", str(denoised), "--tau", "0.2", "--max-iter", "5",
                  "--quiet"]) == 0

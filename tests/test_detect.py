@@ -256,3 +256,19 @@ def test_metrics_errors():
         detection_metrics([0.1, 0.2], [False, True])
     single = detection_metrics([0.1, 0.2], [False, False], threshold=0.15)
     assert np.isnan(single["roc_auc"])
+
+
+def test_edge_shift_recovers_known_shifts_with_honest_errors():
+    from eels_ad.detect import edge_shift
+
+    for shift in (0.25, 1.0, 2.0):
+        sim = eels_ad.simulate_fe_l23((24, 24), shift=shift, anomaly_fraction=0.1, seed=4)
+        spectra = sim["counts"].values.reshape(-1, 320).astype(float)
+        moved = sim["anomaly"].values.ravel()
+        bulk = spectra[~moved].mean(axis=0)
+        model = bulk[None] * spectra[moved].sum(axis=1, keepdims=True) / bulk.sum()
+        estimate, error = edge_shift(spectra[moved], model, iterations=6)
+        assert np.mean(estimate) * 0.25 == pytest.approx(shift, abs=0.02)
+        assert np.std(estimate) == pytest.approx(np.mean(error), rel=0.35)  # the error bars are the spread
+    one_step, _ = edge_shift(spectra[moved], model)
+    assert np.mean(one_step) * 0.25 < 0.9 * 2.0  # one step underestimates large shifts: iterate

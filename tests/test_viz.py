@@ -117,3 +117,42 @@ def test_reconstruction_and_grid_figures():
                          "shift_eV": [0.5, 1.0, 0.5, 1.0], "f1": [0.1, 0.9, 0.2, 1.0]})
     figure = viz.plot_detection_grid(grid)
     assert isinstance(figure, hv.Layout) and len(figure) == 1
+
+
+def _a_detection(results):
+    import xarray as xr
+
+    sim, cube, scores, labels, _ = results
+    return xr.Dataset({"score": scores, "anomalous": labels},
+                      attrs={"detector": "PCADetector", "threshold": float(labels.attrs["threshold"])})
+
+
+def test_report_says_what_how_and_the_answer(tmp_path, results):
+    sim, cube, scores, labels, _ = results
+    channels = compare_regions(cube, ~labels, labels)
+    page = viz.report(_a_detection(results), cube, channels=channels, title="a test report")
+    assert "<script src=" not in page and "<link " not in page  # nothing to fetch: BokehJS is inline
+    n_flagged = int(labels.sum())
+    assert f"{n_flagged} of {cube.sizes['y'] * cube.sizes['x']} pixels flagged" in page
+    # the simulated shift is +1 eV: the report's mean edge shift says so
+    import re
+
+    shift = float(re.search(r"mean edge shift of the flagged pixels against the bulk ([+-][0-9.]+)", page).group(1))
+    assert shift == pytest.approx(float(sim.attrs["shift_eV"]), abs=0.1)
+    for words in ("What was analysed", "How", "energy channels differ", "eV per channel", "PCADetector"):
+        assert words in page, words
+    with pytest.raises(ValueError, match="give the cube"):
+        viz.report(_a_detection(results))
+
+
+@pytest.mark.slow
+def test_report_fits_1400_px_in_a_real_browser(tmp_path, results):
+    sim, cube, scores, labels, _ = results
+    page = viz.report(_a_detection(results), cube, channels=compare_regions(cube, ~labels, labels),
+                      maps={"truth": sim["anomaly"].astype(float)})
+    path = viz.write_html(page, tmp_path / "report.html")
+    _require_browser()
+    widths: dict = {}
+    errors = check_in_browser(path, tmp_path / "report.png", min_canvases=4, width=1400, widths=widths)
+    assert errors == [], errors
+    assert widths["scroll"] <= widths["window"], widths  # no horizontal scroll bar at 1400 px

@@ -10,7 +10,7 @@ that :func:`load` reads back whatever the class. ``MODELS`` names the detectors 
 from typing import Any
 
 from ._base import BaseDetector, NotFittedError, SpectrumDetector, detector_class, load
-from ._scores import SCORES, edge_shift_z, one_minus_correlation, pearson_residual, poisson_deviance
+from ._scores import SCORES, edge_shift, edge_shift_z, one_minus_correlation, pearson_residual, poisson_deviance
 from .pca import PCADetector
 from .sklearn import SklearnDetector
 from .threshold import bimodality, choose_threshold, false_alarm_threshold, gmm_threshold, otsu_threshold
@@ -30,6 +30,7 @@ __all__ = [
     "bimodality",
     "choose_threshold",
     "detector_class",
+    "edge_shift",
     "edge_shift_z",
     "false_alarm_threshold",
     "gmm_threshold",

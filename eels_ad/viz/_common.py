@@ -16,14 +16,29 @@ def _holoviews():
 
 
 def _image(hv, values: xr.DataArray, label: str, cmap: str = "viridis", group: str = ""):
-    # dims of the same name share axes and colour ranges across a layout: `group` keeps figures apart
-    suffix = f" ({group.strip('_')})" if group else ""
-    kdims = [hv.Dimension(f"x{group}", label=f"x{suffix}"), hv.Dimension(f"y{group}", label=f"y{suffix}")]
+    # dims of the same label share axes and colour ranges across a layout: `group` keeps figures apart
+    kdims = [hv.Dimension(f"{dim}{group}", label=_grouped(dim, group), unit=str(values[dim].attrs.get("units", "px")))
+             for dim in ("x", "y")]
     vdim = hv.Dimension(f"{label}{group}", label=label)
     return hv.Image(
         (values["x"].values, values["y"].values, np.asarray(values.values, dtype=float)), kdims, vdim,
-    ).opts(cmap=cmap, colorbar=True, title=label, tools=["hover", "tap"], invert_yaxis=True, aspect="equal",
-           frame_width=260)
+    ).opts(cmap=cmap, colorbar=True, colorbar_opts={"title": label}, title=label, tools=["hover", "tap"],
+           invert_yaxis=True, aspect="equal", frame_width=240)
+
+
+def _grouped(label: str, group: str) -> str:
+    """A label of a figure set apart (e.g. ``group="_denoised region"``): 'x, denoised region'."""
+    return f"{label}, {group.strip('_')}" if group else label
+
+
+def _energy_dim(hv, group: str = ""):
+    """The energy axis of every spectrum plot: 'energy loss (eV)'."""
+    return hv.Dimension(f"energy{group}", label=_grouped("energy loss", group), unit="eV")
+
+
+def _counts_dim(hv, group: str = "", unit: str = "counts"):
+    """The counts axis of every spectrum plot."""
+    return hv.Dimension(f"counts{group}", label=_grouped(unit, group))
 
 
 def _flagged_points(hv, labels: xr.DataArray | None):

@@ -5,17 +5,18 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
-from ._common import _flagged_points, _holoviews, _image, _vacuum_points
+from ._common import _counts_dim, _energy_dim, _flagged_points, _holoviews, _image, _vacuum_points
 
 
 def _spectrum_overlay(hv, cube: xr.DataArray, recon: xr.DataArray | None, y, x):
     spectrum = cube.sel(y=y, x=x, method="nearest")
-    curves = [hv.Curve((cube["energy"].values, spectrum.values), "energy", "counts", label="spectrum")]
+    energy, counts = _energy_dim(hv), _counts_dim(hv, unit=str(cube.attrs.get("units", "counts")))
+    curves = [hv.Curve((cube["energy"].values, spectrum.values), energy, counts, label="spectrum")]
     if recon is not None:
         model = recon.sel(y=y, x=x, method="nearest")
-        curves.append(hv.Curve((recon["energy"].values, model.values), "energy", "counts", label="reconstruction"))
+        curves.append(hv.Curve((recon["energy"].values, model.values), energy, counts, label="reconstruction"))
         residual = spectrum.sel(energy=recon["energy"]).values - model.values
-        curves.append(hv.Curve((recon["energy"].values, residual), "energy", "counts", label="residual"))
+        curves.append(hv.Curve((recon["energy"].values, residual), energy, counts, label="residual"))
     title = f"y={float(spectrum['y']):g}, x={float(spectrum['x']):g}"
     # framewise: each tapped pixel gets the axis range of its own spectrum (white lines never cut off);
     # the legend sits beside the frame, not on the spectrum

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
-from ._common import _holoviews, _image
+from ._common import _counts_dim, _energy_dim, _holoviews, _image
 
 
 def _q_strength(table: xr.Dataset) -> np.ndarray:
@@ -57,14 +57,14 @@ def channel_tests_hv(table: xr.Dataset):
 
     energy = table["energy"].values
     spectra = hv.Overlay([
-        hv.Curve((energy, table["mean_a"].values), "energy", "counts", label="A (reference)"),
-        hv.Curve((energy, table["mean_b"].values), "energy", "counts", label="B"),
+        hv.Curve((energy, table["mean_a"].values), _energy_dim(hv), _counts_dim(hv), label="A (baseline)"),
+        hv.Curve((energy, table["mean_b"].values), _energy_dim(hv), _counts_dim(hv), label="B"),
     ]).opts(title="mean spectra (size-normalised)", frame_width=320)
-    lfc = hv.Curve((energy, table["log_fold_change"].values), "energy", "log fold change")
+    lfc = hv.Curve((energy, table["log_fold_change"].values), _energy_dim(hv), "log fold change")
     significant = np.asarray(table["significant"].values, dtype=bool)
-    points = hv.Scatter((energy[significant], table["log_fold_change"].values[significant]), "energy",
+    points = hv.Scatter((energy[significant], table["log_fold_change"].values[significant]), _energy_dim(hv),
                         "log fold change", label="significant")
-    strength = hv.Curve((energy, _q_strength(table)), "energy", "-log10 q")
+    strength = hv.Curve((energy, _q_strength(table)), _energy_dim(hv), "-log10 q")
     threshold = hv.HLine(-np.log10(table.attrs.get("fdr", 0.05)))
     return (spectra + (lfc * points).opts(title="log fold change (B over A)", frame_width=320)
             + (strength * threshold).opts(title="-log10 q (dashed: the FDR)", frame_width=320)).cols(1)
@@ -87,15 +87,15 @@ def reconstruction_hv(before: xr.DataArray, after: xr.DataArray, *, truth: xr.Da
     """
     hv = _holoviews()
     window = energy_range or (float(before["energy"][0]), float(before["energy"][-1]))
-    group = "_reconstruction"
-    panels = [_image(hv, before.eels.total_counts(window), "measured", group=group),
-              _image(hv, after.eels.total_counts(window), "reconstructed", group=group)]
+    group = "_denoised region"
+    band = f"{window[0]:g}-{window[1]:g} eV"
+    panels = [_image(hv, before.eels.total_counts(window), f"measured counts, {band}", group=group),
+              _image(hv, after.eels.total_counts(window), f"reconstructed, {band}", group=group)]
     if truth is not None:
-        panels.append(_image(hv, truth.eels.total_counts(window), "reference", group=group))
+        panels.append(_image(hv, truth.eels.total_counts(window), f"reference, {band}", group=group))
     y, x = pixel or (before.sizes["y"] // 2, before.sizes["x"] // 2)
     energy = before["energy"].values
-    energy_dim = hv.Dimension("energy" + group, label="energy (reconstruction)")
-    counts_dim = hv.Dimension("counts" + group, label="counts (reconstruction)")
+    energy_dim, counts_dim = _energy_dim(hv, group), _counts_dim(hv, group)
     curves = {"measured": hv.Curve((energy, before.values[y, x]), energy_dim, counts_dim),
               "reconstructed": hv.Curve((energy, after.values[y, x]), energy_dim, counts_dim)}
     if truth is not None:
