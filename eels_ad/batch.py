@@ -23,7 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from .io import DatacubeReadError, atomic_path, find_datacubes, load, open_results, save
+from .io import DatacubeReadError, atomic_path, find_datacubes, open_results, save
+from .prepare import load_prepared
 
 LOG_NAME = "eels-ad.log"
 SUMMARY_COLUMNS = ("input", "output", "status", "reason", "shape", "n_flagged", "fraction_flagged",
@@ -122,18 +123,6 @@ def _cached_detector(path: str | os.PathLike):
     if key not in _DETECTORS:
         _DETECTORS[key] = load_detector(path)
     return _DETECTORS[key]
-
-
-def load_prepared(source: str | os.PathLike, preparation: dict[str, Any] | None = None,
-                  chunks: dict[str, int] | None = None):
-    """:func:`eels_ad.load`, then :func:`eels_ad.prepare.prepare` with ``preparation`` (None: as recorded)."""
-    source = Path(source)
-    cube = load(source, chunks=chunks if source.suffix.lower() == ".nc" else None)
-    if preparation is None:
-        return cube
-    from .prepare import prepare
-
-    return prepare(cube, **preparation)
 
 
 def detect_job(source: Path, output: Path, *, model: str, reconstruction: bool = False,

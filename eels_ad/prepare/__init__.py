@@ -12,9 +12,9 @@
 """
 
 from ._gain import GainEstimate, estimate_gain, resolve_gain
-from ._prepare import prepare
+from ._prepare import load_prepared, prepare
 from ._spikes import find_spikes, remove_spikes
 from ._vacuum import vacuum_mask
 
-__all__ = ["GainEstimate", "estimate_gain", "find_spikes", "prepare", "remove_spikes", "resolve_gain",
+__all__ = ["GainEstimate", "estimate_gain", "find_spikes", "load_prepared", "prepare", "remove_spikes", "resolve_gain",
            "vacuum_mask"]

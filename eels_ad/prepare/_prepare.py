@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 import xarray as xr
 
@@ -71,3 +75,17 @@ def prepare(cube: xr.DataArray, *, gain: float | str = "auto", spikes: bool = Tr
     cube.attrs.update(gain=float(value), gain_source=source,
                       n_vacuum_pixels=int(cube["vacuum"].sum()) if vacuum else 0, prepared="; ".join(done))
     return cube
+
+
+def load_prepared(source: str | os.PathLike, preparation: dict[str, Any] | None = None,
+                  chunks: dict[str, int] | None = None) -> xr.DataArray:
+    """:func:`eels_ad.load` a file, then :func:`prepare` it with the options ``preparation``.
+
+    ``preparation=None`` keeps the counts as recorded (and a NetCDF file read with ``chunks`` lazy);
+    batch jobs and reports reopen their sources this way, with the options stored in their results.
+    """
+    from ..io import load
+
+    source = Path(source)
+    cube = load(source, chunks=chunks if source.suffix.lower() == ".nc" else None)
+    return cube if preparation is None else prepare(cube, **preparation)

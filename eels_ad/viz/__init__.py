@@ -11,13 +11,12 @@ Imported lazily: ``import eels_ad`` does not load matplotlib or HoloViews.
 
 from ._explore import explore
 from ._figures import channel_tests_hv, plot_channel_tests, plot_detection_grid, reconstruction_hv
-from ._report import html_page, html_summary, report, report_layout, save_html, save_png, write_html
+from ._report import html_page, report, report_layout, save_html, save_png, write_html
 
 __all__ = [
     "channel_tests_hv",
     "explore",
     "html_page",
-    "html_summary",
     "plot_channel_tests",
     "plot_detection_grid",
     "reconstruction_hv",

@@ -140,46 +140,6 @@ def save_png(obj, path, *, overwrite: bool = False, dpi: int = 110) -> Path:
     return Path(path)
 
 
-def html_summary(title: str, paragraphs: Sequence[str] = (), *, columns: Sequence[str] = (),
-                 rows: Sequence[Sequence[object]] = (), number_format: str = "{:.3f}") -> str:
-    """The numbers above a report's figures, as escaped HTML (for :func:`save_html`'s ``header_html``).
-
-    Parameters
-    ----------
-    title
-        The heading.
-    paragraphs
-        Plain-text paragraphs, after the table.
-    columns, rows
-        A table: column names and one sequence of values per row; floats are written with
-        ``number_format``.
-
-    Returns
-    -------
-    str
-
-    Examples
-    --------
-    >>> print(html_summary("demo", ["2 < 3 pixels flagged."], columns=["detector", "F1"], rows=[["PCA", 0.5]]))
-    <h2>demo</h2>
-    <table border="1" cellpadding="4"><tr><th>detector</th><th>F1</th></tr><tr><td>PCA</td><td>0.500</td></tr></table>
-    <p>2 &lt; 3 pixels flagged.</p>
-    """
-    import html
-
-    def cell(value: object) -> str:
-        text = number_format.format(value) if isinstance(value, float) else str(value)
-        return html.escape(text)
-
-    parts = [f"<h2>{html.escape(title)}</h2>"]
-    if columns:
-        header = "".join(f"<th>{html.escape(str(c))}</th>" for c in columns)
-        body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>" for row in rows)
-        parts.append(f'<table border="1" cellpadding="4"><tr>{header}</tr>{body}</table>')
-    parts += [f"<p>{html.escape(p)}</p>" for p in paragraphs]
-    return "\n".join(parts)
-
-
 def report(detection: xr.Dataset, cube: xr.DataArray | None = None, *, channels: xr.Dataset | None = None,
            maps: dict[str, xr.DataArray] | None = None, denoising: xr.Dataset | None = None,
            title: str = "eels-ad report", notes: Sequence[str] = ()) -> str:
@@ -233,7 +193,7 @@ def report(detection: xr.Dataset, cube: xr.DataArray | None = None, *, channels:
             raise ValueError("give the cube: the detection does not say which file it scored (attrs['source_file'])")
         import json
 
-        from ..batch import load_prepared
+        from ..prepare import load_prepared
 
         cube = load_prepared(source, json.loads(detection.attrs.get("preparation", "null")))
     scores = detection["score"]
