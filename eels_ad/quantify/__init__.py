@@ -1,0 +1,5 @@
+"""Explain what changed: per-pixel edge shifts, white-line ratios and valence, with error bars."""
+
+from ._shift import edge_shift_map
+
+__all__ = ["edge_shift_map"]

@@ -1,0 +1,172 @@
+"""What the quantity maps share: checking the cube and the ranges, templates, backgrounds, chunks."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import xarray as xr
+from scipy.interpolate import CubicSpline
+
+from ..datacube import DIMS, energy_axis, validate
+
+#: pixels fitted at once (bounds the memory of one batch: pixels x parameters x channels)
+CHUNK_PIXELS = 4096
+
+
+def check_cube(cube: xr.DataArray) -> xr.DataArray:
+    """The datacube checks (dims, uniform energy axis, finite, negatives clipped) and at least 4 channels."""
+    cube = validate(cube)
+    if cube.sizes["energy"] < 4:
+        raise ValueError(f"a quantity map needs at least 4 energy channels, the cube has {cube.sizes['energy']}")
+    return cube
+
+
+def check_range(energy_range: tuple[float, float], energy: np.ndarray, what: str) -> tuple[float, float]:
+    """``energy_range`` as two floats inside ``energy``, or a clear error naming both."""
+    try:
+        low, high = (float(v) for v in energy_range)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be two energies (eV), got {energy_range!r}") from None
+    if not (np.isfinite(low) and np.isfinite(high) and low < high):
+        raise ValueError(f"{what} must be (low, high) with low < high, got ({low:g}, {high:g}) eV")
+    d = float(energy[1] - energy[0])
+    if low < energy[0] - d / 2 or high > energy[-1] + d / 2:
+        raise ValueError(f"{what} ({low:g}, {high:g}) eV lies outside the cube's energy axis "
+                         f"({energy[0]:g} - {energy[-1]:g} eV)")
+    if np.count_nonzero((energy >= low) & (energy <= high)) < 4:
+        raise ValueError(f"{what} ({low:g}, {high:g}) eV holds fewer than 4 channels")
+    return low, high
+
+
+def pixel_mask(cube: xr.DataArray) -> np.ndarray:
+    """(y, x) True where a pixel may shape a template: not vacuum (coordinate ``vacuum``), with counts."""
+    mask = np.ones((cube.sizes["y"], cube.sizes["x"]), dtype=bool)
+    if "vacuum" in cube.coords:
+        mask &= ~np.asarray(cube["vacuum"].values, dtype=bool)
+    return mask
+
+
+def robust_mean_spectrum(cube: xr.DataArray, *, mask: np.ndarray | None = None,
+                         drift: np.ndarray | None = None) -> np.ndarray:
+    """The bulk spectrum: the mean over pixels of the spectra scaled to a common total, moved ones left out.
+
+    Spectra are scaled to the mean total (thickness does not weigh), averaged, and every pixel whose
+    edge sits more than 4 standard errors away from that mean (the score test of
+    :func:`eels_ad.detect.edge_shift_z`) is left out of a second average, so that a minority of
+    shifted pixels does not pull the template (judged first against the median shift, then
+    against the new mean). A plain mean, not a median or trimmed mean: those are
+    biased for skewed (Poisson) counts, by an amount that changes along the edge. With ``drift``
+    (y, x, eV) each spectrum is first moved back by its drift (linear interpolation; the average of
+    many spectra, so the interpolation noise averages out).
+    """
+    from ..detect._scores import _moved, edge_shift
+
+    mask = pixel_mask(cube) if mask is None else mask
+    energy = np.asarray(cube["energy"].values, dtype=float)
+    spectra = np.asarray(cube.values, dtype=float)[mask]
+    if drift is not None:
+        channels = np.asarray(drift, dtype=float)[mask] / (energy[1] - energy[0])
+        spectra = _moved(spectra, -channels)
+    totals = spectra.sum(axis=-1)
+    spectra, totals = spectra[totals > 0], totals[totals > 0]
+    if spectra.shape[0] == 0:
+        raise ValueError("no pixel of the cube has counts: there is no bulk spectrum to use as a template")
+    scale = totals.mean() / totals
+    mean = np.einsum("pc,p->c", spectra, scale) / spectra.shape[0]
+    for centre in ("median", "zero") if spectra.shape[0] >= 10 else ():
+        shift, error = edge_shift(spectra, mean[None] / scale[:, None])
+        # the first mean is pulled by the moved pixels: judge them against the median shift first
+        offset = np.nanmedian(shift) if centre == "median" else 0.0
+        with np.errstate(invalid="ignore", divide="ignore"):
+            bulk = ~(np.abs((shift - offset) / error) > 4.0)
+        if bulk.sum() >= spectra.shape[0] // 2:
+            mean = np.einsum("pc,p->c", spectra[bulk], scale[bulk]) / bulk.sum()
+    return mean
+
+
+def power_law(spectrum: np.ndarray, energy: np.ndarray, background_range: tuple[float, float]) -> tuple[float, float]:
+    """``(amplitude, exponent)`` of ``A (E / E0)**-r`` fitted to ``spectrum`` over ``background_range``.
+
+    A straight line in log-log (what HyperSpy's power-law estimate does), on the positive channels;
+    ``E0`` is the range's lower end.
+    """
+    low, high = background_range
+    inside = (energy >= low) & (energy <= high) & (spectrum > 0)
+    if inside.sum() < 2:
+        raise ValueError(f"the background range ({low:g}, {high:g}) eV holds fewer than 2 channels with counts")
+    slope, intercept = np.polyfit(np.log(energy[inside] / low), np.log(spectrum[inside]), 1)
+    return float(np.exp(intercept)), float(-slope)
+
+
+def background_basis(energy: np.ndarray, exponent: float, reference: float) -> np.ndarray:
+    """(2, c): ``(E / E0)**-r`` and ``(E / E0)**-r log(E / E0)``: a power law whose amplitude and exponent
+    are free per pixel (to first order in the exponent)."""
+    ratio = np.asarray(energy, dtype=float) / reference
+    law = ratio ** -exponent
+    return np.stack([law, -law * np.log(ratio)])
+
+
+def template_on_grid(template: xr.DataArray, dispersion: float, anchor: float) -> tuple[float, np.ndarray]:
+    """A 1-D template (coordinate ``energy``, eV) resampled by a cubic spline onto a grid of the cube's
+    dispersion through the cube's channel ``anchor``; returns ``(grid_start, values)``."""
+    if not isinstance(template, xr.DataArray) or template.ndim != 1 or "energy" not in template.coords:
+        raise TypeError("a template must be a 1-D xarray.DataArray with an 'energy' coordinate (eV), a cube of "
+                        "the same shape as the data, or None")
+    energy = np.asarray(template["energy"].values, dtype=float)
+    values = np.asarray(template.values, dtype=float)
+    if energy.size < 4 or np.any(np.diff(energy) <= 0) or not np.all(np.isfinite(values)):
+        raise ValueError("a template needs at least 4 finite values on a strictly increasing energy axis")
+    first = anchor + dispersion * np.ceil((energy[0] - anchor) / dispersion - 1e-9)
+    grid = np.arange(first, energy[-1] + 1e-9 * dispersion, dispersion)
+    return float(grid[0]), CubicSpline(energy, values)(grid)
+
+
+def spans(grid_start: float, n: int, dispersion: float) -> tuple[float, float]:
+    return grid_start, grid_start + dispersion * (n - 1)
+
+
+def check_coverage(grid: tuple[float, float], needed: tuple[float, float], what: str) -> None:
+    if needed[0] < grid[0] - 1e-9 or needed[1] > grid[1] + 1e-9:
+        raise ValueError(f"the {what} covers {grid[0]:g} - {grid[1]:g} eV but the fit needs {needed[0]:g} - "
+                         f"{needed[1]:g} eV (the energy range widened by the largest shift and drift): "
+                         "narrow energy_range, lower max_shift or give a template that covers it")
+
+
+def row_chunks(cube: xr.DataArray, chunk_pixels: int = CHUNK_PIXELS) -> Iterator[slice]:
+    """Row slices of about ``chunk_pixels`` pixels (a lazy cube is read one slice at a time)."""
+    rows = max(1, int(chunk_pixels) // max(cube.sizes["x"], 1))
+    for start in range(0, cube.sizes["y"], rows):
+        yield slice(start, min(start + rows, cube.sizes["y"]))
+
+
+def spatial_like(cube: xr.DataArray, values: np.ndarray, **attrs) -> tuple[tuple[str, str], np.ndarray, dict]:
+    return (("y", "x"), np.asarray(values).reshape(cube.sizes["y"], cube.sizes["x"]), attrs)
+
+
+def map_coords(cube: xr.DataArray) -> dict:
+    """The cube's spatial coordinates (and masks such as ``vacuum``) for a (y, x) result."""
+    return {name: coord for name, coord in cube.coords.items() if set(coord.dims) <= {"y", "x"}}
+
+
+def as_drift(drift: xr.DataArray | np.ndarray | float | None, cube: xr.DataArray) -> np.ndarray | None:
+    """A drift (eV) as a (y, x) array matching the cube, or a clear error."""
+    if drift is None:
+        return None
+    if isinstance(drift, xr.Dataset):
+        if "drift" not in drift:
+            raise ValueError("a drift Dataset must hold a 'drift' variable (eV), e.g. from zero_loss_drift")
+        drift = drift["drift"]
+    values = np.asarray(drift.values if isinstance(drift, xr.DataArray) else drift, dtype=float)
+    shape = (cube.sizes["y"], cube.sizes["x"])
+    if values.ndim == 0:
+        values = np.full(shape, float(values))
+    if values.shape != shape:
+        raise ValueError(f"the drift map has navigation shape {values.shape} but the core-loss cube has {shape}")
+    if not np.all(np.isfinite(values)):
+        raise ValueError(f"the drift map has {int(np.sum(~np.isfinite(values)))} non-finite values; "
+                         "fill or mask those pixels first")
+    return values
+
+
+__all__ = ["DIMS", "energy_axis"]
