@@ -217,10 +217,9 @@ def poisson_fit(
     at_limit = np.zeros(p, dtype=bool)
     covariance = np.full((p, n, n), np.nan)
     active = np.flatnonzero(total > 0)
-    iteration = 0
-    for iteration in range(1, max_iterations + 1):
-        if active.size == 0:
-            break
+    iterations = 0
+    while active.size and iterations < max_iterations:
+        iterations += 1
         everyone = active.size == p
         y = counts if everyone else counts[active]
         a, b, s = (amplitudes, background, shift) if everyone else (amplitudes[active], background[active],
@@ -268,7 +267,7 @@ def poisson_fit(
         log_term = np.where(counts > 0, counts * np.log(counts / mu), 0.0)
     deviance = 2.0 * np.sum(log_term - (counts - mu), axis=-1)
     converged &= ~at_limit & (total > 0)
-    return PoissonFit(amplitudes, offset + shift, background, covariance, deviance, converged, at_limit, iteration)
+    return PoissonFit(amplitudes, offset + shift, background, covariance, deviance, converged, at_limit, iterations)
 
 
 def _line_search(templates, pixels, offset, y, mu, basis, start, step, trial, rows, k, fit_shift, nonnegative,
@@ -283,7 +282,7 @@ def _line_search(templates, pixels, offset, y, mu, basis, start, step, trial, ro
         values, _ = templates(offset + new[1], pixels, derivative=False)
         value = _log_likelihood(y, _model(values, new[0], new[2], basis))
         better = ~accepted & (value >= base - 1e-12 * np.abs(base))
-        for target, source in zip(trial, new):
+        for target, source in zip(trial, new, strict=True):
             target[rows[better]] = source[better]
         accepted |= better
         if accepted.all():
@@ -297,7 +296,7 @@ def _solve(matrix: np.ndarray, vector: np.ndarray) -> np.ndarray:
         return np.linalg.solve(matrix, vector[..., None])[..., 0]
     except np.linalg.LinAlgError:
         out = np.full(vector.shape, np.nan)
-        for i, (m, v) in enumerate(zip(matrix, vector)):
+        for i, (m, v) in enumerate(zip(matrix, vector, strict=True)):
             try:
                 out[i] = np.linalg.solve(m, v)
             except np.linalg.LinAlgError:
