@@ -250,6 +250,10 @@ def simulate_fe_l23(
     cluster_radius: float = 2.0,
     noise: bool = True,
     include_expected: bool = False,
+    drift: float = 0.0,
+    row_jitter: float = 0.0,
+    low_loss: bool = False,
+    spikes: float = 0.0,
     seed: int = 0,
 ) -> xr.Dataset:
     """Simulate an Fe L2,3 spectrum image with anomalies and their ground truth.
@@ -298,6 +302,22 @@ def simulate_fe_l23(
         Draw counts (True) or return the noise-free expectation as ``counts`` (False).
     include_expected
         Also return the noise-free expectation as ``expected``.
+    drift
+        Largest size (eV) of a smooth energy drift along the scan (a slow function of acquisition
+        time: a ramp and a slow oscillation, so smooth down the rows and nearly constant along each
+        row), moving the whole spectrum (background and edges). 0 (default): none.
+    row_jitter
+        Standard deviation (eV) of a further per-row drift offset (a scan line that starts at another
+        energy). Drift and jitter together are returned as ``drift`` (y, x, eV).
+    low_loss
+        Also return the matching low-loss image ``low_loss`` (y, x, ``low_loss_energy``: -10 eV
+        upwards at the core loss's dispersion and length): a zero-loss peak (Gaussian of FWHM
+        ``energy_resolution``, about 2e5 electrons) and a plasmon near 22 eV whose weight follows
+        the thickness, both moved by the same drift (dual EELS). ``zero_loss_drift(sim.low_loss)``
+        reads it.
+    spikes
+        Fraction of voxels hit by an X-ray spike (a single-voxel outlier of 2 - 20 times the
+        spectrum's maximum), returned as the mask ``spike`` (y, x, energy).
     seed
         Seed of every random step: the same seed gives the same cube.
 
@@ -305,7 +325,9 @@ def simulate_fe_l23(
     -------
     xarray.Dataset
         ``counts`` (y, x, energy), ``anomaly`` (y, x, bool), ``shift`` (y, x, eV) and
-        ``l3_l2_ratio`` (y, x); ``expected`` when asked. ``attrs`` hold every parameter.
+        ``l3_l2_ratio`` (y, x); ``expected`` when asked; ``drift``, ``low_loss`` and ``spike`` when
+        asked for. ``attrs`` hold every parameter. The drift, the low loss and the spikes draw from
+        their own random streams: asking for them leaves everything else of the cube as it was.
 
     Examples
     --------
@@ -348,6 +370,10 @@ class FeL23Recipe:
     cluster_radius: float = 2.0
     noise: bool = True
     include_expected: bool = False
+    drift: float = 0.0
+    row_jitter: float = 0.0
+    low_loss: bool = False
+    spikes: float = 0.0
     seed: int = 0
 
     def check(self) -> np.ndarray:
@@ -367,6 +393,12 @@ class FeL23Recipe:
             raise ValueError(f"overdispersion must be >= 0, got {self.overdispersion}")
         if self.anomaly_intensity < 0:
             raise ValueError(f"anomaly_intensity must be >= 0, got {self.anomaly_intensity}")
+        for name in ("drift", "row_jitter"):
+            value = getattr(self, name)
+            if not (np.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number of eV >= 0, got {value}")
+        if not 0.0 <= self.spikes < 1.0:
+            raise ValueError(f"spikes must be a fraction of voxels in [0, 1), got {self.spikes}")
         energy = DEFAULT_ENERGY.copy() if self.energy is None else np.asarray(self.energy, dtype=float)
         if energy.ndim != 1 or energy.size < 2 or np.any(np.diff(energy) <= 0):
             raise ValueError("energy must be a strictly increasing 1-D axis of at least 2 channels (eV)")
@@ -374,6 +406,9 @@ class FeL23Recipe:
         if not (np.isfinite(self.shift) and abs(self.shift) < span / 2):
             raise ValueError(f"shift must be a finite number of eV smaller in size than half the energy axis "
                              f"({span / 2:g} eV), got {self.shift}")
+        if self.drift + 4 * self.row_jitter >= span / 2:
+            raise ValueError(f"drift + 4 row_jitter must stay below half the energy axis ({span / 2:g} eV), "
+                             f"got {self.drift} and {self.row_jitter}")
         return energy
 
     @property
@@ -383,16 +418,7 @@ class FeL23Recipe:
 
     def _edges(self, energy: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Background, bulk edge and anomalous edge per channel (averaged over a fine grid)."""
-        fine = _fine_grid(energy)
-        background = _channel_average((fine / (self.l3 - 5.0)) ** -self.background_exponent)
-        if self.oxygen:
-            background = background + _channel_average(0.6 * _oxygen_k_edge(fine, self.energy_resolution))
-        # the continuum step is `edge_jump` times the background just before the edge
-        edge = dict(l3=self.l3, white_line_area=self.white_line_area, energy_resolution=self.energy_resolution,
-                    continuum=self.edge_jump)
-        bulk = fe_l23_edge(fine, l3_l2_ratio=self.l3_l2_ratio, **edge)
-        anomalous = shift_spectrum(fe_l23_edge(fine, l3_l2_ratio=self.anomaly_ratio, **edge), fine, self.shift)
-        return background, _channel_average(bulk), _channel_average(anomalous)
+        return tuple(_channel_average(profile) for profile in self._fine_profiles(_fine_grid(energy)))
 
     def _dose_window(self, energy: np.ndarray) -> tuple[np.ndarray, list[float]]:
         pre_edge = (energy >= self.l3 - 15.0) & (energy <= self.l3 - 3.0)
@@ -424,6 +450,10 @@ class FeL23Recipe:
             "anomaly_l3_l2_ratio": float(self.anomaly_ratio),
             "anomaly_intensity": float(self.anomaly_intensity),
             "noise": int(self.noise),
+            "drift_eV": float(self.drift),
+            "row_jitter_eV": float(self.row_jitter),
+            "low_loss": int(self.low_loss),
+            "spikes": float(self.spikes),
         }
 
     def simulate(self) -> xr.Dataset:
@@ -435,11 +465,17 @@ class FeL23Recipe:
         concentration = smooth_field(shape, self.concentration_variation, self.correlation_length, rng)
         anomalous = anomaly_mask(shape, self.anomaly_fraction, self.layout, cluster_radius=self.cluster_radius,
                                  seed=rng)
-        background, bulk_edge, anomalous_edge = self._edges(energy)
-        edge_map = concentration * np.where(anomalous, self.anomaly_intensity, 1.0)
+        drift = self.drift_map(shape)
+        if drift is None:
+            background, bulk_edge, anomalous_edge = self._edges(energy)
+        else:
+            background, bulk_edge, anomalous_edge = self._drifted_edges(energy, drift)
+        edge_map = (concentration * np.where(anomalous, self.anomaly_intensity, 1.0))[..., None]
+        if drift is None:
+            background, bulk_edge, anomalous_edge = background[None, None], bulk_edge[None, None], \
+                anomalous_edge[None, None]
         expected = thickness[..., None] * (
-            background[None, None, :]
-            + edge_map[..., None] * np.where(anomalous[..., None], anomalous_edge, bulk_edge)
+            background + edge_map * np.where(anomalous[..., None], anomalous_edge, bulk_edge)
         )
         pre_edge, _ = self._dose_window(energy)
         expected *= self.dose / expected[..., pre_edge].mean()
@@ -462,9 +498,102 @@ class FeL23Recipe:
             "l3_l2_ratio": (("y", "x"), np.where(anomalous, self.anomaly_ratio, self.l3_l2_ratio),
                             {"long_name": "L3/L2"}),
         }
+        if self.spikes > 0:
+            spike = self._spikes(counts)
+            data_vars["spike"] = (DIMS, spike, {"long_name": "X-ray spike (ground truth)"})
         if self.include_expected:
             data_vars["expected"] = (DIMS, expected, {"units": "counts", "long_name": "noise-free counts"})
+        if drift is not None:
+            data_vars["drift"] = (("y", "x"), drift, {"units": "eV", "long_name": "energy drift (ground truth)"})
+        if self.low_loss:
+            low_energy, low = self._low_loss(energy, thickness, np.zeros(shape) if drift is None else drift)
+            coords["low_loss_energy"] = ("low_loss_energy", low_energy, {"units": "eV", "long_name": "energy loss"})
+            data_vars["low_loss"] = (("y", "x", "low_loss_energy"), low,
+                                     {"units": "counts", "long_name": "low-loss electron counts"})
         return xr.Dataset(data_vars, coords=coords, attrs=self.attrs(energy))
+
+    def _stream(self, purpose: int) -> np.random.Generator:
+        """A random stream of its own (drift 1, low loss 2, spikes 3), apart from the cube's."""
+        return np.random.default_rng([int(self.seed), purpose])
+
+    def drift_map(self, shape: tuple[int, int]) -> np.ndarray | None:
+        """The energy drift (y, x) in eV, or None without drift: smooth in scan time, plus row jitter."""
+        if self.drift == 0 and self.row_jitter == 0:
+            return None
+        rng = self._stream(1)
+        ny, nx = shape
+        time = (np.arange(ny)[:, None] * nx + np.arange(nx)[None, :]) / (ny * nx)  # 0 .. 1 over the scan
+        ramp, period, phase = rng.uniform(-1, 1), rng.uniform(0.6, 1.5), rng.uniform(0, 2 * np.pi)
+        smooth = ramp * (time - 0.5) + 0.6 * np.sin(2 * np.pi * time / period + phase)
+        smooth -= smooth.mean()
+        largest = np.abs(smooth).max()
+        smooth = self.drift * smooth / largest if largest > 0 else smooth
+        jitter = self.row_jitter * rng.standard_normal(ny)[:, None]
+        return smooth + jitter
+
+    def _drifted_edges(self, energy: np.ndarray, drift: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Background and edges of every pixel moved by its drift: (y, x, energy) each."""
+        dispersion = (energy[-1] - energy[0]) / (energy.size - 1)
+        pad = int(np.ceil(np.abs(drift).max() / dispersion)) + 2
+        wide = energy[0] + dispersion * np.arange(-pad, energy.size + pad)
+        profiles = [np.empty(drift.shape + energy.shape) for _ in range(3)]
+        recipe = FeL23Recipe(**{**{f: getattr(self, f) for f in self.__dataclass_fields__}, "energy": wide,
+                                "drift": 0.0, "row_jitter": 0.0})
+        fine_wide = _fine_grid(wide)
+        wide_profiles = recipe._fine_profiles(fine_wide)
+        fine = _fine_grid(energy)
+        step = fine_wide[1] - fine_wide[0]
+        for row in range(drift.shape[0]):
+            position = (fine[None, :] - drift[row][:, None] - fine_wide[0]) / step
+            low = np.clip(np.floor(position).astype(int), 0, fine_wide.size - 2)
+            weight = position - low
+            for out, profile in zip(profiles, wide_profiles, strict=True):
+                out[row] = _channel_average(profile[low] * (1 - weight) + profile[low + 1] * weight)
+        return tuple(profiles)
+
+    def _fine_profiles(self, fine: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Background, bulk edge and anomalous edge on a fine grid (not channel-averaged)."""
+        background = (fine / (self.l3 - 5.0)) ** -self.background_exponent
+        if self.oxygen:
+            background = background + 0.6 * _oxygen_k_edge(fine, self.energy_resolution)
+        edge = dict(l3=self.l3, white_line_area=self.white_line_area, energy_resolution=self.energy_resolution,
+                    continuum=self.edge_jump)
+        bulk = fe_l23_edge(fine, l3_l2_ratio=self.l3_l2_ratio, **edge)
+        anomalous = shift_spectrum(fe_l23_edge(fine, l3_l2_ratio=self.anomaly_ratio, **edge), fine, self.shift)
+        return background, bulk, anomalous
+
+    def _spikes(self, counts: np.ndarray) -> np.ndarray:
+        """Add X-ray spikes to ``counts`` in place; returns their mask."""
+        rng = self._stream(3)
+        n = int(round(self.spikes * counts.size))
+        mask = np.zeros(counts.size, dtype=bool)
+        mask[rng.choice(counts.size, n, replace=False)] = True
+        mask = mask.reshape(counts.shape)
+        peak = counts.max(axis=-1, keepdims=True)
+        height = np.broadcast_to(peak, counts.shape)[mask] * rng.uniform(2, 20, n)
+        counts[mask] += np.rint(height).astype(counts.dtype)
+        return mask
+
+    def _low_loss(self, energy: np.ndarray, thickness: np.ndarray, drift: np.ndarray) -> tuple[np.ndarray, ...]:
+        """The low-loss axis and image: zero-loss peak and plasmon, moved by the drift, Poisson noise."""
+        rng = self._stream(2)
+        dispersion = (energy[-1] - energy[0]) / (energy.size - 1)
+        axis = -10.0 + dispersion * np.arange(energy.size)
+        fine = _fine_grid(axis)[None, None, :] - drift[..., None]
+        sigma = self.energy_resolution / (2 * np.sqrt(2 * np.log(2)))
+        zero_loss = np.exp(-0.5 * (fine / sigma) ** 2) / (sigma * np.sqrt(2 * np.pi))
+        plasmon_energy, plasmon_width = 22.0, 8.0
+        loss = np.maximum(fine, 0.0)
+        plasmon = (loss * plasmon_width * plasmon_energy ** 2
+                   / ((loss ** 2 - plasmon_energy ** 2) ** 2 + (loss * plasmon_width) ** 2))
+        plasmon /= np.pi * plasmon_energy / 2  # about unit area
+        relative_thickness = 0.4 * thickness[..., None]  # t / lambda
+        electrons = 2e5 * dispersion
+        profile = electrons * (np.exp(-relative_thickness) * zero_loss
+                               + relative_thickness * np.exp(-relative_thickness) * plasmon)
+        expected = _channel_average(profile)
+        low = rng.poisson(expected).astype(np.int32) if self.noise else expected
+        return axis, low
 
 
 def peak_energy(spectrum: np.ndarray | xr.DataArray, energy: np.ndarray | None = None,

@@ -205,14 +205,10 @@ def poisson_fit(
     limit_low, limit_high = np.maximum(-max_shift, low - offset), np.minimum(max_shift, high - offset)
     shift = np.clip(shift, limit_low, limit_high)
 
-    # starting amplitudes: the templates and the background share the total counts
+    # starting amplitudes: weighted linear least squares at the starting shift
     moved, _ = templates(offset + shift, derivative=False)
     total = counts.sum(axis=-1)
-    share = total / (moved.sum(axis=-1).sum(axis=-1) + basis[0].sum() + _FLOOR)
-    amplitudes = np.repeat(share[:, None], k, axis=1)
-    background = np.zeros((p, j))
-    background[:, 0] = share
-
+    amplitudes, background = _linear_start(moved, basis, counts)
     converged = np.zeros(p, dtype=bool)
     at_limit = np.zeros(p, dtype=bool)
     covariance = np.full((p, n, n), np.nan)
@@ -230,14 +226,14 @@ def poisson_fit(
         mu = np.maximum(mu, _FLOOR)
         fisher, gradient = _information(values, slopes, a, basis, basis_products, y, mu, fit_shift)
         step = _solve(fisher, gradient)
-        finite = np.all(np.isfinite(step), axis=-1) & good
+        finite = np.all(np.isfinite(step), axis=-1)
         step = np.where(finite[:, None], step, 0.0)
         decrement = np.einsum("pi,pi->p", step, gradient)
         done = finite & (decrement < tolerance)
         covariance[active] = _inverse(fisher)
         # a line search where the step is large (more than half a channel or half an amplitude):
         # halve it until the likelihood does not fall; small Newton steps are taken as they are
-        large = (np.abs(step[:, :k]) > 0.5 * np.abs(a) + 1e-12).any(axis=-1)
+        large = (np.abs(step[:, :k]) > 0.5 * np.abs(a) + 1e-12).any(axis=-1) | ~good
         if fit_shift:
             large |= np.abs(step[:, k]) > 0.5 * templates.dispersion
         trial = _apply(a, s, b, step, k, fit_shift, nonnegative, limit_low[active], limit_high[active])
@@ -268,6 +264,22 @@ def poisson_fit(
     deviance = 2.0 * np.sum(log_term - (counts - mu), axis=-1)
     converged &= ~at_limit & (total > 0)
     return PoissonFit(amplitudes, offset + shift, background, covariance, deviance, converged, at_limit, iterations)
+
+
+def _linear_start(moved: np.ndarray, basis: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Template and background amplitudes by least squares weighted by ``1 / max(counts, 1)``."""
+    p, k, _ = moved.shape
+    columns = np.concatenate([moved, np.broadcast_to(basis, (p,) + basis.shape)], axis=1)
+    weighted = columns / np.maximum(counts, 1.0)[:, None, :]
+    normal = weighted @ columns.transpose(0, 2, 1)
+    start = _solve(normal, np.einsum("pnc,pc->pn", weighted, counts))
+    # where that fails, the templates and the background share the total counts
+    share = counts.sum(axis=-1) / (moved.sum(axis=(1, 2)) + basis[0].sum() + _FLOOR)
+    fallback = np.zeros_like(start)
+    fallback[:, :k], fallback[:, k] = share[:, None], share
+    bad = ~np.all(np.isfinite(start), axis=-1)
+    start[bad] = fallback[bad]
+    return start[:, :k].copy(), start[:, k:].copy()
 
 
 def _line_search(templates, pixels, offset, y, mu, basis, start, step, trial, rows, k, fit_shift, nonnegative,
