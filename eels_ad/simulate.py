@@ -698,3 +698,80 @@ def roll_l3_window(
                "seed": int(seed)},
     )
     return dataset
+
+
+def simulate_mixture(
+    references: xr.DataArray,
+    fraction: np.ndarray | xr.DataArray,
+    *,
+    energy: np.ndarray | None = None,
+    dose: float = 200.0,
+    edge_to_background: float = 1.5,
+    background_exponent: float = 3.0,
+    thickness_variation: float = 0.2,
+    correlation_length: float = 0.25,
+    noise: bool = True,
+    seed: int = 0,
+) -> xr.Dataset:
+    """A spectrum image of mixtures of reference spectra (e.g. Fe2+ and Fe3+) on a power-law background.
+
+    Each pixel holds ``t(y, x) * [B (E / E0)**-r + s * sum_k f_k R_k(E)]``: a smooth thickness map
+    ``t``, the background, and the references mixed with the fractions ``f`` (summing to 1). ``s``
+    puts the largest value of the mean mixture at ``edge_to_background`` times the background
+    there; the cube is scaled so that the mean count per channel over the axis' first 3 eV (before
+    the edge, for references that start at their pre-edge) equals ``dose``.
+
+    Parameters
+    ----------
+    references
+        (component, energy) reference spectra (see :func:`eels_ad.quantify.read_references`).
+    fraction
+        (y, x) fractions of the first reference when there are two, or (component, y, x) fractions.
+    energy
+        The cube's axis (eV); default the references' own.
+    dose, edge_to_background, background_exponent
+        Counts per channel before the edge; edge height over background; the power law's ``r``.
+    thickness_variation, correlation_length
+        The smooth thickness map (see :func:`smooth_field`).
+    noise
+        Poisson counts (True) or the noise-free expectation.
+    seed
+        Seed of every random step.
+
+    Returns
+    -------
+    xarray.Dataset
+        ``counts`` (y, x, energy) and the true ``fraction`` (component, y, x).
+    """
+    references = references.transpose("component", "energy")
+    names = [str(c) for c in references["component"].values]
+    fraction = np.asarray(getattr(fraction, "values", fraction), dtype=float)
+    if fraction.ndim == 2:
+        if len(names) != 2:
+            raise ValueError(f"a (y, x) fraction map needs exactly 2 references, got {len(names)}")
+        fraction = np.stack([fraction, 1.0 - fraction])
+    if fraction.ndim != 3 or fraction.shape[0] != len(names):
+        raise ValueError(f"fraction must be (y, x) or ({len(names)}, y, x), got shape {fraction.shape}")
+    if np.any(fraction < 0) or not np.allclose(fraction.sum(axis=0), 1.0):
+        raise ValueError("fractions must be >= 0 and sum to 1 in every pixel")
+    own = np.asarray(references["energy"].values, dtype=float)
+    energy = own if energy is None else np.asarray(energy, dtype=float)
+    spectra = np.stack([np.interp(energy, own, row, left=row[0], right=row[-1]) for row in references.values])
+    rng = np.random.default_rng(seed)
+    shape = fraction.shape[1:]
+    thickness = smooth_field(shape, thickness_variation, correlation_length, rng)
+    background = (energy / energy[0]) ** -background_exponent
+    mean_mixture = np.tensordot(fraction.mean(axis=(1, 2)), spectra, axes=1)
+    peak = int(np.argmax(mean_mixture))
+    scale = edge_to_background * background[peak] / mean_mixture[peak]
+    mixture = np.einsum("kyx,kc->yxc", fraction, spectra)
+    expected = thickness[..., None] * (background + scale * mixture)
+    pre_edge = energy <= energy[0] + 3.0
+    expected *= dose / expected[..., pre_edge].mean()
+    counts = rng.poisson(expected).astype(np.int32) if noise else expected
+    coords = {"y": ("y", np.arange(shape[0]), {"units": "px"}), "x": ("x", np.arange(shape[1]), {"units": "px"}),
+              "energy": ("energy", energy, {"units": "eV", "long_name": "energy loss"}), "component": names}
+    return xr.Dataset(
+        {"counts": (DIMS, counts, {"units": "counts", "long_name": "electron counts"}),
+         "fraction": (("component", "y", "x"), fraction, {"long_name": "true fraction of the reference"})},
+        coords=coords, attrs={"simulator": "eels_ad.simulate.simulate_mixture", "seed": int(seed), "dose": float(dose)})

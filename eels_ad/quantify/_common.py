@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import numpy as np
@@ -99,12 +100,13 @@ def power_law(spectrum: np.ndarray, energy: np.ndarray, background_range: tuple[
     return float(np.exp(intercept)), float(-slope)
 
 
-def background_basis(energy: np.ndarray, exponent: float, reference: float) -> np.ndarray:
-    """(2, c): ``(E / E0)**-r`` and ``(E / E0)**-r log(E / E0)``: a power law whose amplitude and exponent
-    are free per pixel (to first order in the exponent)."""
+def background_basis(energy: np.ndarray, exponent: float, reference: float, terms: int = 2) -> np.ndarray:
+    """(terms, c): ``P = (E / E0)**-r``, ``-P log(E / E0)``, ``P log(E / E0)**2 / 2`` ...: a power law whose
+    amplitude and exponent are free per pixel (to order ``terms - 1`` in the exponent's change)."""
     ratio = np.asarray(energy, dtype=float) / reference
     law = ratio ** -exponent
-    return np.stack([law, -law * np.log(ratio)])
+    log = -np.log(ratio)
+    return np.stack([law * log ** i / math.factorial(i) for i in range(terms)])
 
 
 def template_on_grid(template: xr.DataArray, dispersion: float, anchor: float) -> tuple[float, np.ndarray]:

@@ -225,7 +225,10 @@ def poisson_fit(
         good = np.all(mu > 0, axis=-1)
         mu = np.maximum(mu, _FLOOR)
         fisher, gradient = _information(values, slopes, a, basis, basis_products, y, mu, fit_shift)
-        step = _solve(fisher, gradient)
+        if nonnegative:  # amplitudes held at 0 whose gradient points below 0 leave the step (an active set)
+            step = _solve(*_hold(fisher, gradient, (a <= 0) & (gradient[:, :k] <= 0)))
+        else:
+            step = _solve(fisher, gradient)
         finite = np.all(np.isfinite(step), axis=-1)
         step = np.where(finite[:, None], step, 0.0)
         decrement = np.einsum("pi,pi->p", step, gradient)
@@ -264,6 +267,18 @@ def poisson_fit(
     deviance = 2.0 * np.sum(log_term - (counts - mu), axis=-1)
     converged &= ~at_limit & (total > 0)
     return PoissonFit(amplitudes, offset + shift, background, covariance, deviance, converged, at_limit, iterations)
+
+
+def _hold(fisher: np.ndarray, gradient: np.ndarray, held: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The Newton system with the ``held`` (p, K) amplitudes fixed (their rows and columns cut to identity)."""
+    if not held.any():
+        return fisher, gradient
+    fixed = np.zeros(gradient.shape, dtype=bool)
+    fixed[:, : held.shape[1]] = held
+    fisher = np.where(fixed[:, :, None] | fixed[:, None, :], 0.0, fisher)
+    pixel, index = np.nonzero(fixed)
+    fisher[pixel, index, index] = 1.0
+    return fisher, np.where(fixed, 0.0, gradient)
 
 
 def _linear_start(moved: np.ndarray, basis: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
