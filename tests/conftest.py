@@ -29,3 +29,12 @@ def reference_spectra_path() -> Path:
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     return _require(SHARED)
+
+
+LSMO_CORE_LOSS = SHARED / "data" / "real" / "lsmo_linescan.hspy"
+LSMO_LOW_LOSS = SHARED / "data" / "real" / "lsmo_linescan_low_loss.hspy"
+
+
+@pytest.fixture(scope="session")
+def lsmo_paths() -> tuple[Path, Path]:
+    return _require(LSMO_CORE_LOSS), _require(LSMO_LOW_LOSS)
