@@ -70,7 +70,7 @@ def plan(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, *, suf
 
     def stem(path: Path) -> str:  # "a.detect.nc" -> "a": results of one job name those of the next
         name = path.stem
-        for known in (".detect", ".denoised", ".channels"):
+        for known in (".detect", ".denoised", ".channels", ".quantify"):
             name = name.removesuffix(known)
         return name
 
@@ -191,6 +191,96 @@ def compare_job(source: Path, output: Path, *, method: str = "mom", fdr: float =
     save(table, output, overwrite=True)
     result.n_flagged = int(labels.sum())
     result.extra = {"significant_channels": int(table["significant"].sum())}
+    return result
+
+
+def low_loss_pairs(pairs: Sequence[tuple[Path, Path]], *, files: Sequence[str | os.PathLike] | None = None,
+                   suffix: str | None = None) -> tuple[list[tuple[Path, Path]], dict[str, str]]:
+    """The core-loss inputs and, for each, its low-loss file (dual EELS).
+
+    ``files`` pairs low-loss files with the inputs in order (as many as there are inputs);
+    ``suffix`` finds ``<name><suffix>.<same extension>`` beside each input (e.g. ``_low_loss``) and
+    leaves the low-loss files themselves out of the inputs. Returns the pairs to run and
+    ``{input: low-loss file}``.
+    """
+    if files and suffix:
+        raise ValueError("give --low-loss files or --low-loss-suffix, not both")
+    if files:
+        if len(files) != len(pairs):
+            raise ValueError(f"{len(files)} low-loss files for {len(pairs)} core-loss inputs: give one per input, "
+                             "in the same order")
+        return list(pairs), {str(source): str(Path(low)) for (source, _), low in zip(pairs, files, strict=True)}
+    if suffix:
+        kept = [(source, output) for source, output in pairs if not source.stem.endswith(suffix)]
+        found = {}
+        for source, _ in kept:
+            candidate = source.with_name(f"{source.stem}{suffix}{source.suffix}")
+            if candidate.exists():
+                found[str(source)] = str(candidate)
+        return kept, found
+    return list(pairs), {}
+
+
+def quantify_job(source: Path, output: Path, *, low_loss: dict[str, str] | None = None,
+                 preparation: dict[str, Any] | None = None, energy_range: tuple[float, float] | None = None,
+                 background_range: tuple[float, float] | None = None, max_shift: float = 2.0,
+                 white_line_ratio: bool = False, references: str | None = None,
+                 separate: bool = True) -> FileResult:
+    """Edge-shift map (with drift correction), and optionally L3/L2 and valence maps, of one cube.
+
+    The drift comes from the low-loss file paired with ``source`` in ``low_loss`` (its zero-loss
+    peak); without one, and with ``separate``, it is separated from local shifts as a smooth
+    function of scan time (:func:`eels_ad.quantify.separate_drift`, fitted twice so that the
+    template is built from the aligned bulk).
+    """
+    import xarray as xr
+
+    from .io import load
+    from .prepare import zero_loss_drift
+    from .quantify import edge_shift_map, read_references, separate_drift, valence_map, white_line_ratio_map
+
+    result = FileResult(str(source), str(output), "done")
+    cube = load_prepared(source, preparation)
+    result.shape = "x".join(str(n) for n in cube.shape)
+    options = {"energy_range": energy_range, "background_range": background_range, "max_shift": max_shift}
+    parts: list[xr.Dataset] = []
+    low_path = (low_loss or {}).get(str(source))
+    if low_path is not None:
+        low = load(low_path)
+        if low.shape[:2] != cube.shape[:2]:
+            raise ValueError(f"the low-loss file {low_path} has navigation shape {low.shape[:2]} but the core loss "
+                             f"{source} has {cube.shape[:2]}")
+        zero_loss = zero_loss_drift(low)
+        if not bool(zero_loss["converged"].all()):
+            raise ValueError(f"{low_path}: no zero-loss peak could be fitted in "
+                             f"{int((~zero_loss['converged']).sum())} pixels")
+        shifts = edge_shift_map(cube, drift=zero_loss, **options)
+        parts.append(zero_loss.drop_vars(["drift", "converged"]))
+        drift_source = f"zero-loss peak of {Path(low_path).resolve()}"
+    elif separate:
+        first = edge_shift_map(cube, **options)
+        drift = separate_drift(first)["drift"]
+        shifts = edge_shift_map(cube, drift=drift, **options)
+        drift_source = "separated from local shifts (smooth in scan time + row offsets)"
+    else:
+        shifts = edge_shift_map(cube, **options)
+        drift_source = "none"
+    parts.insert(0, shifts)
+    if white_line_ratio:
+        parts.append(white_line_ratio_map(cube, background_range=background_range))
+    if references:
+        valence = valence_map(cube, read_references(references), drift=shifts.get("drift"))
+        parts.append(valence[["fraction", "fraction_error"]])
+    dataset = xr.merge(parts, compat="override", combine_attrs="override")
+    dataset.attrs.update(source_file=str(Path(source).resolve()), drift_source=drift_source,
+                         prepared=cube.attrs.get("prepared", "no"), preparation=json.dumps(preparation))
+    save(dataset, output, overwrite=True)
+    shift = shifts["shift"].values
+    finite = shift[np.isfinite(shift)]
+    result.extra = {"converged": int(shifts["converged"].sum()), "drift_source": drift_source.split(" of ")[0]}
+    if finite.size:
+        result.extra.update(median_shift_eV=float(np.median(finite)),
+                            median_shift_error_eV=float(np.nanmedian(shifts["shift_error"].values)))
     return result
 
 

@@ -91,11 +91,20 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         return _error(f"{out}: the folder {out.parent} does not exist; create it first")
     if out.exists() and not args.overwrite:
         return _error(f"{out} exists; pass --overwrite to replace it")
+    low_out = out.with_name(f"{out.stem}_low_loss{out.suffix}")
+    if args.low_loss and low_out.exists() and not args.overwrite:
+        return _error(f"{low_out} exists; pass --overwrite to replace it")
     try:
         dataset = simulate_fe_l23(
             tuple(args.shape), dose=args.dose, shift=args.shift, anomaly_fraction=args.anomaly_fraction,
-            layout=args.layout, overdispersion=args.overdispersion, seed=args.seed,
+            layout=args.layout, overdispersion=args.overdispersion, drift=args.drift, row_jitter=args.row_jitter,
+            low_loss=args.low_loss, spikes=args.spikes, seed=args.seed,
         )
+        if args.low_loss:
+            low = dataset["low_loss"].rename(low_loss_energy="energy").to_dataset(name="counts")
+            low["drift"] = dataset["drift"] if "drift" in dataset else low["counts"].isel(energy=0) * 0.0
+            save(low.assign_attrs(dataset.attrs), low_out, overwrite=args.overwrite)
+            dataset = dataset.drop_vars(["low_loss", "low_loss_energy"])
         save(dataset, out, overwrite=args.overwrite)
     except (OSError, ValueError) as error:
         return _error(_with_option_names(str(error)))
@@ -103,6 +112,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     print(
         f"wrote {out}: {args.shape[0]} x {args.shape[1]} px x {dataset.sizes['energy']} channels, "
         f"{n_anomalous} anomalous pixels shifted by {args.shift:+g} eV ({args.layout}), seed {args.seed}"
+        + (f"; its low-loss image in {low_out}" if args.low_loss else "")
     )
     return 0
 
@@ -246,6 +256,31 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return _run_batch(args, job, ".channels.nc", "compare")
 
 
+def _cmd_quantify(args: argparse.Namespace) -> int:
+    from functools import partial
+
+    from .batch import low_loss_pairs, plan, quantify_job, run
+
+    if not args.max_shift > 0:
+        return _error(f"--max-shift must be a positive number of eV, got {args.max_shift}")
+    if args.references and not Path(args.references).is_file():
+        return _error(f"--references {args.references}: no such file")
+    try:
+        pairs = plan(args.inputs, args.out, suffix=".quantify.nc", recursive=args.recursive)
+        pairs, low_loss = low_loss_pairs(pairs, files=args.low_loss, suffix=args.low_loss_suffix)
+    except (OSError, ValueError) as error:
+        return _error(str(error))
+    job = partial(quantify_job, low_loss=low_loss, preparation=_preparation(args),
+                  energy_range=tuple(args.energy_range) if args.energy_range else None,
+                  background_range=tuple(args.background_range) if args.background_range else None,
+                  max_shift=args.max_shift, white_line_ratio=args.white_line_ratio,
+                  references=str(Path(args.references).resolve()) if args.references else None,
+                  separate=not args.no_drift_separation)
+    results = run(job, pairs, args.out, overwrite=args.overwrite, workers=args.workers, scheduler=args.scheduler,
+                  progress=not args.quiet, description="quantify")
+    return _report(results, args.out, args.quiet)
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from .io import open_results
     from .viz import report, write_html
@@ -297,6 +332,7 @@ def _batch_options(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``eels-ad`` (one sub-command per job)."""
     from . import __version__
+    from .quantify import edge_shift_map
     from .reconstruct import denoise_cube
     from .stats import compare_regions
 
@@ -331,6 +367,14 @@ def build_parser() -> argparse.ArgumentParser:
                           help=f"mean pre-edge counts per channel (default {recipe.dose:g})")
     simulate.add_argument("--overdispersion", type=float, default=recipe.overdispersion,
                           help="gamma-Poisson over-dispersion alpha (variance mu + alpha mu^2; default 0)")
+    simulate.add_argument("--drift", type=float, default=recipe.drift,
+                          help="largest energy drift along the scan, eV (default 0: none)")
+    simulate.add_argument("--row-jitter", type=float, default=recipe.row_jitter,
+                          help="standard deviation of a per-row drift offset, eV (default 0)")
+    simulate.add_argument("--low-loss", action="store_true",
+                          help="also write the matching low-loss image to OUT_low_loss.nc (dual EELS)")
+    simulate.add_argument("--spikes", type=float, default=recipe.spikes,
+                          help="fraction of voxels hit by X-ray spikes (default 0)")
     simulate.add_argument("--seed", type=int, default=recipe.seed,
                           help=f"seed of every random step, >= 0 (default {recipe.seed})")
     simulate.add_argument("--overwrite", action="store_true", help="replace OUT.nc if it exists")
@@ -414,6 +458,32 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--normalize-range", nargs=2, type=float, metavar=("E_MIN", "E_MAX"),
                          help="energy window whose counts give the size factors (e.g. the pre-edge)")
     compare.set_defaults(run=_cmd_compare)
+
+    quantify = commands.add_parser(
+        "quantify", help="edge-shift maps (drift-corrected), L3/L2 and valence maps of files/folders",
+        description="Per-pixel edge shift with its Cramer-Rao error (Poisson fit of the bulk template), "
+        "corrected for energy drift from each input's low-loss image or, without one, separated from local "
+        "shifts; optionally L3/L2 ratio and valence maps. One NetCDF per input.")
+    _batch_options(quantify)
+    quantify.add_argument("--low-loss", nargs="+", metavar="LOW_LOSS",
+                          help="low-loss files recorded with the inputs (dual EELS), one per INPUT, in order")
+    quantify.add_argument("--low-loss-suffix", metavar="SUFFIX",
+                          help="find each input's low-loss file beside it as NAME+SUFFIX (e.g. _low_loss)")
+    quantify.add_argument("--energy-range", nargs=2, type=float, metavar=("E_MIN", "E_MAX"),
+                          help="the fitted window around the edge (eV; default: the whole axis less --max-shift)")
+    quantify.add_argument("--background-range", nargs=2, type=float, metavar=("E_MIN", "E_MAX"),
+                          help="pre-edge window for the background's exponent (eV; default: the window's first fifth)")
+    max_shift = _api_default(edge_shift_map, "max_shift")
+    quantify.add_argument("--max-shift", type=float, default=max_shift,
+                          help=f"largest |shift| allowed, eV (default {max_shift:g}); fits there are flagged")
+    quantify.add_argument("--white-line-ratio", action="store_true",
+                          help="also map the L3/L2 ratio (Pearson two-step continuum)")
+    quantify.add_argument("--references", metavar="CSV",
+                          help="reference spectra (energy column + one per spectrum): also map their fractions")
+    quantify.add_argument("--no-drift-separation", action="store_true",
+                          help="without a low-loss file, report shifts as measured (drift included)")
+    _preparation_options(quantify)
+    quantify.set_defaults(run=_cmd_quantify)
 
     report = commands.add_parser("report", help="an offline HTML report of one detection result",
                                  description="Write the report of an `eels-ad detect` result (and its `eels-ad "

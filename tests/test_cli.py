@@ -10,7 +10,8 @@ from eels_ad.cli import main
 
 
 def test_every_command_has_help(capsys):
-    for command in ([], ["info"], ["simulate"], ["demo"], ["train"], ["detect"], ["denoise"], ["compare"]):
+    for command in ([], ["info"], ["simulate"], ["demo"], ["train"], ["detect"], ["denoise"], ["compare"], ["quantify"],
+                    ["report"]):
         with pytest.raises(SystemExit) as exit_info:
             main([*command, "--help"])
         assert exit_info.value.code == 0

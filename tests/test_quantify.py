@@ -1,5 +1,7 @@
 """The quantity maps: edge shifts, drift, white-line ratios and valence, with their error bars."""
 
+import json
+
 import numpy as np
 import pytest
 import xarray as xr
@@ -221,3 +223,56 @@ def test_prepared_real_like_cube_with_spikes():
     ready = prepare(sim["counts"], gain=1.0)
     shifts = edge_shift_map(ready)
     assert float(np.sqrt(((shifts["shift"] - sim["shift"]) ** 2).mean())) < 0.05
+
+
+# ---- the command line -------------------------------------------------------------------------------
+
+
+def test_cli_quantify_with_low_loss_and_without(tmp_path, capsys):
+    from eels_ad.cli import main
+
+    sim_path = tmp_path / "sim.nc"
+    assert main(["simulate", str(sim_path), "--shape", "16", "16", "--drift", "1", "--row-jitter", "0.05",
+                 "--low-loss", "--shift", "0.5", "--anomaly-fraction", "0.05", "--seed", "3"]) == 0
+    assert (tmp_path / "sim_low_loss.nc").exists()
+    truth = eels_ad.open_results(sim_path)
+    out = tmp_path / "with"
+    assert main(["quantify", str(tmp_path), "--low-loss-suffix", "_low_loss", "--white-line-ratio",
+                 "--out", str(out), "--quiet"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["counts"] == {"done": 1, "skipped": 0, "failed": 0}  # the low-loss file is not an input
+    result = eels_ad.open_results(out / "sim.quantify.nc")
+    assert "zero-loss" in result.attrs["drift_source"]
+    assert float(np.sqrt(((result["drift"] - truth["drift"]) ** 2).mean())) < 0.02
+    assert float(np.sqrt(((result["shift"] - truth["shift"]) ** 2).mean())) < 0.05
+    assert "l3_l2_ratio" in result
+    # again: the complete output is skipped, not overwritten
+    assert main(["quantify", str(sim_path), "--low-loss-suffix", "_low_loss", "--out", str(out), "--quiet"]) == 0
+    assert json.loads((out / "summary.json").read_text())["counts"]["skipped"] == 1
+
+    plain = tmp_path / "without"
+    assert main(["quantify", str(sim_path), "--out", str(plain), "--quiet"]) == 0
+    separated = eels_ad.open_results(plain / "sim.quantify.nc")
+    assert "separated" in separated.attrs["drift_source"]
+    offset = (separated["drift"] - truth["drift"]).values
+    assert float(np.sqrt(np.mean((offset - offset.mean()) ** 2))) < 0.05
+
+
+def test_cli_quantify_bad_low_loss(tmp_path, capsys):
+    from eels_ad.cli import main
+
+    good = tmp_path / "a.nc"
+    other = tmp_path / "b.nc"
+    assert main(["simulate", str(good), "--shape", "8", "8", "--seed", "1"]) == 0
+    assert main(["simulate", str(other), "--shape", "6", "8", "--low-loss", "--seed", "2"]) == 0
+    capsys.readouterr()
+    # as many low-loss files as inputs
+    assert main(["quantify", str(good), str(other), "--low-loss", str(tmp_path / "b_low_loss.nc"),
+                 "--out", str(tmp_path / "o1"), "--quiet"]) == 1
+    assert "1 low-loss files for 2 core-loss inputs" in capsys.readouterr().err
+    # a low loss of another shape: that file fails with both shapes named, the others go on
+    assert main(["quantify", str(good), str(other), "--low-loss", str(tmp_path / "b_low_loss.nc"),
+                 str(tmp_path / "b_low_loss.nc"), "--out", str(tmp_path / "o2"), "--quiet"]) == 1
+    error = capsys.readouterr().err
+    assert "(6, 8)" in error and "(8, 8)" in error and "a.nc" in error
+    assert (tmp_path / "o2" / "b.quantify.nc").exists()

@@ -43,7 +43,9 @@ def zero_loss_drift(
         Where to look for the peak (eV); default: the whole axis (the zero-loss peak is the
         strongest feature of a low-loss spectrum).
     level
-        The fraction of the maximum down to which channels enter the fit (at least 3 channels).
+        The fraction of the maximum down to which channels enter the fit; the top channel and its
+        two neighbours always do (for a peak only a channel or two wide, that is the classic
+        three-point Gaussian interpolation).
 
     Returns
     -------
@@ -89,7 +91,9 @@ def zero_loss_drift(
     offsets = np.arange(-half, half + 1)
     index = np.clip(peak[:, None] + offsets[None, :], 0, energy.size - 1)
     values = np.take_along_axis(counts, index, axis=-1)
-    weight = np.where((values >= level * top[:, None]) & (values > 0) & search[index], values, 0.0)
+    # the top and its two neighbours always (a peak narrower than 3 channels: Gaussian interpolation)
+    chosen = (values >= level * top[:, None]) | (np.abs(offsets) <= 1)[None, :]
+    weight = np.where(chosen & (values > 0) & search[index], values, 0.0)
     u = offsets.astype(float)
     design = np.stack([np.ones_like(u), u, u * u])  # (3, n)
     normal = np.einsum("in,pn,jn->pij", design, weight, design)
