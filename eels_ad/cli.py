@@ -291,7 +291,12 @@ def _cmd_report(args: argparse.Namespace) -> int:
     try:
         detection = open_results(args.detection)
         channels = open_results(args.channels) if args.channels else None
-        page = report(detection, channels=channels, title=args.title or f"eels-ad report: {Path(args.detection).name}")
+        quantities = open_results(args.quantities) if args.quantities else None
+        if quantities is not None and quantities["shift"].shape != detection["score"].shape:
+            raise ValueError(f"{args.quantities} maps {quantities['shift'].shape} pixels but {args.detection} "
+                             f"{detection['score'].shape}: not the same spectrum image")
+        page = report(detection, channels=channels, quantities=quantities,
+                      title=args.title or f"eels-ad report: {Path(args.detection).name}")
         write_html(page, out, overwrite=args.overwrite)
     except (OSError, ValueError) as error:
         return _error(f"{args.detection}: {error}" if str(args.detection) not in str(error) else str(error))
@@ -490,6 +495,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  "compare` table): what was analysed, how, the answer, maps and spectra.")
     report.add_argument("detection", metavar="DETECTION.nc", help="a result of `eels-ad detect`")
     report.add_argument("--channels", metavar="CHANNELS.nc", help="its result of `eels-ad compare` (optional)")
+    report.add_argument("--quantities", metavar="QUANTIFY.nc",
+                        help="its result of `eels-ad quantify` (optional): shift and error maps, the shift in eV")
     report.add_argument("--out", required=True, metavar="REPORT.html", help="the page to write")
     report.add_argument("--title", help="the page's title (default: from the file name)")
     report.add_argument("--overwrite", action="store_true", help="replace REPORT.html if it exists")

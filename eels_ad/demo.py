@@ -2,8 +2,8 @@
 
 Load the sample, detect anomalies with PCA trained robustly on the image itself and with a 3D-CVAE
 trained on the pixels PCA left as bulk, compare with the sample's ground truth, test every energy
-channel of the flagged pixels against the bulk with a negative-binomial model, denoise a low-dose
-copy of a region with SPIRAL-TAP, and write the
+channel of the flagged pixels against the bulk with a negative-binomial model, map the Fe edge shift
+of every pixel with its error bar, denoise a low-dose copy of a region with SPIRAL-TAP, and write the
 results (NetCDF), the metrics (JSON), a figure (PNG) and an offline HTML report to a folder.
 """
 
@@ -80,17 +80,19 @@ def _run(out: Path, paths: dict[str, Path], overwrite: bool, say, verbose: bool,
     started = time.perf_counter()
     truth = data.sample_dataset()
     cube = prepare(data.sample_cube())
-    say(f"[1/6] loaded the sample cube {dict(cube.sizes)} from {data.sample_path()}; {cube.attrs['prepared']}")
-    say("[2/6] PCA (Poisson-normalised, robust fit on the image itself) ...")
+    say(f"[1/7] loaded the sample cube {dict(cube.sizes)} from {data.sample_path()}; {cube.attrs['prepared']}")
+    say("[2/7] PCA (Poisson-normalised, robust fit on the image itself) ...")
     pca = _detect_pca(cube, truth, seed)
-    say(f"[3/6] 3D-CVAE: a short CPU training ({cvae_epochs} epochs) on the pixels PCA left as bulk ...")
+    say(f"[3/7] 3D-CVAE: a short CPU training ({cvae_epochs} epochs) on the pixels PCA left as bulk ...")
     cvae = _detect_cvae(cube, truth, pca["labels"], seed, cvae_epochs, verbose)
-    say("[4/6] negative-binomial test of every energy channel: flagged pixels against the bulk ...")
+    say("[4/7] negative-binomial test of every energy channel: flagged pixels against the bulk ...")
     channels, nb_metrics = _channel_tests(cube, pca["labels"])
-    say("[5/6] SPIRAL-TAP: 3-D TV denoising of a low-dose copy (2 % of the counts) of a 32 x 32 region ...")
+    say("[5/7] edge-shift map: a Poisson fit of the bulk Fe L2,3 template to every pixel (eV +- Cramer-Rao) ...")
+    shifts, shift_metrics = _shift_map(cube, truth)
+    say("[6/7] SPIRAL-TAP: 3-D TV denoising of a low-dose copy (2 % of the counts) of a 32 x 32 region ...")
     spiral = _denoise_low_dose(cube, seed)
 
-    say("[6/6] writing results ...")
+    say("[7/7] writing results ...")
     results = xr.Dataset(
         {"pca_score": pca["scores"], "pca_anomalous": pca["labels"], "cvae_score": cvae["scores"],
          "cvae_anomalous": cvae["labels"], "true_anomaly": truth["anomaly"], "total_counts": cube.eels.total_counts()},
@@ -98,12 +100,13 @@ def _run(out: Path, paths: dict[str, Path], overwrite: bool, say, verbose: bool,
     )
     out.mkdir(parents=True, exist_ok=True)
     save(results, paths["results"], overwrite=overwrite)
+    save(shifts, paths["shifts"], overwrite=overwrite)
     save(xr.Dataset({"low_dose": spiral["low_dose"], "denoised": spiral["denoised"]}), paths["denoised"],
          overwrite=overwrite)
     if channels is not None:
         save(channels, paths["channels"], overwrite=overwrite)
         _save_channel_figure(channels, paths["figure"], overwrite)
-    _write_report(cube, truth, pca, cvae, channels, nb_metrics, spiral, paths["report"], overwrite)
+    _write_report(cube, truth, pca, cvae, channels, nb_metrics, spiral, shifts, paths["report"], overwrite)
     summary: dict[str, Any] = {
         "sample": {"shape": dict(cube.sizes), "n_true_anomalies": int(truth["anomaly"].sum()),
                    "shift_eV": float(truth.attrs["shift_eV"]), "dose": float(truth.attrs["dose"]),
@@ -111,6 +114,7 @@ def _run(out: Path, paths: dict[str, Path], overwrite: bool, say, verbose: bool,
         "pca": pca["metrics"],
         "cvae": cvae["metrics"],
         "negative_binomial": nb_metrics,
+        "edge_shift": shift_metrics,
         "spiral_tap": spiral["metrics"],
         "seconds": round(time.perf_counter() - started, 2),
         "outputs": {name: str(path) for name, path in paths.items()},
@@ -120,7 +124,28 @@ def _run(out: Path, paths: dict[str, Path], overwrite: bool, say, verbose: bool,
 
 
 _OUTPUTS = {"results": "results.nc", "metrics": "metrics.json", "channels": "nb_channels.nc",
-            "figure": "nb_channels.png", "report": "report.html", "denoised": "denoised.nc"}
+            "figure": "nb_channels.png", "report": "report.html", "denoised": "denoised.nc", "shifts": "shifts.nc"}
+
+
+def _shift_map(cube: xr.DataArray, truth: xr.Dataset) -> tuple[xr.Dataset, dict[str, Any]]:
+    import numpy as np
+
+    from .quantify import edge_shift_map
+
+    tic = time.perf_counter()
+    shifts = edge_shift_map(cube)
+    anomalous = truth["anomaly"].values
+    fitted, error = shifts["shift"].values, shifts["shift_error"].values
+    truth_shift = truth["shift"].values
+    metrics = {
+        "mean_shift_of_true_anomalies_eV": float(np.nanmean(fitted[anomalous])) if anomalous.any() else None,
+        "mean_shift_of_bulk_eV": float(np.nanmean(fitted[~anomalous])),
+        "median_error_eV": float(np.nanmedian(error)),
+        "coverage_of_1_sigma": float(np.nanmean(np.abs(fitted - truth_shift) < error)),
+        "converged": int(shifts["converged"].sum()),
+        "seconds": round(time.perf_counter() - tic, 2),
+    }
+    return shifts, metrics
 
 
 def _detect_pca(cube: xr.DataArray, truth: xr.Dataset, seed: int) -> dict[str, Any]:
@@ -196,7 +221,8 @@ def _save_channel_figure(channels: xr.Dataset, path: Path, overwrite: bool) -> N
         figure.savefig(temporary, format="png", dpi=100)
 
 
-def _write_report(cube, truth, pca, cvae, channels, nb_metrics, spiral, path: Path, overwrite: bool) -> None:
+def _write_report(cube, truth, pca, cvae, channels, nb_metrics, spiral, shifts, path: Path,
+                  overwrite: bool) -> None:
     from .viz import report, write_html
 
     detection = xr.Dataset({"score": pca["scores"], "anomalous": pca["labels"]},
@@ -222,12 +248,13 @@ def _write_report(cube, truth, pca, cvae, channels, nb_metrics, spiral, path: Pa
                             "reference": spiral["reference"]})
     page = report(detection, cube, channels=channels, title="eels-ad demo report", notes=notes,
                   maps={"3D-CVAE score": cvae["scores"], "truth": truth["anomaly"].astype(float)},
-                  denoising=denoising)
+                  denoising=denoising, quantities=shifts)
     write_html(page, path, overwrite=overwrite)
 
 
 def _summary_text(summary: dict[str, Any], paths: dict[str, Path]) -> str:
     pca, cvae, nb, spiral = summary["pca"], summary["cvae"], summary["negative_binomial"], summary["spiral_tap"]
+    shift = summary["edge_shift"]
     return (
         f"PCA: {pca['n_flagged']} pixels flagged, {pca['n_true']} true anomalies; "
         f"ROC AUC {pca['roc_auc']:.3f}, F1 {pca['f1']:.3f} "
@@ -236,6 +263,9 @@ def _summary_text(summary: dict[str, Any], paths: dict[str, Path]) -> str:
         f"F1 {cvae['f1']:.3f} ({cvae['parameters']} parameters, {cvae['training_seconds']:.0f} s training)\n"
         f"NB test: {nb.get('n_significant_channels', 0)} energy channels differ at 5 % FDR, "
         f"{nb.get('significant_range_eV')} eV\n"
+        f"edge-shift map: true anomalies {shift['mean_shift_of_true_anomalies_eV']:+.3f} eV, bulk "
+        f"{shift['mean_shift_of_bulk_eV']:+.4f} eV, error {shift['median_error_eV']:.3f} eV per pixel "
+        f"(1-sigma coverage {100 * shift['coverage_of_1_sigma']:.0f} %)\n"
         f"SPIRAL-TAP on a 2 % dose copy: relative error {spiral['error_vs_scaled_full_dose_raw']:.3f} -> "
         f"{spiral['error_vs_scaled_full_dose_denoised']:.3f} ({spiral['seconds']} s)\n"
         f"results: {paths['results']}\nmetrics: {paths['metrics']}\nfigure: {paths['figure']}\n"

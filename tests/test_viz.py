@@ -44,6 +44,42 @@ def test_explore_links_map_and_spectrum(results):
     assert isinstance(viz.explore(cube), hv.Layout)  # no scores: the total-counts map
 
 
+def test_explore_shows_the_fitted_shift(results):
+    from eels_ad.quantify import edge_shift_map
+
+    sim, cube, scores, labels, recon = results
+    shifts = edge_shift_map(cube)
+    layout = viz.explore(cube, scores, recon, labels, quantities=shifts)
+    assert len(layout) == 4
+    spectrum = layout[3]
+    iy, ix = np.argwhere(sim["anomaly"].values)[0]
+    spectrum.streams[0].event(x=float(cube["x"][ix]), y=float(cube["y"][iy]))
+    overlay = spectrum[()]
+    expected = float(shifts["shift"][iy, ix])
+    assert f"shift {expected:+.3f}" in overlay.opts.get().kwargs["title"]
+    model = [c for c in overlay if c.label == "fitted shift model"][0]
+    data = cube.values[iy, ix][np.isin(cube["energy"].values, model.dimension_values(0))]
+    assert np.corrcoef(model.dimension_values(1), data)[0, 1] > 0.95
+    # a tap on the shift map moves the spectrum too
+    import holoviews as hv
+
+    shift_tap = [s for s in hv.streams.Stream.registry.get(layout[1], []) if isinstance(s, hv.streams.Tap)][0]
+    shift_tap.event(x=float(cube["x"][2]), y=float(cube["y"][4]))
+    assert spectrum.streams[0].x == float(cube["x"][2]) and spectrum.streams[0].y == float(cube["y"][4])
+
+
+def test_report_with_a_shift_map(results):
+    import xarray as xr
+
+    from eels_ad.quantify import edge_shift_map
+
+    sim, cube, scores, labels, _ = results
+    shifts = edge_shift_map(cube)
+    page = viz.report(xr.Dataset({"score": scores, "anomalous": labels}), cube, quantities=shifts)
+    assert "edge shift of the flagged pixels +" in page and "per-pixel Poisson fits" in page
+    assert "edge shift error (eV)" in page
+
+
 def test_explore_opens_on_the_most_anomalous_pixel_outside_vacuum(results):
     from eels_ad.prepare import prepare
 

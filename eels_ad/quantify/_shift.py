@@ -99,7 +99,8 @@ def edge_shift_map(
 
     n_pixels = cube.sizes["y"] * cube.sizes["x"]
     out = {name: np.full(n_pixels, np.nan) for name in
-           ("shift", "shift_error", "edge_amplitude", "edge_amplitude_error", "background_amplitude", "deviance")}
+           ("shift", "shift_error", "edge_amplitude", "edge_amplitude_error", "background_amplitude",
+            "background_slope", "deviance")}
     converged = np.zeros(n_pixels, dtype=bool)
     at_limit = np.zeros(n_pixels, dtype=bool)
     offsets = drift_map.ravel() if drift_map is not None else np.zeros(n_pixels)
@@ -132,12 +133,19 @@ def edge_shift_map(
                                                     long_name="edge amplitude error (1 sigma)"),
         "background_amplitude": common.spatial_like(cube, out["background_amplitude"],
                                                     long_name="background at the window's start", units="counts"),
+        "background_slope": common.spatial_like(cube, out["background_slope"],
+                                                long_name="background exponent change x amplitude"),
         "deviance": common.spatial_like(cube, out["deviance"], long_name="Poisson deviance of the fit"),
         "converged": common.spatial_like(cube, converged, long_name="fit converged"),
         "at_limit": common.spatial_like(cube, at_limit, long_name="shift ran to +-max_shift"),
     }
     if drift_map is not None:
         data_vars["drift"] = (("y", "x"), drift_map, {"units": "eV", "long_name": "energy drift (applied)"})
+    coords = common.map_coords(cube)
+    if values.ndim == 2:  # a shared template: kept, so that the fitted model of any pixel can be rebuilt
+        coords["template_energy"] = ("template_energy", grid_start + dispersion * np.arange(values.shape[-1]),
+                                     {"units": "eV"})
+        data_vars["template"] = (("template_energy",), values[0], {"long_name": "edge template"})
     attrs = {
         "method": "Poisson maximum likelihood (Fisher scoring), model moved, counts untouched",
         "energy_range_eV": [float(low), float(high)],
@@ -149,7 +157,43 @@ def edge_shift_map(
         "degrees_of_freedom": int(inside.sum() - 4),
         "dispersion_eV": dispersion,
     }
-    return xr.Dataset(data_vars, coords=common.map_coords(cube), attrs=attrs)
+    return xr.Dataset(data_vars, coords=coords, attrs=attrs)
+
+
+def shift_model(shifts: xr.Dataset, y: float | None = None, x: float | None = None) -> xr.DataArray:
+    """The fitted model of :func:`edge_shift_map` over its window: of one pixel (``y``, ``x`` coordinates) or all.
+
+    ``a T(E - drift - shift) + b1 P(E) + b2 P(E) log(E / E0)`` with the fitted parameters; for a
+    shared template only (a per-pixel template is not kept in the result).
+
+    Returns
+    -------
+    xarray.DataArray
+        Expected counts over ``energy`` (the fit window), for the pixel or (y, x, energy).
+    """
+    if "template" not in shifts:
+        raise ValueError("this shift map was fitted with per-pixel templates, which it does not keep: "
+                         "the model cannot be rebuilt from it")
+    chosen = shifts if y is None else shifts.sel(y=y, x=x, method="nearest").expand_dims(("y", "x"))
+    low, high = shifts.attrs["energy_range_eV"]
+    dispersion = float(shifts.attrs["dispersion_eV"])
+    grid = np.asarray(shifts["template_energy"].values, dtype=float)
+    energy = grid[(grid >= low - 1e-9) & (grid <= high + 1e-9)]
+    templates = ShiftedTemplates(np.asarray(shifts["template"].values)[None], float(grid[0]), dispersion, energy)
+    total = chosen["shift"] + (chosen["drift"] if "drift" in chosen else 0.0)
+    flat = np.nan_to_num(np.asarray(total.values, dtype=float).ravel())
+    moved, _ = templates(flat, derivative=False)
+    basis = common.background_basis(energy, float(shifts.attrs["background_exponent"]), low)
+    amplitude = np.asarray(chosen["edge_amplitude"].values, dtype=float).ravel()
+    background = np.stack([np.asarray(chosen[name].values, dtype=float).ravel()
+                           for name in ("background_amplitude", "background_slope")], axis=1)
+    model = moved[:, 0] * amplitude[:, None] + background @ basis
+    model = model.reshape(chosen.sizes["y"], chosen.sizes["x"], energy.size)
+    result = xr.DataArray(model, dims=("y", "x", "energy"),
+                          coords={"y": chosen["y"].values, "x": chosen["x"].values,
+                                  "energy": ("energy", energy, {"units": "eV"})},
+                          name="model", attrs={"units": "counts", "long_name": "fitted model"})
+    return result.isel(y=0, x=0) if y is not None else result
 
 
 def _store(out: dict, fit: PoissonFit, offsets: np.ndarray, flat: slice) -> None:
@@ -158,6 +202,7 @@ def _store(out: dict, fit: PoissonFit, offsets: np.ndarray, flat: slice) -> None
     out["edge_amplitude"][flat] = fit.amplitudes[:, 0]
     out["edge_amplitude_error"][flat] = fit.error(0)
     out["background_amplitude"][flat] = fit.background[:, 0]
+    out["background_slope"][flat] = fit.background[:, 1]
     out["deviance"][flat] = fit.deviance
 
 

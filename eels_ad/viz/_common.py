@@ -20,10 +20,16 @@ def _image(hv, values: xr.DataArray, label: str, cmap: str = "viridis", group: s
     kdims = [hv.Dimension(f"{dim}{group}", label=_grouped(dim, group), unit=str(values[dim].attrs.get("units", "px")))
              for dim in ("x", "y")]
     vdim = hv.Dimension(f"{label}{group}", label=label)
-    return hv.Image(
-        (values["x"].values, values["y"].values, np.asarray(values.values, dtype=float)), kdims, vdim,
-    ).opts(cmap=cmap, colorbar=True, colorbar_opts={"title": label}, title=label, tools=["hover", "tap"],
-           invert_yaxis=True, aspect="equal", frame_width=240)
+    data = np.asarray(values.values, dtype=float)
+    options = {}
+    finite = data[np.isfinite(data)]
+    if values.attrs.get("units") == "eV" and finite.size and finite.min() < 0 < finite.max():
+        # a signed energy (shift, drift): a diverging map centred on 0
+        reach = float(np.max(np.abs(np.percentile(finite, [1, 99])))) or float(np.max(np.abs(finite)))
+        cmap, options = "RdBu_r", {"clim": (-reach, reach)}
+    return hv.Image((values["x"].values, values["y"].values, data), kdims, vdim).opts(
+        cmap=cmap, colorbar=True, colorbar_opts={"title": label}, title=label, tools=["hover", "tap"],
+        invert_yaxis=True, aspect="equal", frame_width=240, **options)
 
 
 def _grouped(label: str, group: str) -> str:

@@ -142,7 +142,7 @@ def save_png(obj, path, *, overwrite: bool = False, dpi: int = 110) -> Path:
 
 def report(detection: xr.Dataset, cube: xr.DataArray | None = None, *, channels: xr.Dataset | None = None,
            maps: dict[str, xr.DataArray] | None = None, denoising: xr.Dataset | None = None,
-           title: str = "eels-ad report", notes: Sequence[str] = ()) -> str:
+           quantities: xr.Dataset | None = None, title: str = "eels-ad report", notes: Sequence[str] = ()) -> str:
     """A report of a detection a microscopist can send to a colleague: one offline HTML page, as a string.
 
     Top to bottom: what was analysed (file, shape, energy axis, counts, preparation, acquisition
@@ -168,6 +168,11 @@ def report(detection: xr.Dataset, cube: xr.DataArray | None = None, *, channels:
         Further (y, x) maps to show beside the score (title -> map).
     denoising
         ``low_dose`` and ``denoised`` cubes (and optionally ``reference``) for SPIRAL-TAP panels.
+    quantities
+        A shift map of :func:`eels_ad.quantify.edge_shift_map` (or of ``eels-ad quantify``): its
+        shift and error maps (and drift, L3/L2 when there) join the maps, and the answer quotes the
+        flagged pixels' shifts from it (per-pixel fits, with their errors) instead of one fit of
+        their sum.
     title
         The page title.
     notes
@@ -213,7 +218,18 @@ def report(detection: xr.Dataset, cube: xr.DataArray | None = None, *, channels:
     answer = f"{n_flagged} of {n_pixels} pixels flagged"
     answer += f" (threshold rule {rule!r}, level {float(threshold):.4g})" if threshold is not None else ""
     shift_text = ""
-    if n_flagged and bulk.any():
+    if quantities is not None and n_flagged:
+        fitted = np.asarray(quantities["shift"].values, dtype=float)[flagged]
+        errors = np.asarray(quantities["shift_error"].values, dtype=float)[flagged]
+        ok = np.isfinite(fitted) & np.isfinite(errors)
+        if ok.any():
+            weights = 1.0 / errors[ok] ** 2
+            mean = float(np.sum(weights * fitted[ok]) / weights.sum())
+            error_of_mean = float(1 / np.sqrt(weights.sum()))
+            shift_text = (f"; edge shift of the flagged pixels {mean:+.3g} +- {error_of_mean:.2g} eV (weighted mean; "
+                          f"per-pixel Poisson fits, median error {float(np.median(errors[ok])):.2g} eV per pixel"
+                          f"{'; drift corrected' if 'drift' in quantities else ''})")
+    elif n_flagged and bulk.any():
         spectra = np.asarray(cube.values, dtype=float)
         mean_bulk = spectra[bulk].mean(axis=0)
         chosen = spectra[flagged]
@@ -259,6 +275,12 @@ def report(detection: xr.Dataset, cube: xr.DataArray | None = None, *, channels:
 
     # the figures
     all_maps = {"anomaly score": scores, "flagged pixels": labels.astype(float)}
+    if quantities is not None:
+        all_maps["edge shift (eV)"] = quantities["shift"]
+        all_maps["edge shift error (eV)"] = quantities["shift_error"]
+        for name, label in (("drift", "energy drift (eV)"), ("l3_l2_ratio", "L3/L2 ratio")):
+            if name in quantities:
+                all_maps[label] = quantities[name]
     all_maps.update(maps or {})
     layout = report_layout(cube, all_maps, labels=labels, channel_tests=channels)
     if denoising is not None:
