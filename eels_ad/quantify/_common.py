@@ -49,18 +49,25 @@ def pixel_mask(cube: xr.DataArray) -> np.ndarray:
 
 
 def robust_mean_spectrum(cube: xr.DataArray, *, mask: np.ndarray | None = None,
-                         drift: np.ndarray | None = None) -> np.ndarray:
+                         drift: np.ndarray | None = None, smooth: bool = True) -> np.ndarray:
     """The bulk spectrum: the mean over pixels of the spectra scaled to a common total, moved ones left out.
 
     Spectra are scaled to the mean total (thickness does not weigh), averaged, and every pixel whose
     edge sits more than 4 standard errors away from that mean (the score test of
     :func:`eels_ad.detect.edge_shift_z`) is left out of a second average, so that a minority of
     shifted pixels does not pull the template (judged first against the median shift, then
-    against the new mean). A plain mean, not a median or trimmed mean: those are
-    biased for skewed (Poisson) counts, by an amount that changes along the edge. With ``drift``
-    (y, x, eV) each spectrum is first moved back by its drift (linear interpolation; the average of
-    many spectra, so the interpolation noise averages out).
+    against the new mean). A plain mean, not a median or trimmed mean: those are biased for skewed
+    (Poisson) counts, by an amount that changes along the edge. With ``drift`` (y, x, eV) each
+    spectrum is first moved back by its drift (linear interpolation; the average of many spectra,
+    so the interpolation noise averages out).
+
+    With ``smooth`` the mean is then a smoothing spline weighted by the mean's Poisson variance,
+    its smoothness chosen by generalised cross-validation (:func:`scipy.interpolate.make_smoothing_spline`):
+    a shift is read from the template's slope, and the slope of a noisy mean is noisier still (it
+    would make the Fisher information, and so the confidence in every shift, too high).
     """
+    from scipy.interpolate import make_smoothing_spline
+
     from ..detect._scores import _moved, edge_shift
 
     mask = pixel_mask(cube) if mask is None else mask
@@ -74,15 +81,21 @@ def robust_mean_spectrum(cube: xr.DataArray, *, mask: np.ndarray | None = None,
     if spectra.shape[0] == 0:
         raise ValueError("no pixel of the cube has counts: there is no bulk spectrum to use as a template")
     scale = totals.mean() / totals
+    bulk = np.ones(spectra.shape[0], dtype=bool)
     mean = np.einsum("pc,p->c", spectra, scale) / spectra.shape[0]
     for centre in ("median", "zero") if spectra.shape[0] >= 10 else ():
         shift, error = edge_shift(spectra, mean[None] / scale[:, None])
         # the first mean is pulled by the moved pixels: judge them against the median shift first
         offset = np.nanmedian(shift) if centre == "median" else 0.0
         with np.errstate(invalid="ignore", divide="ignore"):
-            bulk = ~(np.abs((shift - offset) / error) > 4.0)
-        if bulk.sum() >= spectra.shape[0] // 2:
+            kept = ~(np.abs((shift - offset) / error) > 4.0)
+        if kept.sum() >= spectra.shape[0] // 2:
+            bulk = kept
             mean = np.einsum("pc,p->c", spectra[bulk], scale[bulk]) / bulk.sum()
+    if smooth and energy.size >= 5:
+        variance = np.einsum("pc,p->c", spectra[bulk], scale[bulk] ** 2) / bulk.sum() ** 2
+        floor = 1e-12 * max(float(np.max(np.abs(mean))), 1e-300)
+        mean = make_smoothing_spline(energy, mean, w=1.0 / np.maximum(variance, floor))(energy)
     return mean
 
 
