@@ -51,7 +51,7 @@ cube = prepare(sim["counts"])  # gain, X-ray spikes repaired, vacuum marked
 raw_shifts = edge_shift_map(cube, max_shift=2.5)
 fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
 for ax, (title, image) in zip(axes, [("true drift (eV)", sim["drift"]), ("measured shift, uncorrected (eV)",
-                                     raw_shifts["shift"]), ("true local shift (eV)", sim["shift"])]):
+                                     raw_shifts["shift"]), ("true local shift (eV)", sim["shift"])], strict=True):
     image.plot(ax=ax, cmap="RdBu_r", center=0)
     ax.set_title(title)
     ax.set_aspect("equal")
@@ -90,7 +90,7 @@ print(f"separated drift: RMS error {np.sqrt(np.mean((offset - offset.mean()) ** 
 fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
 for ax, (title, image, cmap) in zip(axes, [("separated drift (eV)", parts["drift"], "RdBu_r"),
                                            ("local shift (eV)", parts["local_shift"], "RdBu_r"),
-                                           ("local shift / error", parts["local_z"], "RdBu_r")]):
+                                           ("local shift / error", parts["local_z"], "RdBu_r")], strict=True):
     image.plot(ax=ax, cmap=cmap, center=0)
     ax.set_title(title)
     ax.set_aspect("equal")
