@@ -146,6 +146,14 @@ def shift_precision(doses, shifts, shape, exspy_pixels: int) -> dict:
                   f"spread / bound {mine['spread_over_bound']:.3f}, coverage {mine['coverage_1sigma']:.3f}", flush=True)
         if exspy_pixels and dose == max(doses):
             _exspy_against_truth(rows, shifts, dose, shape, exspy_pixels)
+        cells = [rows[key][OURS] for key in rows]
+        n = sum(cell["n"] for cell in cells)
+        ratios = [cell["spread_over_bound"] for cell in cells]
+        rows["pooled over the shifts"] = {OURS: {
+            "coverage_1sigma": sum(cell["coverage_1sigma"] * cell["n"] for cell in cells) / n,
+            "coverage_standard_error": float(np.sqrt(0.68 * 0.32 / n)), "n": n,
+            "largest_abs_bias_eV": max(abs(cell["bias_eV"]) for cell in cells),
+            "spread_over_bound_range": [min(ratios), max(ratios)]}}
         table[f"dose {dose:g}"] = rows
     return table
 
@@ -288,10 +296,11 @@ def _figure(results: dict, path: Path) -> None:
 
     figure, axes = plt.subplots(2, 2, figsize=(12, 8))
     for dose_key, rows in results["shift_precision"].items():
-        shifts = [float(k.split()[0]) for k in rows]
+        keys = [k for k in rows if k.endswith("eV")]
+        shifts = [float(k.split()[0]) for k in keys]
         for method in (OURS, "L3 maximum (argmax)", "L3 centroid",
                        "HyperSpy estimate_shift1D"):
-            axes[0, 0].plot(shifts, [rows[k][method]["spread_over_bound"] for k in rows], "o-",
+            axes[0, 0].plot(shifts, [rows[k][method]["spread_over_bound"] for k in keys], "o-",
                             label=f"{method}, {dose_key}")
     axes[0, 0].axhline(1.15, color="k", ls="--", lw=0.8)
     axes[0, 0].set(yscale="log", xlabel="true shift (eV)", ylabel="spread / Cramer-Rao bound",

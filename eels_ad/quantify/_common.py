@@ -53,22 +53,23 @@ def robust_mean_spectrum(cube: xr.DataArray, *, mask: np.ndarray | None = None,
     """The bulk spectrum: the mean over pixels of the spectra scaled to a common total, moved ones left out.
 
     Spectra are scaled to the mean total (thickness does not weigh), averaged, and every pixel whose
-    edge sits more than 4 standard errors away from that mean (the score test of
-    :func:`eels_ad.detect.edge_shift_z`) is left out of a second average, so that a minority of
+    edge sits more than 4 standard errors away from that mean (one Gauss-Newton step, as in
+    :func:`eels_ad.detect.edge_shift`) is left out of a second average, so that a minority of
     shifted pixels does not pull the template (judged first against the median shift, then
     against the new mean). A plain mean, not a median or trimmed mean: those are biased for skewed
     (Poisson) counts, by an amount that changes along the edge. With ``drift`` (y, x, eV) each
     spectrum is first moved back by its drift (linear interpolation; the average of many spectra,
     so the interpolation noise averages out).
 
-    With ``smooth`` the mean is then a smoothing spline weighted by the mean's Poisson variance,
-    its smoothness chosen by generalised cross-validation (:func:`scipy.interpolate.make_smoothing_spline`):
-    a shift is read from the template's slope, and the slope of a noisy mean is noisier still (it
-    would make the Fisher information, and so the confidence in every shift, too high).
+    With ``smooth`` the mean is then a cubic smoothing spline weighted by the mean's Poisson
+    variance, as smooth as the noise allows (:class:`scipy.interpolate.UnivariateSpline` with a
+    weighted residual equal to the number of channels): a shift is read from the template's slope,
+    and the slope of a noisy mean is noisier still (it would make the Fisher information, and so the
+    confidence in every shift, too high).
     """
-    from scipy.interpolate import make_smoothing_spline
+    from scipy.interpolate import UnivariateSpline
 
-    from ..detect._scores import _moved, edge_shift
+    from ..detect._scores import _moved
 
     mask = pixel_mask(cube) if mask is None else mask
     energy = np.asarray(cube["energy"].values, dtype=float)
@@ -82,20 +83,27 @@ def robust_mean_spectrum(cube: xr.DataArray, *, mask: np.ndarray | None = None,
         raise ValueError("no pixel of the cube has counts: there is no bulk spectrum to use as a template")
     scale = totals.mean() / totals
     bulk = np.ones(spectra.shape[0], dtype=bool)
-    mean = np.einsum("pc,p->c", spectra, scale) / spectra.shape[0]
+    mean = spectra.T @ scale / spectra.shape[0]
     for centre in ("median", "zero") if spectra.shape[0] >= 10 else ():
-        shift, error = edge_shift(spectra, mean[None] / scale[:, None])
-        # the first mean is pulled by the moved pixels: judge them against the median shift first
-        offset = np.nanmedian(shift) if centre == "median" else 0.0
+        # one Gauss-Newton step of each pixel's shift against the mean (detect.edge_shift, for a shared
+        # shape): with mu = mean / scale, I = scale sum(m'^2 / m) and U = scale sum(y m' / m) - sum(m')
+        slope = np.gradient(mean)
         with np.errstate(invalid="ignore", divide="ignore"):
-            kept = ~(np.abs((shift - offset) / error) > 4.0)
+            ratio = np.where(mean > 0, slope / mean, 0.0)
+            information = scale * np.sum(slope * ratio)
+            shift = -(scale * (spectra @ ratio) - slope.sum()) / information
+            z = shift * np.sqrt(information)
+        # the first mean is pulled by the moved pixels: judge them against the median shift first
+        offset = np.nanmedian(z) if centre == "median" else 0.0
+        kept = ~(np.abs(z - offset) > 4.0)
         if kept.sum() >= spectra.shape[0] // 2:
             bulk = kept
-            mean = np.einsum("pc,p->c", spectra[bulk], scale[bulk]) / bulk.sum()
+            mean = spectra[bulk].T @ scale[bulk] / bulk.sum()
     if smooth and energy.size >= 5:
-        variance = np.einsum("pc,p->c", spectra[bulk], scale[bulk] ** 2) / bulk.sum() ** 2
+        variance = (spectra[bulk].T @ scale[bulk] ** 2) / bulk.sum() ** 2
         floor = 1e-12 * max(float(np.max(np.abs(mean))), 1e-300)
-        mean = make_smoothing_spline(energy, mean, w=1.0 / np.maximum(variance, floor))(energy)
+        # a smoothing spline whose weighted residual matches the noise (s = n, Reinsch's criterion)
+        mean = UnivariateSpline(energy, mean, w=1.0 / np.sqrt(np.maximum(variance, floor)), s=energy.size)(energy)
     return mean
 
 

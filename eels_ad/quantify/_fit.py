@@ -208,7 +208,7 @@ def poisson_fit(
     # starting amplitudes: weighted linear least squares at the starting shift
     moved, _ = templates(offset + shift, derivative=False)
     total = counts.sum(axis=-1)
-    amplitudes, background = _linear_start(moved, basis, counts)
+    amplitudes, background = _linear_start(moved, basis, counts, basis_products)
     converged = np.zeros(p, dtype=bool)
     at_limit = np.zeros(p, dtype=bool)
     covariance = np.full((p, n, n), np.nan)
@@ -222,8 +222,9 @@ def poisson_fit(
                                                                    shift[active])
         values, slopes = templates(offset[active] + s, active, derivative=fit_shift)
         mu = _model(values, a, b, basis)
-        good = np.all(mu > 0, axis=-1)
-        mu = np.maximum(mu, _FLOOR)
+        good = mu.min(axis=-1) > 0
+        if not good.all():
+            mu = np.maximum(mu, _FLOOR)
         fisher, gradient = _information(values, slopes, a, basis, basis_products, y, mu, fit_shift)
         if nonnegative:  # amplitudes held at 0 whose gradient points below 0 leave the step (an active set)
             step = _solve(*_hold(fisher, gradient, (a <= 0) & (gradient[:, :k] <= 0)))
@@ -281,13 +282,17 @@ def _hold(fisher: np.ndarray, gradient: np.ndarray, held: np.ndarray) -> tuple[n
     return fisher, np.where(fixed, 0.0, gradient)
 
 
-def _linear_start(moved: np.ndarray, basis: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _linear_start(moved: np.ndarray, basis: np.ndarray, counts: np.ndarray,
+                  basis_products: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Template and background amplitudes by least squares weighted by ``1 / max(counts, 1)``."""
     p, k, _ = moved.shape
-    columns = np.concatenate([moved, np.broadcast_to(basis, (p,) + basis.shape)], axis=1)
-    weighted = columns / np.maximum(counts, 1.0)[:, None, :]
-    normal = weighted @ columns.transpose(0, 2, 1)
-    start = _solve(normal, np.einsum("pnc,pc->pn", weighted, counts))
+    weight_mu = np.maximum(counts, 1.0)
+    amplitudes = np.zeros((p, k))
+    normal, score = _information(moved, None, amplitudes, basis, basis_products, counts, weight_mu, False)
+    # the normal equations' right side X W y = score + X 1 (the score is X (W y - 1))
+    score[:, :k] += moved.sum(axis=-1)
+    score[:, k:] += basis.sum(axis=-1)
+    start = _solve(normal, score)
     # where that fails, the templates and the background share the total counts
     share = counts.sum(axis=-1) / (moved.sum(axis=(1, 2)) + basis[0].sum() + _FLOOR)
     fallback = np.zeros_like(start)
