@@ -81,7 +81,7 @@ class Arrays:
 
 
 def trigamma(x: np.ndarray) -> np.ndarray:
-    """psi'(x) for x > 0: recurrence up to x >= 10, then the asymptotic series (|error| < 1e-12).
+    """psi'(x) for x > 0: recurrence up to x >= 10, then the asymptotic series (``|error| < 1e-12``).
 
     About 10x faster than ``scipy.special.polygamma(1, x)`` (which goes through the Hurwitz zeta).
     """

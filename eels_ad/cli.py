@@ -480,7 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="pre-edge window for the background's exponent (eV; default: the window's first fifth)")
     max_shift = _api_default(edge_shift_map, "max_shift")
     quantify.add_argument("--max-shift", type=float, default=max_shift,
-                          help=f"largest |shift| allowed, eV (default {max_shift:g}); fits there are flagged")
+                          help=f"largest size of a shift allowed, eV (default {max_shift:g}); fits there are flagged")
     quantify.add_argument("--white-line-ratio", action="store_true",
                           help="also map the L3/L2 ratio (Pearson two-step continuum)")
     quantify.add_argument("--references", metavar="CSV",

@@ -40,7 +40,7 @@ def one_minus_correlation(counts: np.ndarray, model: np.ndarray) -> np.ndarray:
 
 
 def edge_shift_z(counts: np.ndarray, model: np.ndarray) -> np.ndarray:
-    """|z| of the Poisson score test for an energy shift of the model spectrum: a chemical-shift score.
+    """``|z|`` of the Poisson score test for an energy shift of the model spectrum: a chemical-shift score.
 
     A spectrum shifted by ``delta`` channels has, to first order, the mean ``mu - delta * mu'`` (``mu'``
     the derivative of the model along the channels). The efficient score for ``delta`` at 0 is

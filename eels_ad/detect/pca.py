@@ -36,7 +36,7 @@ class PCADetector(SpectrumDetector):
         ``(e_min, e_max)`` eV of the channels to model (default: all).
     scoring
         ``"deviance"`` (mean Poisson deviance, default), ``"residual"`` (RMS Pearson residual),
-        ``"correlation"`` (1 - Pearson r, as Sultanov et al.) or ``"shift"`` (|z| of an energy shift of
+        ``"correlation"`` (1 - Pearson r, as Sultanov et al.) or ``"shift"`` (``|z|`` of an energy shift of
         the edge, :func:`~eels_ad.detect.edge_shift_z`: far more sensitive to chemical shifts at low dose).
     score_range
         ``(e_min, e_max)`` eV of the channels that enter the score (default: the fitted ones).

@@ -171,7 +171,7 @@ def bimodality(scores: np.ndarray | xr.DataArray, *, log_scale: bool = False, se
     dict
         ``coefficient``: Sarle's bimodality coefficient (skew**2 + 1) / (kurtosis + 3(n-1)**2 /
         ((n-2)(n-3))); above 5/9 = 0.555 hints at two modes. ``ashman_d``: Ashman's D of a two-Gaussian
-        fit, sqrt(2) |mu1 - mu2| / sqrt(s1**2 + s2**2); above 2 means cleanly separated modes.
+        fit, ``sqrt(2) |mu1 - mu2| / sqrt(s1**2 + s2**2)``; above 2 means cleanly separated modes.
         ``upper_weight``: the weight of the upper mode (about the anomalous fraction when separated).
     """
     from scipy import stats
