@@ -76,8 +76,8 @@ def _write_api_pages() -> None:
         members = [m for m in members if m[:1].isalpha() and not m.isupper()
                    and not inspect.ismodule(getattr(module, m))]  # subpackages have pages of their own
         title = f"``{name}``: {summary}"
-        page = [title, "=" * len(title), "", f".. automodule:: {name}", "   :no-members:", "", f".. currentmodule:: {name}",
-                "", ".. autosummary::", "   :toctree: generated", ""]
+        page = [title, "=" * len(title), "", f".. automodule:: {name}", "   :no-members:", "",
+                f".. currentmodule:: {name}", "", ".. autosummary::", "   :toctree: generated", ""]
         page += [f"   {member}" for member in members]
         (api / f"{name}.rst").write_text("\n".join(page) + "\n")
         lines.append(f"   {name}")

@@ -107,8 +107,18 @@ def test_killed_run_resumes_to_the_same_outputs(tmp_path, model):
 
 
 @pytest.mark.slow
-def test_workers_and_a_dask_cluster_give_the_single_process_results(tmp_path, model, folder):
+def test_workers_and_a_dask_cluster_give_the_single_process_results(tmp_path, model, folder, monkeypatch):
     from distributed import Client, LocalCluster
+
+    # distributed's LocalCluster writes OMP/MKL/OPENBLAS_NUM_THREADS=1 into this process's environment (for its
+    # workers) and leaves them there: every later subprocess (the demo, the notebooks' kernels) would then run
+    # on one thread. Each is set here through monkeypatch (then removed if it was absent), so that its
+    # teardown puts the environment back.
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MALLOC_TRIM_THRESHOLD_"):
+        present = name in os.environ
+        monkeypatch.setenv(name, os.environ.get(name, "unset"))
+        if not present:
+            monkeypatch.delenv(name)
 
     pairs = plan([folder], tmp_path / "single", suffix=".detect.nc")
     job = partial(detect_job, model=str(model))
