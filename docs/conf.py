@@ -103,6 +103,7 @@ html_theme_options = {
     "show_toc_level": 2,
     "icon_links": [],
 }
+html_context = {"default_mode": "light"}  # a stated mode (else the theme logs an error on a first visit)
 html_static_path: list[str] = []
 # nothing from a CDN: MathJax is not used (no math on these pages), every script ships with the build
 html_math_renderer = None
