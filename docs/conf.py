@@ -44,6 +44,14 @@ nb_execution_raise_on_error = True
 nb_execution_cache_path = str(HERE / "_build" / ".jupyter_cache")
 nb_merge_streams = True
 myst_enable_extensions = ["colon_fence", "dollarmath"]
+# HoloViews / Bokeh / Panel outputs load their JavaScript from a CDN: keep the pages offline by rendering
+# those cells as text (the interactive explorer needs a live kernel anyway); figures are PNG
+nb_mime_priority_overrides = [
+    ("html", mime, None) for mime in (
+        "application/javascript", "text/html", "application/vnd.holoviews_load.v0+json",
+        "application/vnd.holoviews_exec.v0+json", "application/vnd.bokehjs_load.v0+json",
+        "application/vnd.bokehjs_exec.v0+json")
+]
 
 # the API pages: one per public face, listing its __all__ (so they never drift from the code)
 FACES = {
@@ -94,7 +102,7 @@ numpydoc_attributes_as_param_list = False
 
 source_suffix = {".rst": "restructuredtext", ".md": "myst-nb", ".ipynb": "myst-nb"}
 exclude_patterns = ["_build", "**.ipynb_checkpoints", "notebooks/*.py"]
-suppress_warnings = ["mystnb.unknown_mime_type"]
+suppress_warnings = ["mystnb.unknown_mime_type", "mystnb.mime_priority"]  # the dropped outputs above
 
 html_theme = "pydata_sphinx_theme"
 html_title = "eels-ad"

@@ -42,6 +42,7 @@ def test_docs_load_nothing_from_the_network(built):
         text = page.read_text()
         remote = re.findall(r'<(?:script|link|img)[^>]+(?:src|href)="(https?://[^"]+)"', text)
         assert remote == [], f"{page.relative_to(built)} loads {remote[:3]}"
+        assert "cdn." not in text.lower(), f"{page.relative_to(built)} names a CDN (a script that loads one?)"
 
 
 def test_every_public_face_has_an_api_page(built):
