@@ -166,7 +166,8 @@ def denoise_job(source: Path, output: Path, *, options: dict[str, Any] | None = 
     cube = load_prepared(source, preparation)
     result.shape = "x".join(str(n) for n in cube.shape)
     clean = denoise_cube(cube.drop_vars([c for c in ("spike", "vacuum") if c in cube.coords]), **(options or {}))
-    save(clean.to_dataset(name="intensity").assign_attrs(source_file=str(Path(source).resolve())), output,
+    save(clean.to_dataset(name="intensity").assign_attrs(source_file=str(Path(source).resolve()),
+                                                           preparation=json.dumps(preparation)), output,
          overwrite=True)
     result.extra = {"iterations": clean.attrs["iterations"]}
     return result

@@ -281,6 +281,25 @@ def _cmd_quantify(args: argparse.Namespace) -> int:
     return _report(results, args.out, args.quiet)
 
 
+def _denoising(path: str):
+    """An `eels-ad denoise` result and the counts it denoised (reopened as the job prepared them)."""
+    import json
+
+    import xarray as xr
+
+    from .io import open_results
+    from .prepare import load_prepared
+
+    result = open_results(path)
+    if "intensity" not in result or "source_file" not in result.attrs:
+        raise ValueError(f"{path}: not an `eels-ad denoise` result (no 'intensity' or source_file)")
+    denoised = result["intensity"]
+    counts = load_prepared(result.attrs["source_file"], json.loads(result.attrs.get("preparation", "null")))
+    counts = counts.drop_vars([c for c in ("spike", "vacuum") if c in counts.coords])
+    low_dose = counts.sel(y=denoised["y"], x=denoised["x"], energy=denoised["energy"])
+    return xr.Dataset({"low_dose": low_dose, "denoised": denoised})
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from .io import open_results
     from .viz import report, write_html
@@ -295,7 +314,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
         if quantities is not None and quantities["shift"].shape != detection["score"].shape:
             raise ValueError(f"{args.quantities} maps {quantities['shift'].shape} pixels but {args.detection} "
                              f"{detection['score'].shape}: not the same spectrum image")
-        page = report(detection, channels=channels, quantities=quantities,
+        denoising = _denoising(args.denoised) if args.denoised else None
+        page = report(detection, channels=channels, quantities=quantities, denoising=denoising,
                       title=args.title or f"eels-ad report: {Path(args.detection).name}")
         write_html(page, out, overwrite=args.overwrite)
     except (OSError, ValueError) as error:
@@ -497,6 +517,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--channels", metavar="CHANNELS.nc", help="its result of `eels-ad compare` (optional)")
     report.add_argument("--quantities", metavar="QUANTIFY.nc",
                         help="its result of `eels-ad quantify` (optional): shift and error maps, the shift in eV")
+    report.add_argument("--denoised", metavar="DENOISED.nc",
+                        help="its result of `eels-ad denoise` (optional): the counts and the SPIRAL-TAP intensity")
     report.add_argument("--out", required=True, metavar="REPORT.html", help="the page to write")
     report.add_argument("--title", help="the page's title (default: from the file name)")
     report.add_argument("--overwrite", action="store_true", help="replace REPORT.html if it exists")

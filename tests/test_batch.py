@@ -159,6 +159,15 @@ def test_train_denoise_compare_commands(tmp_path, folder):
     assert main(["denoise", str(folder / "good0.nc"), "--out", str(denoised), "--tau", "0.2", "--max-iter", "5",
                  "--quiet"]) == 0
     assert eels_ad.open_results(denoised / "good0.denoised.nc")["intensity"].shape == (16, 16, 320)
+    # one report of everything: detection, channel table, quantity maps and the denoising
+    quantified = tmp_path / "quantified"
+    assert main(["quantify", str(folder / "good0.nc"), "--out", str(quantified), "--quiet"]) == 0
+    full = tmp_path / "full.html"
+    assert main(["report", str(detections / "good0.detect.nc"), "--channels", str(channels / "good0.channels.nc"),
+                 "--quantities", str(quantified / "good0.quantify.nc"), "--denoised",
+                 str(denoised / "good0.denoised.nc"), "--out", str(full), "--quiet"]) == 0
+    text = full.read_text()
+    assert "edge shift error (eV)" in text and "per-pixel Poisson fits" in text and "reconstructed, " in text
 
 
 def test_cvae_train_command(tmp_path):
