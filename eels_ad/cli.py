@@ -134,7 +134,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     try:
         summary = run_demo(args.out, overwrite=args.overwrite, progress=not args.quiet, verbose=args.verbose,
-                           seed=args.seed)
+                           seed=args.seed, cvae_epochs=args.cvae_epochs)
     except (OSError, ValueError) as error:
         return _error(_with_option_names(str(error)))
     if not args.quiet:
@@ -357,6 +357,7 @@ def _batch_options(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``eels-ad`` (one sub-command per job)."""
     from . import __version__
+    from .demo import run_demo
     from .quantify import edge_shift_map
     from .reconstruct import denoise_cube
     from .stats import compare_regions
@@ -413,6 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--overwrite", action="store_true", help="replace the results of an earlier demo")
     demo.add_argument("--seed", type=int, default=0, help="seed of every random step (default 0)")
     demo.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    cvae_epochs = _api_default(run_demo, "cvae_epochs")
+    demo.add_argument("--cvae-epochs", type=_positive_int, default=cvae_epochs,
+                      help=f"training epochs of the demo's 3D-CVAE (default {cvae_epochs}; about 5 s each on 2 cores)")
     demo.add_argument("--verbose", action="store_true",
                       help="also show Lightning's training progress and every library warning")
     demo.set_defaults(run=_cmd_demo)
