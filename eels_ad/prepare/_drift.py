@@ -131,6 +131,27 @@ def zero_loss_drift(
     return xr.Dataset(data_vars, coords=coords, attrs=attrs)
 
 
+def drift_map(drift: xr.DataArray | xr.Dataset | np.ndarray | float | None, cube: xr.DataArray) -> np.ndarray | None:
+    """A drift (eV: a (y, x) map, a number, or the Dataset of :func:`zero_loss_drift`) as a (y, x) array
+    matching ``cube``'s navigation shape, or a clear error naming both shapes."""
+    if drift is None:
+        return None
+    if isinstance(drift, xr.Dataset):
+        if "drift" not in drift:
+            raise ValueError("a drift Dataset must hold a 'drift' variable (eV), e.g. from zero_loss_drift")
+        drift = drift["drift"]
+    values = np.asarray(drift.values if isinstance(drift, xr.DataArray) else drift, dtype=float)
+    shape = (cube.sizes["y"], cube.sizes["x"])
+    if values.ndim == 0:
+        values = np.full(shape, float(values))
+    if values.shape != shape:
+        raise ValueError(f"the drift map has navigation shape {values.shape} but the core-loss cube has {shape}")
+    if not np.all(np.isfinite(values)):
+        raise ValueError(f"the drift map has {int(np.sum(~np.isfinite(values)))} non-finite values; "
+                         "fill or mask those pixels first")
+    return values
+
+
 def align_energy(cube: xr.DataArray, drift: xr.DataArray | xr.Dataset | np.ndarray) -> xr.DataArray:
     """The cube with every spectrum moved back by its drift: an aligned cube, resampled.
 
@@ -157,14 +178,7 @@ def align_energy(cube: xr.DataArray, drift: xr.DataArray | xr.Dataset | np.ndarr
     from ..detect._scores import _moved
 
     cube = validate(cube)
-    if isinstance(drift, xr.Dataset):
-        drift = drift["drift"]
-    values = np.asarray(getattr(drift, "values", drift), dtype=float)
-    shape = (cube.sizes["y"], cube.sizes["x"])
-    if values.shape != shape:
-        raise ValueError(f"the drift map has navigation shape {values.shape} but the cube has {shape}")
-    if not np.all(np.isfinite(values)):
-        raise ValueError(f"the drift map has {int(np.sum(~np.isfinite(values)))} non-finite values")
+    values = drift_map(drift, cube)
     energy = np.asarray(cube["energy"].values, dtype=float)
     moved = _moved(np.asarray(cube.transpose(*DIMS).values, dtype=float), -values / (energy[1] - energy[0]))
     aligned = cube.copy(data=moved)

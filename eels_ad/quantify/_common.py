@@ -9,7 +9,7 @@ import numpy as np
 import xarray as xr
 from scipy.interpolate import CubicSpline
 
-from ..datacube import DIMS, energy_axis, validate
+from ..datacube import validate
 
 #: pixels fitted at once (bounds the memory of one batch: pixels x parameters x channels)
 CHUNK_PIXELS = 4096
@@ -170,26 +170,3 @@ def spatial_like(cube: xr.DataArray, values: np.ndarray, **attrs) -> tuple[tuple
 def map_coords(cube: xr.DataArray) -> dict:
     """The cube's spatial coordinates (and masks such as ``vacuum``) for a (y, x) result."""
     return {name: coord for name, coord in cube.coords.items() if set(coord.dims) <= {"y", "x"}}
-
-
-def as_drift(drift: xr.DataArray | np.ndarray | float | None, cube: xr.DataArray) -> np.ndarray | None:
-    """A drift (eV) as a (y, x) array matching the cube, or a clear error."""
-    if drift is None:
-        return None
-    if isinstance(drift, xr.Dataset):
-        if "drift" not in drift:
-            raise ValueError("a drift Dataset must hold a 'drift' variable (eV), e.g. from zero_loss_drift")
-        drift = drift["drift"]
-    values = np.asarray(drift.values if isinstance(drift, xr.DataArray) else drift, dtype=float)
-    shape = (cube.sizes["y"], cube.sizes["x"])
-    if values.ndim == 0:
-        values = np.full(shape, float(values))
-    if values.shape != shape:
-        raise ValueError(f"the drift map has navigation shape {values.shape} but the core-loss cube has {shape}")
-    if not np.all(np.isfinite(values)):
-        raise ValueError(f"the drift map has {int(np.sum(~np.isfinite(values)))} non-finite values; "
-                         "fill or mask those pixels first")
-    return values
-
-
-__all__ = ["DIMS", "energy_axis"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
+from ..prepare._drift import drift_map as _drift_map
 from . import _common as common
 from ._fit import PoissonFit, ShiftedTemplates, poisson_fit
 
@@ -86,7 +87,7 @@ def edge_shift_map(
     cube = common.check_cube(cube)
     energy = np.asarray(cube["energy"].values, dtype=float)
     dispersion = float(energy[1] - energy[0])
-    drift_map = common.as_drift(drift, cube)
+    drift_map = _drift_map(drift, cube)
     if not (np.isfinite(max_shift) and max_shift > 0):
         raise ValueError(f"max_shift must be a positive number of eV, got {max_shift!r}")
     reach = float(max_shift) + (float(np.max(np.abs(drift_map))) if drift_map is not None else 0.0)
@@ -228,7 +229,7 @@ def _template(cube, template, energy, dispersion, drift_map, energy_range, backg
             raise ValueError(f"a per-pixel template must have the cube's shape {cube.shape}, got {template.shape}")
         if not np.array_equal(np.asarray(template["energy"].values), energy):
             raise ValueError("a per-pixel template must share the cube's energy axis")
-        values = np.asarray(template.transpose(*common.DIMS).values, dtype=float)
+        values = np.asarray(template.transpose("y", "x", "energy").values, dtype=float)
         bulk = common.robust_mean_spectrum(cube)
         _, exponent = common.power_law(bulk, energy, background_range)
         return axis[0], values, low, high, exponent, "per-pixel template (e.g. a detector's reconstruction)"

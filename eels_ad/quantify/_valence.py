@@ -9,6 +9,7 @@ from collections.abc import Mapping
 import numpy as np
 import xarray as xr
 
+from ..prepare._drift import drift_map as _drift_map
 from . import _common as common
 from ._fit import ShiftedTemplates, poisson_fit
 
@@ -125,7 +126,7 @@ def valence_map(
     references = _as_references(references)
     energy = np.asarray(cube["energy"].values, dtype=float)
     dispersion = float(energy[1] - energy[0])
-    drift_map = common.as_drift(drift, cube)
+    drift_map = _drift_map(drift, cube)
     reach = (float(max_shift) if shift else 0.0) + (float(np.max(np.abs(drift_map))) if drift_map is not None
                                                      else 0.0)
     grids = [common.template_on_grid(references.isel(component=i), dispersion, float(energy[0]))
