@@ -28,6 +28,7 @@ import xarray as xr
 
 from ..datacube import as_mask, validate
 from ._scores import SCORES, score_spectra
+from .spatial import check_level, fdr_flags, normal_scores, pixel_pvalues, pool_evidence, spatial_flags
 from .threshold import THRESHOLD_METHODS, choose_threshold
 
 FORMAT_VERSION = 2
@@ -94,9 +95,10 @@ class BaseDetector(abc.ABC):
         threshold = params.get("threshold", "auto")
         if not isinstance(threshold, (int, float)) and threshold not in THRESHOLD_METHODS:
             raise ValueError(f"threshold must be one of {THRESHOLD_METHODS} or a number, got {threshold!r}")
-        rate = params.get("false_alarm_rate", 0.001)
-        if not 0 < rate < 1:
-            raise ValueError(f"false_alarm_rate must lie in (0, 1), got {rate}")
+        check_level(params.get("false_alarm_rate", 0.001), "false_alarm_rate")
+        check_level(params.get("fdr", 0.05), "fdr")
+        if not isinstance(params.get("spatial", False), (bool, np.bool_)):
+            raise ValueError(f"spatial must be True or False, got {params['spatial']!r}")
 
     # -- the hooks ----------------------------------------------------------------------------
     @abc.abstractmethod
@@ -202,24 +204,38 @@ class BaseDetector(abc.ABC):
             scores = scores[mask_values.ravel()]
         self.calibration_scores_ = scores if calibration is None else scores[calibration]
         threshold = self.get_params().get("threshold", "auto")
-        self.threshold_ = (
-            choose_threshold(self.calibration_scores_, threshold, bulk_scores=self.calibration_scores_,
-                             false_alarm_rate=self.get_params().get("false_alarm_rate", 0.001))
-            if threshold == "fpr" or isinstance(threshold, (int, float)) else None
-        )
+        self.threshold_ = float(threshold) if isinstance(threshold, (int, float)) else None
         return self
 
     def score(self, cube: xr.DataArray) -> xr.DataArray:
-        """Anomaly score of every pixel, a DataArray (y, x); higher = more anomalous."""
+        """Anomaly score of every pixel, a DataArray (y, x); higher = more anomalous.
+
+        With ``spatial=True`` (the default where a detector has the parameter) the map is the
+        spatially pooled evidence (:mod:`eels_ad.detect.spatial`): each pixel's score is turned into a
+        p-value against the held-out bulk scores (``calibration_scores_``), pooled over discs around it
+        relative to its neighbourhood, and given as the normal score (sigma) of the pooled p-value. The
+        per-pixel scores and p-values travel with it as the coordinates ``pixel_score`` and ``pvalue``.
+        """
         cube = self._prepared(cube)
-        scores = xr.DataArray(
-            self._score_array(cube), dims=("y", "x"), coords={"y": cube["y"], "x": cube["x"]},
-            name="score", attrs={"score": str(self.get_params().get("scoring", "model")),
-                                 "detector": type(self).__name__},
-        )
-        if "vacuum" in cube.coords:  # the scores keep the mask, so that flag() leaves vacuum alone
-            scores.coords["vacuum"] = (("y", "x"), np.asarray(cube["vacuum"].values, dtype=bool))
-        return scores
+        spatial = bool(self.get_params().get("spatial", False))
+        raw = self._score_array(cube)
+        coords = {"y": cube["y"], "x": cube["x"]}
+        vacuum = np.asarray(cube["vacuum"].values, dtype=bool) if "vacuum" in cube.coords else None
+        if vacuum is not None:  # the scores keep the mask, so that flag() leaves vacuum alone
+            coords["vacuum"] = (("y", "x"), vacuum)
+        attrs = {"score": str(self.get_params().get("scoring", "model")), "detector": type(self).__name__}
+        if not spatial:
+            return xr.DataArray(raw, dims=("y", "x"), coords=coords, name="score", attrs=attrs)
+        pvalues = pixel_pvalues(raw, self.calibration_scores_)
+        if vacuum is not None:
+            pvalues = np.where(vacuum, np.nan, pvalues)
+        pooled = pool_evidence(pvalues, mask=None if vacuum is None else ~vacuum)
+        evidence = normal_scores(pooled)
+        coords["pixel_score"] = (("y", "x"), raw)
+        coords["pvalue"] = (("y", "x"), pvalues)
+        attrs.update(spatial="pooled", units="sigma",
+                     long_name=f"pooled evidence ({attrs['score']} score, neighbourhood discs)")
+        return xr.DataArray(evidence, dims=("y", "x"), coords=coords, name="score", attrs=attrs)
 
     def reconstruct(self, cube: xr.DataArray) -> xr.DataArray:
         """The bulk model's reconstruction of every spectrum, over the fitted energy channels."""
@@ -228,34 +244,87 @@ class BaseDetector(abc.ABC):
         return xr.DataArray(model, dims=("y", "x", "energy"), coords=cube.transpose("y", "x", "energy").coords,
                             name="reconstruction", attrs={"units": "counts", "detector": type(self).__name__})
 
+    def _spatial_scores(self, scores: xr.DataArray) -> bool:
+        return scores.attrs.get("spatial") == "pooled" and "pvalue" in scores.coords
+
     def threshold_for(self, scores: xr.DataArray | np.ndarray) -> float:
-        """The score threshold this detector applies to ``scores`` (see the ``threshold`` parameter)."""
+        """The score threshold of the rules that set one (``"auto"``, ``"otsu"``, ``"gmm"``, ``"fpr"``, a number).
+
+        On pooled evidence (sigma) the false-alarm part is the normal score of ``false_alarm_rate``.
+        """
         self._check_fitted()
         if self.threshold_ is not None:
             return float(self.threshold_)
         params = self.get_params()
-        return choose_threshold(scores, params.get("threshold", "auto"), bulk_scores=self.calibration_scores_,
-                                false_alarm_rate=params.get("false_alarm_rate", 0.001))
+        rule = params.get("threshold", "auto")
+        rate = params.get("false_alarm_rate", 0.001)
+        if isinstance(scores, xr.DataArray) and self._spatial_scores(scores):
+            from scipy import stats
+
+            if rule == "fpr":
+                return float(stats.norm.isf(rate))
+            values = scores.values[~np.asarray(scores["vacuum"].values, dtype=bool)] if "vacuum" in scores.coords \
+                else scores.values
+            if rule == "auto":
+                return max(choose_threshold(values, "gmm"), float(stats.norm.isf(rate)))
+            return choose_threshold(values, rule)
+        return choose_threshold(scores, rule, bulk_scores=self.calibration_scores_, false_alarm_rate=rate)
+
+    def pvalues(self, scores: xr.DataArray) -> xr.DataArray:
+        """Calibrated p-values of a score map from :meth:`score`: pooled ones when the map is pooled.
+
+        Per pixel they come from the held-out bulk scores (:func:`~eels_ad.detect.spatial.pixel_pvalues`);
+        uniform under the null when the bulk of the scored cube is like the training bulk. Vacuum is NaN.
+        """
+        self._check_fitted()
+        if self._spatial_scores(scores):
+            from scipy import special
+
+            values = special.ndtr(-scores.values)
+        else:
+            values = pixel_pvalues(scores.values, self.calibration_scores_)
+            if "vacuum" in scores.coords:
+                values = np.where(np.asarray(scores["vacuum"].values, dtype=bool), np.nan, values)
+        return xr.DataArray(values, dims=("y", "x"), coords=scores.coords, name="pvalue")
 
     def flag(self, scores: xr.DataArray) -> xr.DataArray:
-        """Boolean (y, x) map of the pixels whose ``scores`` (from :meth:`score`) exceed the threshold.
+        """Boolean (y, x) map of the anomalous pixels of ``scores`` (from :meth:`score`).
 
-        ``"otsu"`` and ``"gmm"`` set the threshold from these scores, ``"fpr"`` from the calibration
-        scores, ``"auto"`` from both, a number is used as it is. Pixels marked vacuum (the coordinate
-        ``vacuum`` that :func:`eels_ad.prepare.prepare` adds) neither set the threshold nor are flagged.
+        ``threshold="fdr"`` (the default where a detector has it) flags at the false-discovery rate
+        ``fdr``: the Benjamini-Hochberg rule on calibrated p-values, region-aware on pooled evidence
+        (:func:`~eels_ad.detect.spatial.spatial_flags`). ``"otsu"`` and ``"gmm"`` set the threshold from
+        these scores, ``"fpr"`` from the calibration scores, ``"auto"`` from both, a number is used as it
+        is. Pixels marked vacuum (the coordinate ``vacuum`` that :func:`eels_ad.prepare.prepare` adds)
+        neither set the threshold nor are flagged. The labels' attrs say which rule flagged, at what
+        level (``threshold_method``, ``level``) and the lowest score flagged (``threshold``).
         """
         if not isinstance(scores, xr.DataArray) or scores.dims != ("y", "x"):
             raise TypeError("flag takes the (y, x) score map from score(cube); to label a cube use predict(cube)")
+        self._check_fitted()
+        params = self.get_params()
+        rule = params.get("threshold", "auto")
         vacuum = (np.asarray(scores["vacuum"].values, dtype=bool) if "vacuum" in scores.coords
                   else np.zeros(scores.shape, dtype=bool))
-        if vacuum.all():
-            threshold = float("inf")
+        attrs: dict[str, Any] = {"threshold_method": str(rule), "score": str(scores.attrs.get("score", ""))}
+        if rule == "fdr":
+            level = params.get("fdr", 0.05)
+            if self._spatial_scores(scores):
+                flags, cut = spatial_flags(scores["pvalue"].values, self.pvalues(scores).values, level)
+            else:
+                flags, cut = fdr_flags(self.pvalues(scores).values, level)
+            flags &= ~vacuum
+            threshold = float(scores.values[flags].min()) if flags.any() else float("inf")
+            attrs.update(level=float(level), pvalue_cut=float(cut))
+            labels = xr.DataArray(flags, dims=("y", "x"), coords=scores.coords)
         else:
-            threshold = self.threshold_for(scores.values[~vacuum] if vacuum.any() else scores)
-        labels = (scores > threshold) & ~vacuum
+            threshold = (float("inf") if vacuum.all()
+                         else self.threshold_for(scores.values[~vacuum] if vacuum.any() and not
+                                                 self._spatial_scores(scores) else scores))
+            labels = (scores > threshold) & ~vacuum
+            if rule == "fpr" or rule == "auto":
+                attrs["level"] = float(params.get("false_alarm_rate", 0.001))
         labels.name = "anomalous"
-        labels.attrs = {"threshold": threshold, "threshold_method": str(self.get_params().get("threshold", "auto")),
-                        "score": str(scores.attrs.get("score", ""))}
+        labels.attrs = {"threshold": threshold, **attrs}
         return labels
 
     def predict(self, cube: xr.DataArray) -> xr.DataArray:
@@ -350,19 +419,23 @@ class SpectrumDetector(BaseDetector):
             lambda: ((s[keep]) for _, keep, s in self._pixel_chunks(cube, mask)), energy, self.n_training_spectra_
         )
 
+    def _model_blocks(self, cube: xr.DataArray) -> Iterator[tuple[slice, np.ndarray, np.ndarray]]:
+        """Yield (row slice, spectra, bulk model) chunk by chunk: what scores and reconstructions read."""
+        for block, _, spectra in self._pixel_chunks(cube):
+            yield block, spectra, self._reconstruct_spectra(spectra)
+
     def _score_array(self, cube: xr.DataArray) -> np.ndarray:
         channels = self._score_channels(cube["energy"].values)
         scores = np.empty((cube.sizes["y"], cube.sizes["x"]))
-        for block, _, spectra in self._pixel_chunks(cube):
-            model = self._reconstruct_spectra(spectra)
+        for block, spectra, model in self._model_blocks(cube):
             block_scores = score_spectra(spectra[:, channels], model[:, channels], self.scoring)
             scores[block] = block_scores.reshape(-1, cube.sizes["x"])
         return scores
 
     def _reconstruct_array(self, cube: xr.DataArray) -> np.ndarray:
         model = np.empty((cube.sizes["y"], cube.sizes["x"], cube.sizes["energy"]))
-        for block, _, spectra in self._pixel_chunks(cube):
-            model[block] = self._reconstruct_spectra(spectra).reshape(-1, cube.sizes["x"], cube.sizes["energy"])
+        for block, _, block_model in self._model_blocks(cube):
+            model[block] = block_model.reshape(-1, cube.sizes["x"], cube.sizes["energy"])
         return model
 
 

@@ -10,6 +10,11 @@ import numpy as np
 from ._base import SpectrumDetector
 from .threshold import ThresholdMethod
 
+#: how a spectrum's bulk model is found: from the pixel itself, or predicted from its neighbours
+CONTEXTS: tuple[str, ...] = ("pixel", "neighbours")
+#: inner and outer radius (pixels) of the ring of neighbours that predicts a hidden pixel
+NEIGHBOUR_RING: tuple[float, float] = (2.5, 5.0)
+
 
 class PCADetector(SpectrumDetector):
     """Anomalies are spectra the principal components of the bulk cannot reconstruct.
@@ -41,11 +46,24 @@ class PCADetector(SpectrumDetector):
     score_range
         ``(e_min, e_max)`` eV of the channels that enter the score (default: the fitted ones).
     threshold
-        ``"auto"`` (default: the larger of the GMM crossing and the ``false_alarm_rate`` quantile of the
-        training scores), ``"otsu"``, ``"gmm"``, ``"fpr"`` or a number; see
-        :func:`~eels_ad.detect.choose_threshold`.
+        ``"fdr"`` (default: flag at the false-discovery rate ``fdr`` on calibrated p-values, see
+        :meth:`~eels_ad.detect.BaseDetector.flag`), ``"auto"`` (the larger of the GMM crossing and the
+        ``false_alarm_rate`` quantile of the training scores), ``"otsu"``, ``"gmm"``, ``"fpr"`` or a number;
+        see :func:`~eels_ad.detect.choose_threshold`.
+    fdr
+        The false-discovery rate of ``threshold="fdr"`` (default 5 %).
     false_alarm_rate
-        For ``threshold="fpr"``.
+        For ``threshold="fpr"`` and ``"auto"``.
+    spatial
+        Pool each pixel's evidence with its neighbourhood's (default True; :mod:`eels_ad.detect.spatial`):
+        ``score`` then maps the pooled evidence in sigma, and ``flag`` is region-aware. False: every
+        pixel judged alone.
+    context
+        ``"pixel"`` (default): each spectrum is reconstructed from its own projection on the components.
+        ``"neighbours"``: from the mean component scores of the pixels 3 to 5 pixels away, the pixel
+        itself hidden, rescaled to its counts: what the neighbourhood predicts. A smooth nuisance (an
+        uncorrected energy drift, thickness) is then predicted, while a local change (a chemical shift
+        of a few pixels) is not explained away by components that learned the drift.
     max_components, auto_margin
         For ``n_components="auto"``.
     robust
@@ -99,19 +117,24 @@ class PCADetector(SpectrumDetector):
         energy_range: tuple[float, float] | None = None,
         scoring: str = "deviance",
         score_range: tuple[float, float] | None = None,
-        threshold: ThresholdMethod | float = "auto",
+        threshold: ThresholdMethod | float = "fdr",
+        fdr: float = 0.05,
         false_alarm_rate: float = 0.001,
+        spatial: bool = True,
         max_components: int = 20,
         auto_margin: float = 0.1,
         robust: bool = False,
         robust_quantile: float = 0.999,
         chunk_pixels: int = 8192,
+        context: str = "pixel",
     ) -> None:
         self.energy_range = energy_range
         self.scoring = scoring
         self.score_range = score_range
         self.threshold = threshold
+        self.fdr = fdr
         self.false_alarm_rate = false_alarm_rate
+        self.spatial = spatial
         self.chunk_pixels = chunk_pixels
         self.n_components = n_components
         self.poisson_normalize = poisson_normalize
@@ -119,6 +142,12 @@ class PCADetector(SpectrumDetector):
         self.auto_margin = auto_margin
         self.robust = robust
         self.robust_quantile = robust_quantile
+        self.context = context
+
+    def _check_params(self) -> None:
+        super()._check_params()
+        if self.context not in CONTEXTS:
+            raise ValueError(f"context must be one of {CONTEXTS}, got {self.context!r}")
 
     def _fit_spectra(
         self, chunks: Callable[[], Iterator[np.ndarray]], energy: np.ndarray, n_train: int
@@ -229,6 +258,38 @@ class PCADetector(SpectrumDetector):
         weighted = (spectra - self.mean_) / self.channel_weights_
         projected = (weighted @ self.components_.T) @ self.components_
         return projected * self.channel_weights_ + self.mean_
+
+    def _neighbour_coefficients(self, cube) -> np.ndarray:
+        """(y, x, components): the mean component scores of each pixel's ring of neighbours (mirrored at edges)."""
+        from scipy import ndimage
+
+        ny, nx = cube.sizes["y"], cube.sizes["x"]
+        coefficients = np.empty((ny, nx, self.n_components_))
+        for block, _, spectra in self._pixel_chunks(cube):
+            coefficients[block] = self._coefficients(spectra).reshape(-1, nx, self.n_components_)
+        inner, outer = NEIGHBOUR_RING
+        r = int(np.floor(outer))
+        y, x = np.mgrid[-r:r + 1, -r:r + 1]
+        ring = ((np.hypot(y, x) >= inner) & (np.hypot(y, x) <= outer)).astype(float)
+        ring /= ring.sum()
+        return np.stack([ndimage.correlate(coefficients[..., k], ring, mode="mirror")
+                         for k in range(self.n_components_)], axis=-1)
+
+    def _predicted_spectra(self, spectra: np.ndarray, coefficients: np.ndarray) -> np.ndarray:
+        """Spectra from component scores (per unit pixel weight), rescaled to each spectrum's counts."""
+        model = (coefficients @ self.components_) * self.channel_weights_
+        if self.poisson_normalize:
+            model = model * np.sqrt(np.maximum(spectra.sum(axis=1, keepdims=True), 1e-12))
+        return model + self.mean_
+
+    def _model_blocks(self, cube):
+        """Per-spectrum models (``context="pixel"``), or each pixel predicted by its ring of neighbours."""
+        if self.context == "pixel":
+            yield from super()._model_blocks(cube)
+            return
+        neighbours = self._neighbour_coefficients(cube)
+        for block, _, spectra in self._pixel_chunks(cube):
+            yield block, spectra, self._predicted_spectra(spectra, neighbours[block].reshape(spectra.shape[0], -1))
 
     def _state(self) -> dict[str, Any]:
         state = {

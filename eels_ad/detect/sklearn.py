@@ -24,7 +24,7 @@ class SklearnDetector(SpectrumDetector):
     ----------
     estimator
         E.g. ``sklearn.ensemble.IsolationForest(random_state=0)``; it is fitted in place.
-    energy_range, threshold, false_alarm_rate, chunk_pixels
+    energy_range, threshold, fdr, false_alarm_rate, spatial, chunk_pixels
         As for :class:`~eels_ad.detect.PCADetector`.
 
     Examples
@@ -38,14 +38,18 @@ class SklearnDetector(SpectrumDetector):
         estimator,
         *,
         energy_range: tuple[float, float] | None = None,
-        threshold: ThresholdMethod | float = "auto",
+        threshold: ThresholdMethod | float = "fdr",
+        fdr: float = 0.05,
         false_alarm_rate: float = 0.001,
+        spatial: bool = True,
         chunk_pixels: int = 8192,
     ) -> None:
         self.estimator = estimator
         self.energy_range = energy_range
         self.threshold = threshold
+        self.fdr = fdr
         self.false_alarm_rate = false_alarm_rate
+        self.spatial = spatial
         self.chunk_pixels = chunk_pixels
 
     @staticmethod

@@ -12,8 +12,9 @@ from typing import Literal
 import numpy as np
 import xarray as xr
 
-ThresholdMethod = Literal["auto", "otsu", "gmm", "fpr"]
-THRESHOLD_METHODS: tuple[str, ...] = ("auto", "otsu", "gmm", "fpr")
+ThresholdMethod = Literal["fdr", "auto", "otsu", "gmm", "fpr"]
+#: the rules a detector's ``threshold`` can name; ``"fdr"`` is applied by ``flag`` on p-values, the others here
+THRESHOLD_METHODS: tuple[str, ...] = ("fdr", "auto", "otsu", "gmm", "fpr")
 
 
 def _finite(scores: np.ndarray | xr.DataArray) -> np.ndarray:
@@ -160,6 +161,9 @@ def choose_threshold(
         if bulk_scores is None:
             raise ValueError("threshold 'fpr' needs the scores of bulk spectra (fit the detector first)")
         return false_alarm_threshold(bulk_scores, false_alarm_rate)
+    if method == "fdr":
+        raise ValueError("'fdr' flags on calibrated p-values, not at a score threshold: use a detector's flag(scores) "
+                         "or eels_ad.detect.spatial.fdr_flags")
     raise ValueError(f"threshold must be 'auto', 'otsu', 'gmm', 'fpr' or a number, got {method!r}")
 
 

@@ -154,8 +154,10 @@ class CVAEDetector(BaseDetector):
         energy_range: tuple[float, float] | None = None,
         scoring: str = "deviance",
         score_range: tuple[float, float] | None = None,
-        threshold: ThresholdMethod | float = "auto",
+        threshold: ThresholdMethod | float = "fdr",
+        fdr: float = 0.05,
         false_alarm_rate: float = 0.001,
+        spatial: bool = True,
         seed: int = 0,
         progress: bool = True,
         checkpoint_dir: str | None = None,
@@ -164,7 +166,9 @@ class CVAEDetector(BaseDetector):
         self.scoring = scoring
         self.score_range = score_range
         self.threshold = threshold
+        self.fdr = fdr
         self.false_alarm_rate = false_alarm_rate
+        self.spatial = spatial
         self.patch_size = patch_size
         self.stride = stride
         self.score_stride = score_stride
