@@ -85,7 +85,8 @@ def test_what_is_scored_is_what_reconstruct_shows(fitted, cubes):
         return
     assert model.dims == ("y", "x", "energy") and model.shape == (10, 11, 64)
     expected = score_spectra(test.values.reshape(-1, 64), model.values.reshape(-1, 64), fitted.scoring)
-    np.testing.assert_allclose(fitted.score(test).values.ravel(), expected, rtol=1e-6, atol=1e-9)
+    scores = fitted.score(test)  # spatial by default: the per-pixel scores travel as a coordinate
+    np.testing.assert_allclose(scores["pixel_score"].values.ravel(), expected, rtol=1e-6, atol=1e-9)
 
 
 def test_save_and_load_through_one_function(fitted, cubes, tmp_path):

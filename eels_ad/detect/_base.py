@@ -258,6 +258,11 @@ class BaseDetector(abc.ABC):
         params = self.get_params()
         rule = params.get("threshold", "auto")
         rate = params.get("false_alarm_rate", 0.001)
+        if rule == "fdr":
+            if not isinstance(scores, xr.DataArray):
+                scores = xr.DataArray(np.asarray(scores, dtype=float), dims=("y", "x")[-np.ndim(scores):])
+            flags, _ = self._fdr_flags(scores)
+            return float(scores.values[flags].min()) if flags.any() else float("inf")
         if isinstance(scores, xr.DataArray) and self._spatial_scores(scores):
             from scipy import stats
 
@@ -287,6 +292,17 @@ class BaseDetector(abc.ABC):
                 values = np.where(np.asarray(scores["vacuum"].values, dtype=bool), np.nan, values)
         return xr.DataArray(values, dims=("y", "x"), coords=scores.coords, name="pvalue")
 
+    def _fdr_flags(self, scores: xr.DataArray) -> tuple[np.ndarray, float]:
+        """The flags of ``threshold="fdr"`` and the p-value cut (vacuum never flagged)."""
+        level = self.get_params().get("fdr", 0.05)
+        if self._spatial_scores(scores):
+            flags, cut = spatial_flags(scores["pvalue"].values, self.pvalues(scores).values, level)
+        else:
+            flags, cut = fdr_flags(self.pvalues(scores).values, level)
+        if "vacuum" in scores.coords:
+            flags &= ~np.asarray(scores["vacuum"].values, dtype=bool)
+        return flags, cut
+
     def flag(self, scores: xr.DataArray) -> xr.DataArray:
         """Boolean (y, x) map of the anomalous pixels of ``scores`` (from :meth:`score`).
 
@@ -307,14 +323,9 @@ class BaseDetector(abc.ABC):
                   else np.zeros(scores.shape, dtype=bool))
         attrs: dict[str, Any] = {"threshold_method": str(rule), "score": str(scores.attrs.get("score", ""))}
         if rule == "fdr":
-            level = params.get("fdr", 0.05)
-            if self._spatial_scores(scores):
-                flags, cut = spatial_flags(scores["pvalue"].values, self.pvalues(scores).values, level)
-            else:
-                flags, cut = fdr_flags(self.pvalues(scores).values, level)
-            flags &= ~vacuum
+            flags, cut = self._fdr_flags(scores)
             threshold = float(scores.values[flags].min()) if flags.any() else float("inf")
-            attrs.update(level=float(level), pvalue_cut=float(cut))
+            attrs.update(level=float(params.get("fdr", 0.05)), pvalue_cut=float(cut))
             labels = xr.DataArray(flags, dims=("y", "x"), coords=scores.coords)
         else:
             threshold = (float("inf") if vacuum.all()

@@ -51,9 +51,9 @@ def normal_scores(pvalues: np.ndarray) -> np.ndarray:
 def _bulk_tail(calibration: np.ndarray, outlier_mads: float | None) -> np.ndarray:
     values = np.asarray(calibration, dtype=float).ravel()
     values = np.sort(values[np.isfinite(values)])
-    if values.size < 20:
-        raise ValueError(f"calibrated p-values need at least 20 finite bulk scores, got {values.size}")
-    if outlier_mads is not None:
+    if values.size == 0:
+        raise ValueError("calibrated p-values need bulk scores (calibration_scores_), got none that are finite")
+    if outlier_mads is not None and values.size >= 20:  # a median and a MAD of fewer say little
         median = float(np.median(values))
         spread = 1.4826 * float(np.median(np.abs(values - median)))
         if spread > 0:
@@ -76,8 +76,9 @@ def pixel_pvalues(
     scores
         Scores (any shape; higher = more anomalous). NaN gives NaN.
     calibration_scores
-        Scores of bulk spectra the model did not learn from (a detector's ``calibration_scores_``);
-        at least 20.
+        Scores of bulk spectra the model did not learn from (a detector's ``calibration_scores_``).
+        With ``n`` of them no p-value falls below ``1 / (n + 1)`` unless at least 100 allow the tail
+        fit (10 exceedances).
     tail_fraction
         Above the ``1 - tail_fraction`` quantile of the bulk scores the p-value comes from a
         generalised Pareto distribution fitted (maximum likelihood) to the exceedances, its shape held
@@ -205,7 +206,8 @@ def pool_evidence(
         best = np.maximum(best, statistic)
     # Sidak's combination of the K discs: about K * Phi(-T) in the tail, valid under their positive correlation,
     # and below 1 everywhere (so the bulk keeps its order on a map)
-    pooled = -np.expm1(len(radii) * np.log1p(-special.ndtr(-best)))
+    with np.errstate(divide="ignore"):  # best = -inf only where no pixel takes part (NaN below)
+        pooled = -np.expm1(len(radii) * np.log1p(-special.ndtr(-best)))
     return np.where(valid, np.clip(pooled, np.finfo(float).tiny, 1.0), np.nan)
 
 

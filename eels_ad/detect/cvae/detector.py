@@ -72,7 +72,9 @@ class CVAEDetector(BaseDetector):
     Parameters
     ----------
     patch_size, stride
-        Patch side and the step between training patches, in pixels (an int or a (y, x) pair).
+        Patch side and the step between training patches, in pixels (an int or a (y, x) pair). A cube
+        smaller than a patch is mirrored (reflected at its edges) up to the patch's size, for training
+        and scoring alike; the scores keep the cube's own size.
     score_stride
         Step between the patches that score a cube (default 2; None: ``stride``). Pixels near a patch
         edge are reconstructed a little worse than central ones; a finer step averages that out
@@ -84,6 +86,9 @@ class CVAEDetector(BaseDetector):
         normalised spectra with a learned per-voxel variance.
     beta
         Weight of the KL term.
+    max_time
+        Stop training after this many seconds (passed to Lightning's ``Trainer``), whatever
+        ``max_epochs`` says; None: no limit. The best model so far (validation loss) is kept.
     learning_rate, batch_size, max_epochs, patience, val_fraction
         Training: Adam, early stopping on the validation loss after ``patience`` epochs. The
         validation patches are a strip of ``val_fraction`` of the rows that no training patch
@@ -95,9 +100,10 @@ class CVAEDetector(BaseDetector):
         Passed to the Lightning ``Trainer`` (``"auto"``: a GPU when there is one, else the CPU;
         ``precision=None``: 16-bit mixed on a GPU, 32-bit on the CPU). Several GPUs: e.g.
         ``devices=4, strategy="ddp"``.
-    energy_range, scoring, score_range, threshold, false_alarm_rate
+    energy_range, scoring, score_range, threshold, fdr, false_alarm_rate, spatial
         As for :class:`~eels_ad.detect.PCADetector`; ``scoring`` can also be ``"nll"``, the model's
-        own mean negative log-likelihood per channel.
+        own mean negative log-likelihood per channel. The held-out strip's scores calibrate the
+        p-values of ``threshold="fdr"`` and of the spatial step.
     seed
         Seed of the initial weights, the split and the batches: same seed, same model on the CPU.
     progress
@@ -144,6 +150,7 @@ class CVAEDetector(BaseDetector):
         learning_rate: float = 1e-3,
         batch_size: int = 16,
         max_epochs: int = 25,
+        max_time: float | None = None,
         patience: int = 6,
         val_fraction: float = 0.15,
         augment: bool = True,
@@ -179,6 +186,7 @@ class CVAEDetector(BaseDetector):
         self.learning_rate = learning_rate
         self.batch_size = batch_size
         self.max_epochs = max_epochs
+        self.max_time = max_time
         self.patience = patience
         self.val_fraction = val_fraction
         self.augment = augment
@@ -200,8 +208,17 @@ class CVAEDetector(BaseDetector):
         on_gpu = torch.cuda.is_available() and self.accelerator in ("auto", "gpu", "cuda")
         precision = self.precision or ("16-mixed" if on_gpu else "32-true")
         return dict(accelerator=self.accelerator, devices=self.devices, strategy=self.strategy, precision=precision,
-                    max_epochs=self.max_epochs, deterministic=not on_gpu, enable_progress_bar=self.progress,
+                    max_epochs=self.max_epochs, max_time=None if self.max_time is None else
+                    {"seconds": float(self.max_time)}, deterministic=not on_gpu, enable_progress_bar=self.progress,
                     enable_model_summary=False, log_every_n_steps=1)
+
+    def _check_params(self) -> None:
+        super()._check_params()
+        if self.max_time is not None and not (isinstance(self.max_time, (int, float, np.number))
+                                              and np.isfinite(self.max_time) and self.max_time > 0):
+            raise ValueError(f"max_time must be a positive number of seconds or None, got {self.max_time!r}")
+        if not (isinstance(self.max_epochs, (int, np.integer)) and self.max_epochs >= 1):
+            raise ValueError(f"max_epochs must be an integer >= 1, got {self.max_epochs!r}")
 
     def _fit(self, cube: xr.DataArray, mask: np.ndarray | None, energy: np.ndarray) -> np.ndarray | None:
         import lightning.pytorch as pl

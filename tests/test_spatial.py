@@ -1,0 +1,145 @@
+"""The spatial step: calibrated p-values, pooling over neighbourhoods, FDR flags, and the detectors' defaults."""
+
+import numpy as np
+import pytest
+
+import eels_ad
+from eels_ad.detect import PCADetector
+from eels_ad.detect.spatial import fdr_flags, pixel_pvalues, pool_evidence, spatial_flags
+from eels_ad.evaluate import detection_metrics
+
+
+def _auc(scores, truth) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(np.asarray(truth).ravel(), np.asarray(scores).ravel()))
+
+
+def _disc_map(shape=(48, 48), centre=(20, 30), radius=2.0):
+    yy, xx = np.mgrid[:shape[0], :shape[1]]
+    return (yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 <= radius**2
+
+
+def test_pixel_pvalues_are_uniform_under_the_null_and_fall_past_the_bulk():
+    rng = np.random.default_rng(0)
+    bulk = rng.gamma(40, 0.025, 5000)  # a right-skewed score, as a mean deviance is
+    p = pixel_pvalues(rng.gamma(40, 0.025, 200_000), bulk)
+    for level in (0.5, 0.1, 0.01):
+        assert abs(np.mean(p <= level) - level) < 0.15 * level + 0.002, level
+    # the Pareto tail goes past the largest bulk score: about right at 1e-3 and 1e-4
+    assert 0.4e-3 < np.mean(p <= 1e-3) < 2e-3
+    assert np.mean(p <= 1e-4) < 4e-4
+    far = pixel_pvalues(np.array([bulk.max() * 1.5, bulk.max() * 3]), bulk)
+    assert far[0] < 1.0 / bulk.size and far[1] < far[0]
+    # NaN stays NaN; a handful of bulk scores still gives valid (coarse) p-values
+    assert np.isnan(pixel_pvalues(np.array([np.nan]), bulk)[0])
+    assert pixel_pvalues(np.array([10.0]), np.arange(5.0))[0] == pytest.approx(1 / 6)
+
+
+def test_pooling_finds_a_disc_no_pixel_shows_alone_and_keeps_a_lone_strong_pixel():
+    rng = np.random.default_rng(1)
+    p = rng.uniform(size=(48, 48))
+    disc = _disc_map()
+    p[disc] = rng.uniform(0.001, 0.02, disc.sum())  # weak evidence: no pixel passes BH at 5 % alone
+    p[5, 5] = 1e-9  # one lone, strong pixel
+    alone, _ = fdr_flags(p, 0.05)
+    assert not (alone & disc).any() and alone[5, 5]
+    pooled = pool_evidence(p)
+    flags, cut = spatial_flags(p, pooled, 0.05)
+    assert cut > 0
+    assert (flags & disc).sum() >= disc.sum() - 3  # the disc, nearly whole
+    assert flags[5, 5]  # the lone pixel too
+    assert (flags & ~disc).sum() <= 3  # and hardly any bulk pixel beside them
+
+
+def test_pooled_pvalues_and_fdr_are_calibrated_under_the_null():
+    rng = np.random.default_rng(2)
+    maps = rng.uniform(size=(300, 32, 32))
+    pooled = np.stack([pool_evidence(m) for m in maps])
+    for level in (0.05, 0.01):  # valid: never far above the nominal rate
+        assert np.mean(pooled <= level) <= 1.2 * level
+    assert np.mean(pooled <= 0.05) > 0.02  # and not uselessly conservative
+    # under the complete null every flag is false: BH flags anything in about 5 % of the maps
+    any_flag = [fdr_flags(m, 0.05)[0].any() for m in rng.uniform(size=(1500, 16, 16))]
+    assert 0.03 <= np.mean(any_flag) <= 0.07
+    assert np.mean([spatial_flags(m, q, 0.05)[0].any() for m, q in zip(maps, pooled, strict=True)]) <= 0.08
+
+
+def test_local_median_removes_a_smooth_rise_of_the_evidence():
+    rng = np.random.default_rng(3)
+    yy, _ = np.mgrid[:48, :48]
+    from scipy import stats
+
+    z = rng.standard_normal((48, 48)) + 1.5 * (yy > 24)  # half the image raised alike (a nuisance)
+    p = stats.norm.sf(z)
+    relative = pool_evidence(p)  # background_radius=8: relative to the neighbourhood
+    absolute = pool_evidence(p, background_radius=None)
+    inside = (yy > 30)
+    assert np.mean(absolute[inside] < 1e-3) > 0.3
+    assert np.mean(relative[inside] < 1e-3) < 0.01
+
+
+def test_bad_inputs_name_the_value():
+    p = np.full((8, 8), 0.5)
+    with pytest.raises(ValueError, match="fdr must lie in"):
+        fdr_flags(p, 1.5)
+    with pytest.raises(ValueError, match="radii"):
+        pool_evidence(p, radii=(-1,))
+    with pytest.raises(ValueError, match="background_radius must exceed"):
+        pool_evidence(p, radii=(0, 3), background_radius=4)
+    with pytest.raises(ValueError, match=r"p-values must lie in \(0, 1\]"):
+        pool_evidence(np.zeros((8, 8)))
+    with pytest.raises(ValueError, match=r"\(y, x\) map"):
+        pool_evidence(np.full(8, 0.5))
+    bulk = eels_ad.simulate_fe_l23((8, 8), anomaly_fraction=0.0, seed=1)["counts"]
+    for bad in (0.0, 1.0, -0.1, "five"):
+        with pytest.raises(ValueError, match="fdr must"):
+            PCADetector(fdr=bad).fit(bulk)
+    with pytest.raises(ValueError, match="spatial must be True or False"):
+        PCADetector(spatial="yes").fit(bulk)
+    with pytest.raises(ValueError, match="context must be one of"):
+        PCADetector(context="ring").fit(bulk)
+
+
+@pytest.fixture(scope="module")
+def low_dose_blobs():
+    kw = dict(dose=20, shift=0.5, layout="clusters", anomaly_fraction=0.02)
+    bulk = eels_ad.simulate_fe_l23((40, 40), anomaly_fraction=0.0, dose=20, seed=11)["counts"]
+    test = eels_ad.simulate_fe_l23((40, 40), seed=12, **kw)
+    return bulk, test
+
+
+def test_the_default_detector_pools_and_flags_at_five_percent_fdr(low_dose_blobs):
+    bulk, test = low_dose_blobs
+    detector = PCADetector().fit(bulk)
+    scores = detector.score(test["counts"])
+    assert scores.attrs["spatial"] == "pooled" and scores.attrs["units"] == "sigma"
+    pixel, pooled = _auc(scores["pixel_score"], test["anomaly"]), _auc(scores, test["anomaly"])
+    assert pooled > pixel + 0.02, (pixel, pooled)  # 0.5 eV blobs at dose 20: pooling pays
+    labels = detector.flag(scores)
+    assert labels.attrs["threshold_method"] == "fdr" and labels.attrs["level"] == 0.05
+    assert labels.attrs["pvalue_cut"] > 0
+    metrics = detection_metrics(scores, test["anomaly"], labels)
+    assert metrics["precision"] >= 0.8 and metrics["recall"] >= 0.25  # 0.34: weak evidence, few false flags
+    # switched off: the per-pixel map, as before
+    plain = PCADetector(spatial=False).fit(bulk).score(test["counts"])
+    np.testing.assert_allclose(plain.values, scores["pixel_score"].values)
+    assert "spatial" not in plain.attrs
+    # a bulk-only cube: hardly a flag
+    clean = eels_ad.simulate_fe_l23((40, 40), anomaly_fraction=0.0, dose=20, seed=13)["counts"]
+    assert int(detector.predict(clean).sum()) <= 2
+    # the p-values behind the flags are available, NaN nowhere outside vacuum
+    assert np.all(np.isfinite(detector.pvalues(scores).values))
+
+
+def test_neighbour_context_sees_a_local_shift_through_an_energy_drift():
+    kw = dict(dose=50, drift=1.0)
+    bulk = eels_ad.simulate_fe_l23((40, 40), anomaly_fraction=0.0, seed=21, **kw)["counts"]
+    test = eels_ad.simulate_fe_l23((40, 40), anomaly_fraction=0.02, shift=0.5, layout="clusters", seed=22, **kw)
+    auc = {}
+    for context in ("pixel", "neighbours"):
+        detector = PCADetector(scoring="shift", context=context, spatial=False).fit(bulk)
+        auc[context] = _auc(detector.score(test["counts"]), test["anomaly"])
+    assert auc["neighbours"] > 0.97 and auc["neighbours"] > auc["pixel"] + 0.1, auc
+    model = PCADetector(context="neighbours").fit(bulk)
+    assert model.reconstruct(test["counts"]).shape == test["counts"].shape
