@@ -119,7 +119,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
 def _with_option_names(message: str) -> str:
     """The API's parameter names, as the command line spells them."""
-    for name in ("anomaly_fraction", "overdispersion", "shift", "dose", "seed", "shape", "layout"):
+    for name in ("anomaly_fraction", "overdispersion", "shift", "dose", "seed", "shape", "layout", "fdr", "max_time",
+                 "context", "scoring"):
         message = message.replace(f"{name} must", f"--{name.replace('_', '-')} must", 1)
     return message.replace("overwrite=True (--overwrite on the command line)", "--overwrite")
 
@@ -172,6 +173,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
                           strategy=args.strategy, progress=args.verbose, seed=args.seed)
         if args.epochs is not None:
             parameters["max_epochs"] = args.epochs
+        if args.max_time is not None:
+            parameters["max_time"] = args.max_time
+    if args.model == "pca":
+        parameters["context"] = args.context
+    parameters.update(scoring=args.scoring, fdr=args.fdr, spatial=not args.no_spatial)
     if args.energy_range:
         parameters["energy_range"] = tuple(args.energy_range)
     try:
@@ -431,6 +437,21 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--components", type=_positive_int, help="PCA components (default: automatic)")
     train.add_argument("--plain", action="store_true", help="PCA without Poisson normalisation")
     train.add_argument("--robust", action="store_true", help="PCA: trim spectra that do not belong to the bulk")
+    from .detect import SCORES, PCADetector
+    from .detect.pca import CONTEXTS
+
+    train.add_argument("--scoring", choices=SCORES, default=_api_default(PCADetector, "scoring"),
+                       help="per-pixel score (default deviance; shift: the z of an edge shift, for chemical shifts)")
+    train.add_argument("--context", choices=CONTEXTS, default=_api_default(PCADetector, "context"),
+                       help="PCA: model each spectrum from itself (pixel, default) or predict it from its "
+                       "neighbours, the pixel hidden (follows an uncorrected energy drift)")
+    fdr_default = _api_default(PCADetector, "fdr")
+    train.add_argument("--fdr", type=float, default=fdr_default,
+                       help=f"flag at this false-discovery rate, 0-1 (default {fdr_default:g})")
+    train.add_argument("--no-spatial", action="store_true",
+                       help="judge every pixel alone (default: pool each pixel's evidence with its neighbourhood's)")
+    train.add_argument("--max-time", type=float, metavar="SECONDS",
+                       help="CVAE: stop training after this many seconds (default: no limit)")
     train.add_argument("--epochs", type=_positive_int, help="CVAE training epochs (default: the API's, 25)")
     train.add_argument("--likelihood", choices=("poisson", "gaussian"), default="poisson",
                        help="CVAE likelihood (default poisson)")

@@ -94,8 +94,8 @@ def _run(out: Path, paths: dict[str, Path], overwrite: bool, say, verbose: bool,
 
     say("[7/7] writing results ...")
     results = xr.Dataset(
-        {"pca_score": pca["scores"], "pca_anomalous": pca["labels"], "cvae_score": cvae["scores"],
-         "cvae_anomalous": cvae["labels"], "true_anomaly": truth["anomaly"], "total_counts": cube.eels.total_counts()},
+        {**_score_variables("pca", pca), **_score_variables("cvae", cvae), "true_anomaly": truth["anomaly"],
+         "total_counts": cube.eels.total_counts()},
         attrs={"source": str(data.sample_path()), "pipeline": "eels-ad demo"},
     )
     out.mkdir(parents=True, exist_ok=True)
@@ -146,6 +146,17 @@ def _shift_map(cube: xr.DataArray, truth: xr.Dataset) -> tuple[xr.Dataset, dict[
         "seconds": round(time.perf_counter() - tic, 2),
     }
     return shifts, metrics
+
+
+def _score_variables(name: str, detection: dict[str, Any]) -> dict[str, xr.DataArray]:
+    """A detector's maps as variables of their own (two detectors' per-pixel coordinates would clash)."""
+    from .detect._base import SPATIAL_COORDS
+
+    scores = detection["scores"]
+    variables = {f"{name}_score": scores.drop_vars([c for c in SPATIAL_COORDS if c in scores.coords]),
+                 f"{name}_anomalous": detection["labels"]}
+    variables.update({f"{name}_{c}": scores[c].reset_coords(drop=True) for c in SPATIAL_COORDS if c in scores.coords})
+    return variables
 
 
 def _detect_pca(cube: xr.DataArray, truth: xr.Dataset, seed: int) -> dict[str, Any]:

@@ -125,3 +125,16 @@ def test_every_option_of_every_command_says_what_it_does():
             if action.dest == "help":
                 continue
             assert action.help, f"eels-ad {name} {action.option_strings or action.dest}: no help text"
+
+
+@pytest.mark.parametrize("arguments, named", [
+    (["--fdr", "1.5"], "--fdr"),
+    (["--fdr", "0"], "--fdr"),
+    (["--model", "cvae", "--max-time", "0"], "--max-time"),
+    (["--model", "cvae", "--max-time", "-3"], "--max-time"),
+])
+def test_train_bad_rates_and_times(tmp_path, capsys, cube_file, arguments, named):
+    out = tmp_path / "model.nc"
+    assert main(["train", str(cube_file), "--out", str(out), "--quiet", *arguments]) == 1
+    line = _one_error_line(capsys.readouterr())
+    assert named in line and not out.exists()

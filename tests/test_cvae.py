@@ -206,3 +206,26 @@ def test_errors_before_fit_and_on_another_energy_axis(small_cubes):
         mask = np.zeros((12, 12), bool)
         mask[0, 0] = True
         CVAEDetector(patch_size=4, **TINY).fit(bulk, mask=mask)
+
+
+def test_max_time_stops_the_training(small_cubes):
+    bulk, _ = small_cubes
+    settings = {**TINY, "max_epochs": 10_000}
+    detector = CVAEDetector(patch_size=4, stride=2, max_time=2, **settings).fit(bulk)
+    # 10,000 epochs of this cube take minutes: the clock, not max_epochs, ended it
+    assert 1 <= detector.epochs_ < 10_000
+    assert detector.training_seconds_ < 60  # a hang guard: the limit is 2 s, one epoch well under a second
+    for bad in (0, -5, float("nan"), "1 min"):
+        with pytest.raises(ValueError, match="max_time must be a positive number of seconds"):
+            CVAEDetector(max_time=bad, **TINY).fit(bulk)
+    with pytest.raises(ValueError, match="max_epochs must be an integer >= 1"):
+        CVAEDetector(**{**TINY, "max_epochs": 0}).fit(bulk)
+
+
+def test_a_cube_smaller_than_the_patch_is_mirrored(small_cubes):
+    bulk, _ = small_cubes
+    tiny = bulk.isel(y=slice(0, 3), x=slice(0, 5))
+    detector = CVAEDetector(patch_size=8, stride=4, **TINY).fit(tiny)
+    scores = detector.score(tiny)
+    assert scores.shape == (3, 5) and np.isfinite(scores.values).all()
+    assert detector.reconstruct(tiny).shape == (3, 5, 64)

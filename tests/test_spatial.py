@@ -65,6 +65,21 @@ def test_pooled_pvalues_and_fdr_are_calibrated_under_the_null():
     assert np.mean([spatial_flags(m, q, 0.05)[0].any() for m, q in zip(maps, pooled, strict=True)]) <= 0.08
 
 
+def test_line_windows_find_a_faint_boundary():
+    rng = np.random.default_rng(4)
+    p = rng.uniform(size=(48, 48))
+    line = np.zeros((48, 48), dtype=bool)
+    line[np.arange(8, 40), np.arange(8, 40)] = True  # a diagonal boundary, one pixel wide
+    p[line] = rng.uniform(0.001, 0.02, line.sum())
+    from sklearn.metrics import roc_auc_score
+
+    with_lines = roc_auc_score(line.ravel(), -pool_evidence(p).ravel())
+    discs_only = roc_auc_score(line.ravel(), -pool_evidence(p, line_length=0).ravel())
+    assert with_lines > 0.99 and with_lines > discs_only
+    flags, _ = spatial_flags(p, pool_evidence(p), 0.05)
+    assert (flags & line).sum() >= 0.8 * line.sum() and (flags & ~line).sum() <= 0.2 * flags.sum()
+
+
 def test_local_median_removes_a_smooth_rise_of_the_evidence():
     rng = np.random.default_rng(3)
     yy, _ = np.mgrid[:48, :48]
@@ -87,6 +102,8 @@ def test_bad_inputs_name_the_value():
         pool_evidence(p, radii=(-1,))
     with pytest.raises(ValueError, match="background_radius must exceed"):
         pool_evidence(p, radii=(0, 3), background_radius=4)
+    with pytest.raises(ValueError, match="line_length must be"):
+        pool_evidence(p, line_length=-2)
     with pytest.raises(ValueError, match=r"p-values must lie in \(0, 1\]"):
         pool_evidence(np.zeros((8, 8)))
     with pytest.raises(ValueError, match=r"\(y, x\) map"):

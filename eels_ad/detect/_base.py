@@ -32,6 +32,8 @@ from .spatial import check_level, fdr_flags, normal_scores, pixel_pvalues, pool_
 from .threshold import THRESHOLD_METHODS, choose_threshold
 
 FORMAT_VERSION = 2
+#: what a pooled score map carries beside the map: the per-pixel scores and their calibrated p-values
+SPATIAL_COORDS: tuple[str, ...] = ("pixel_score", "pvalue")
 # where the classes that are not imported with eels_ad.detect live (torch and Lightning load on demand)
 _LAZY_CLASSES = {"CVAEDetector": "eels_ad.detect.cvae"}
 _REGISTRY: dict[str, type[BaseDetector]] = {}
@@ -334,6 +336,7 @@ class BaseDetector(abc.ABC):
             labels = (scores > threshold) & ~vacuum
             if rule == "fpr" or rule == "auto":
                 attrs["level"] = float(params.get("false_alarm_rate", 0.001))
+        labels = labels.drop_vars([name for name in SPATIAL_COORDS if name in labels.coords])
         labels.name = "anomalous"
         labels.attrs = {"threshold": threshold, **attrs}
         return labels
