@@ -3,7 +3,8 @@
 Every detector follows one contract (scikit-learn style, :class:`BaseDetector`): ``fit(cube, mask=None)``
 returns the detector, ``score(cube)`` gives a (y, x) DataArray (higher = more anomalous),
 ``reconstruct(cube)`` the bulk model of each spectrum, ``predict(cube)`` boolean labels and
-``flag(scores)`` the labels of a score map already computed; ``save(path)`` writes one NetCDF format
+``flag(scores)`` the labels of a score map already computed (by default pooled over neighbourhoods and
+flagged at a 5 % false-discovery rate: :mod:`eels_ad.detect.spatial`); ``save(path)`` writes one NetCDF format
 that :func:`load` reads back whatever the class. ``MODELS`` names the detectors ``eels-ad train`` knows.
 """
 
@@ -13,6 +14,7 @@ from ._base import BaseDetector, NotFittedError, SpectrumDetector, detector_clas
 from ._scores import SCORES, edge_shift, edge_shift_z, one_minus_correlation, pearson_residual, poisson_deviance
 from .pca import PCADetector
 from .sklearn import SklearnDetector
+from .spatial import fdr_flags, pixel_pvalues, pool_evidence, spatial_flags
 from .threshold import bimodality, choose_threshold, false_alarm_threshold, gmm_threshold, otsu_threshold
 
 #: the detectors of ``eels-ad train --model``: the model name and its class name
@@ -33,12 +35,16 @@ __all__ = [
     "edge_shift",
     "edge_shift_z",
     "false_alarm_threshold",
+    "fdr_flags",
     "gmm_threshold",
     "load",
     "one_minus_correlation",
     "otsu_threshold",
     "pearson_residual",
+    "pixel_pvalues",
     "poisson_deviance",
+    "pool_evidence",
+    "spatial_flags",
 ]
 
 
