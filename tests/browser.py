@@ -16,7 +16,8 @@ return count(document);
 
 def check_in_browser(path, screenshot=None, *, min_canvases: int = 1, width: int = 1400, height: int = 1800,
                      timeout: float = 60.0, chromium: str = "/usr/bin/chromium",
-                     chromedriver: str = "/usr/bin/chromedriver", widths: dict | None = None) -> list[str]:
+                     chromedriver: str = "/usr/bin/chromedriver", widths: dict | None = None,
+                     script: str | None = None, answers: dict | None = None) -> list[str]:
     """Open a saved HTML file in headless Chromium, wait until Bokeh has drawn, return the console errors.
 
     Needs selenium and Debian's ``chromium`` and ``chromium-driver``. Bokeh draws into canvases inside
@@ -30,6 +31,9 @@ def check_in_browser(path, screenshot=None, *, min_canvases: int = 1, width: int
         Where to save a PNG screenshot (optional).
     widths
         A dict to fill with ``scroll`` (the document's scrollWidth) and ``window`` (innerWidth), in px.
+    script, answers
+        JavaScript to run once the page has drawn (a promise it returns is awaited); what it returns
+        goes into ``answers["script"]``.
 
     Returns
     -------
@@ -58,6 +62,8 @@ def check_in_browser(path, screenshot=None, *, min_canvases: int = 1, width: int
         if widths is not None:
             widths.update(browser.execute_script(
                 "return {scroll: document.documentElement.scrollWidth, window: window.innerWidth};"))
+        if script is not None and answers is not None:
+            answers["script"] = browser.execute_script(script)
         return [entry["message"] for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
     finally:
         browser.quit()

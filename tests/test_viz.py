@@ -192,3 +192,45 @@ def test_report_fits_1400_px_in_a_real_browser(tmp_path, results):
     errors = check_in_browser(path, tmp_path / "report.png", min_canvases=4, width=1400, widths=widths)
     assert errors == [], errors
     assert widths["scroll"] <= widths["window"], widths  # no horizontal scroll bar at 1400 px
+
+
+_TAP = """
+return (async () => {
+  const doc = Bokeh.documents[0];
+  await doc.get_model_by_name('explorer-tap').execute({x: 3, y: 5});   // a tap on pixel (y=5, x=3)
+  const title = doc.all_models ? [...doc.all_models].find(m => m.text && m.text.startsWith('pixel y=5')) : null;
+  return {counts: Array.from(doc.get_model_by_name('explorer-spectrum').data.counts),
+          title: title ? title.text : null};
+})();
+"""
+
+
+def test_the_report_explorer_shows_the_tapped_pixel_without_a_kernel(tmp_path, results):
+    sim, cube, scores, labels, _ = results
+    from eels_ad.quantify import edge_shift_map
+
+    shifts = edge_shift_map(cube)
+    page = viz.report(_a_detection(results), cube, quantities=shifts)
+    assert "explorer-tap" in page and "tap a pixel" in page
+    path = viz.write_html(page, tmp_path / "report.html")
+    _require_browser()
+    answers: dict = {}
+    errors = check_in_browser(path, None, min_canvases=4, script=_TAP, answers=answers)
+    assert errors == [], errors
+    np.testing.assert_allclose(answers["script"]["counts"], cube.values[5, 3], rtol=1e-6)
+    title = answers["script"]["title"]
+    assert title.startswith("pixel y=5, x=3") and "edge shift" in title and " eV" in title, title
+    assert ("not flagged" in title) != bool(labels.values[5, 3])
+
+
+def test_the_explorer_bins_a_large_cube_to_stay_small():
+    from bokeh.embed import components
+
+    cube = eels_ad.simulate_fe_l23((40, 40), anomaly_fraction=0.0, seed=4)["counts"]  # 512,000 values
+    scores = cube.sum("energy")
+    layout = viz.linked_explorer(cube, scores, max_values=60_000)
+    store = next(m for m in layout.references() if getattr(m, "name", None) == "explorer-spectra")
+    assert 0 < len(store.data["spectra"]) <= 60_000
+    title = next(m for m in layout.references() if type(m).__name__ == "Title" and m.text.startswith("pixel"))
+    assert "px" in title.text and "channels summed" in title.text
+    components(layout)  # serialises

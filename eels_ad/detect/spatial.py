@@ -292,7 +292,7 @@ def spatial_flags(
 
     Pooled evidence finds regions that no pixel alone would reveal, but it also lifts the bulk pixels
     beside a strong region. So: the Benjamini-Hochberg rule on the ``pooled`` p-values selects the
-    regions (connected pixels); in a region where some pixels already pass the rule on their own
+    regions (pixels within ``radius`` of each other); in a region where some pixels already pass the rule on their own
     ``pvalues`` (strong evidence), those pixels are the flags; each rule runs at ``level / 2``, so that
     their union keeps the false-discovery rate; elsewhere a selected pixel is kept when
     its own normal score ``z`` reaches half the mean ``z`` of the selected pixels within ``radius`` (the
@@ -339,7 +339,9 @@ def spatial_flags(
     count = ndimage.correlate(regions.astype(float), footprint, mode="constant", cval=0.0)
     mean = np.where(count > 0, total / np.maximum(count, 1.0), np.inf)
     like_region = regions & (z >= mean / 2)
-    labels, n = ndimage.label(regions | strong, structure=np.ones((3, 3)))
+    # a region and the strong pixels within `radius` of it are one group (pooling reaches that far)
+    grown = ndimage.binary_dilation(regions | strong, structure=_disc(radius))
+    labels, n = ndimage.label(grown, structure=np.ones((3, 3)))
     has_strong = np.zeros(n + 1, dtype=bool)
     has_strong[np.unique(labels[strong])] = True
     has_strong[0] = False

@@ -10,6 +10,7 @@ import xarray as xr
 
 from ._common import _counts_dim, _energy_dim, _flagged_points, _holoviews, _image, _vacuum_points
 from ._figures import channel_tests_hv
+from ._linked import linked_explorer
 
 
 def report_layout(cube: xr.DataArray, maps: dict[str, xr.DataArray], *, labels: xr.DataArray | None = None,
@@ -97,15 +98,20 @@ h2 { margin-top: 18px; } p.answer { font-size: 1.15em; font-weight: 600; }
 </style>"""
 
 
-def html_page(obj, *, title: str = "eels-ad", header_html: str = "") -> str:
-    """The self-contained page of :func:`save_html`, as a string (BokehJS inlined, no CDN)."""
+def html_page(obj, *, title: str = "eels-ad", header_html: str = "", extra=None) -> str:
+    """The self-contained page of :func:`save_html`, as a string (BokehJS inlined, no CDN).
+
+    ``extra``: a Bokeh model (e.g. :func:`linked_explorer`) placed above the HoloViews figures.
+    """
     import html
 
     from bokeh.embed import components
+    from bokeh.layouts import column
     from bokeh.resources import INLINE
 
     hv = _holoviews()
-    script, div = components(hv.render(obj, backend="bokeh"))
+    model = hv.render(obj, backend="bokeh")
+    script, div = components(model if extra is None else column(extra, model))
     bokehjs = "\n".join(f"<script>\n{code}\n</script>" for code in INLINE.js_raw)  # inline code only
     return (
         f"<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
@@ -149,8 +155,9 @@ def report(detection: xr.Dataset, cube: xr.DataArray | None = None, *, channels:
     metadata), how (detector, score, threshold rule and level, eels-ad version), the answer in one
     sentence (pixels flagged; the mean edge shift of the flagged pixels against the bulk, in eV with
     its standard error, from :func:`eels_ad.detect.edge_shift`; the energy channels that differ), then
-    the maps (score with the flagged pixels outlined and vacuum crossed out, any further maps), the
-    spectra (mean of the flagged and of the bulk pixels, the significant channels marked, the most
+    the explorer (tap a pixel of the score map: its spectrum beside the bulk's mean, its score, flag and
+    shift; the spectra are embedded, so it works in the saved page without a kernel), the maps (score
+    with the flagged pixels outlined and vacuum crossed out, any further maps), the spectra (mean of the flagged and of the bulk pixels, the significant channels marked, the most
     anomalous pixels) and the channel tests and a denoising, when given.
 
     Parameters
@@ -286,4 +293,5 @@ def report(detection: xr.Dataset, cube: xr.DataArray | None = None, *, channels:
     if denoising is not None:
         layout = layout + reconstruction_hv(denoising["low_dose"], denoising["denoised"],
                                             truth=denoising.get("reference"))
-    return html_page(layout.cols(2), title=title, header_html=header)
+    explorer = linked_explorer(cube, scores, labels, quantities=quantities)
+    return html_page(layout.cols(2), title=title, header_html=header, extra=explorer)
