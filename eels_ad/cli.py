@@ -501,8 +501,10 @@ def build_parser() -> argparse.ArgumentParser:
                                   "the flagged pixels against the others (negative binomial), prepared as the "
                                   "detection was.")
     _batch_options(compare)
-    compare.add_argument("--method", choices=("mom", "mle"), default=_api_default(compare_regions, "method"),
-                         help="method of moments (default, fast) or maximum likelihood")
+    compare.add_argument("--method", choices=("mom", "mle", "transformer"),
+                         default=_api_default(compare_regions, "method"),
+                         help="method of moments (default, fast), maximum likelihood, or the pre-trained transformer "
+                         "(regions of 2-50 pixels)")
     fdr = _api_default(compare_regions, "fdr")
     compare.add_argument("--fdr", type=float, default=fdr, help=f"false-discovery rate, 0-1 (default {fdr:g})")
     compare.add_argument("--normalize-range", nargs=2, type=float, metavar=("E_MIN", "E_MAX"),

@@ -190,6 +190,16 @@ def test_save_load_gives_identical_scores(tmp_path, small_cubes):
     (tmp_path / "junk.nc").write_text("not a model")
     with pytest.raises(ValueError, match="junk.nc: not a saved eels-ad detector"):
         CVAEDetector.load(tmp_path / "junk.nc")
+    # a model saved with the earlier network layout (no 'architecture_' in its state) is refused by name
+    import json
+
+    old = xr.open_dataset(path).load()
+    state = json.loads(old.attrs["state"])
+    state.pop("architecture_")
+    old.attrs["state"] = json.dumps(state)
+    old.to_netcdf(tmp_path / "old.nc", engine="h5netcdf")
+    with pytest.raises(ValueError, match=r"old.nc: this CVAE was saved with network layout 1.*train it again"):
+        eels_ad.detect.load(tmp_path / "old.nc")
 
 
 def test_errors_before_fit_and_on_another_energy_axis(small_cubes):

@@ -492,7 +492,10 @@ def load(path: str | os.PathLike) -> BaseDetector:
     version = int(dataset.attrs.get("format_version", 1))
     if version != FORMAT_VERSION:
         raise ValueError(f"{path}: detector file format {version}, this eels-ad reads {FORMAT_VERSION}: retrain it")
-    return detector_class(str(name))._from_dataset(dataset)
+    try:
+        return detector_class(str(name))._from_dataset(dataset)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from error
 
 
 def _check_has_counts(cube: xr.DataArray) -> None:

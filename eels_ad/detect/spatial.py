@@ -269,16 +269,16 @@ def fdr_flags(pvalues: np.ndarray | xr.DataArray, level: float = 0.05) -> tuple[
     >>> flags.tolist(), cut                 # the 3rd smallest, 0.03, is <= 3 x 0.05 / 5
     ([True, True, True, False, False], 0.03)
     """
+    from scipy import stats
+
     check_level(level, "fdr")
     values = np.asarray(pvalues, dtype=float)
     finite = np.isfinite(values)
-    ordered = np.sort(values[finite])
-    m = ordered.size
-    if m == 0:
-        return np.zeros(values.shape, dtype=bool), 0.0
-    passing = np.flatnonzero(ordered <= level * np.arange(1, m + 1) / m)
-    cut = float(ordered[passing[-1]]) if passing.size else 0.0
-    return finite & (np.where(finite, values, np.inf) <= cut) & (cut > 0), cut
+    flags = np.zeros(values.shape, dtype=bool)
+    if not finite.any():
+        return flags, 0.0
+    flags[finite] = stats.false_discovery_control(values[finite], method="bh") <= level
+    return flags, float(values[flags].max()) if flags.any() else 0.0
 
 
 def spatial_flags(

@@ -10,6 +10,9 @@ Two estimators, both batched over all features at once:
   Svensson (arXiv:2508.04111) found, about as accurate as maximum likelihood for two-group problems.
 - ``"mle"`` (any design): joint maximum likelihood of ``beta`` and ``alpha``: IRLS steps for ``beta``
   alternating with Newton steps on ``log alpha``, each feature with its own convergence flag.
+- ``"transformer"`` (two groups of 2 to 50 samples): a small set transformer pre-trained on simulated
+  NB problems returns the group means and the dispersion (Svensson, arXiv:2508.04111); the covariance is
+  the inverse Fisher information of the means at its dispersion. See ``eels_ad.stats._transformer``.
 
 Tests: Wald (``se`` from the observed information of the joint fit for MLE, the delta method for
 MoM) and likelihood ratio (MLE of the full and the reduced model). With few samples the dispersion
@@ -29,7 +32,8 @@ from scipy import special, stats
 
 from .._xp import Arrays, Backend, arrays, to_numpy, trigamma
 
-Method = Literal["mom", "mle"]
+Method = Literal["mom", "mle", "transformer"]
+METHODS: tuple[str, ...] = ("mom", "mle", "transformer")
 Test = Literal["wald", "lrt"]
 
 ALPHA_MIN = 1e-8
@@ -289,7 +293,9 @@ def nb_fit(
     size_factors
         Exposure of each sample (samples,): offsets ``log s_i``. Default: all 1.
     method
-        ``"mle"`` (any design) or ``"mom"`` (two-group designs: intercept + one 0/1 column).
+        ``"mle"`` (any design), ``"mom"`` (two-group designs: intercept + one 0/1 column) or
+        ``"transformer"`` (two-group designs with 2 to 50 samples per group: the pre-trained estimator
+        that ships with the package; a ValueError outside that range).
     max_iter, tol
         MLE iterations, and the tolerance on the change of ``beta`` and ``log alpha`` per iteration.
     loglik
@@ -322,8 +328,8 @@ def nb_fit(
     >>> bool(np.allclose(fit.coef[:, 1], np.log(3), atol=0.3))
     True
     """
-    if method not in ("mom", "mle"):
-        raise ValueError(f"method must be 'mom' or 'mle', got {method!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if shrink and method != "mle":
         raise ValueError("dispersion shrinkage needs method='mle'")
     counts = _as_counts(counts)
@@ -331,6 +337,10 @@ def nb_fit(
     design = _validate_design(design, n_samples)
     factors = _as_size_factors(size_factors, n_samples)
     p = design.shape[1]
+    if method == "transformer":
+        from ._transformer import check_group_sizes
+
+        check_group_sizes(_two_group_columns(design, method))
     reason = _reasons_for_nan(counts, design, method)
     ok = reason == ""
     fit = NBFit(coef=np.full((n_features, p), np.nan), dispersion=np.full(n_features, np.nan),
@@ -347,7 +357,8 @@ def nb_fit(
         failed[ok] = ~converged
         reason[failed] = f"not converged in {max_iter} iterations"
     else:
-        coef, alpha, mu, cov = _fit_mom(counts[ok], _two_group_columns(design), factors)
+        fitter = _fit_mom if method == "mom" else _fit_transformer
+        coef, alpha, mu, cov = fitter(counts[ok], _two_group_columns(design, method), factors)
         ll = nb_loglik(counts[ok], mu, alpha) if loglik else np.nan
         converged = True
     fit.coef[ok], fit.dispersion[ok], fit.mu[ok], fit.loglik[ok], fit.cov[ok] = coef, alpha, mu, ll, cov
@@ -414,11 +425,34 @@ def _safe_inverse(matrices: np.ndarray) -> np.ndarray:
         return np.linalg.pinv(matrices)
 
 
-def _two_group_columns(design: np.ndarray) -> np.ndarray:
+def _two_group_columns(design: np.ndarray, method: str = "mom") -> np.ndarray:
     """The 0/1 group column of an intercept + indicator design, else a clear error."""
     if design.shape[1] != 2 or not np.allclose(design[:, 0], 1.0) or not np.isin(design[:, 1], (0.0, 1.0)).all():
-        raise ValueError("method='mom' needs a two-group design: a column of ones and one 0/1 group column")
+        raise ValueError(f"method={method!r} needs a two-group design: a column of ones and one 0/1 group column")
     return design[:, 1].astype(bool)
+
+
+def _two_group_covariance(var_a: np.ndarray, var_b: np.ndarray) -> np.ndarray:
+    """Covariance of (log mean a, log fold change) from the variances of the two log group means."""
+    cov = np.empty((var_a.size, 2, 2))
+    cov[:, 0, 0] = var_a
+    cov[:, 0, 1] = cov[:, 1, 0] = -var_a
+    cov[:, 1, 1] = var_a + var_b
+    return cov
+
+
+def _fit_transformer(counts: np.ndarray, in_b: np.ndarray, factors: np.ndarray):
+    """The pre-trained estimator's means and dispersion; covariance from the Fisher information of the means."""
+    from ._transformer import estimate
+
+    log_a, log_b, alpha = estimate(counts, in_b, factors)
+    alpha = np.clip(alpha, ALPHA_MIN, ALPHA_MAX)
+    mu = np.exp(np.where(in_b[None, :], log_b[:, None], log_a[:, None])) * factors[None, :]
+    weights = mu / (1.0 + alpha[:, None] * mu)  # Fisher information of log mu per sample, alpha held
+    var_a = 1.0 / np.maximum(weights[:, ~in_b].sum(1), 1e-300)
+    var_b = 1.0 / np.maximum(weights[:, in_b].sum(1), 1e-300)
+    coef = np.stack([log_a, log_b - log_a], axis=1)
+    return coef, alpha, mu, _two_group_covariance(var_a, var_b)
 
 
 def _fit_mom(counts: np.ndarray, in_b: np.ndarray, factors: np.ndarray):
@@ -447,12 +481,7 @@ def _fit_mom(counts: np.ndarray, in_b: np.ndarray, factors: np.ndarray):
         s = factors[members]
         variances_of_log.append(1.0 / (mean * s.sum()) + alpha * (s**2).sum() / s.sum() ** 2)
     coef = np.stack([np.log(group_means[0]), np.log(group_means[1]) - np.log(group_means[0])], axis=1)
-    var_a, var_b = variances_of_log
-    cov = np.empty((n_features, 2, 2))
-    cov[:, 0, 0] = var_a
-    cov[:, 0, 1] = cov[:, 1, 0] = -var_a
-    cov[:, 1, 1] = var_a + var_b
-    return coef, alpha, mu, cov
+    return coef, alpha, mu, _two_group_covariance(*variances_of_log)
 
 
 def benjamini_hochberg(pvalues: np.ndarray) -> np.ndarray:
@@ -489,7 +518,8 @@ def nb_test(
     size_factors
         Exposure per sample (default all 1).
     method
-        ``"mom"`` (method of moments, fast) or ``"mle"`` (maximum likelihood).
+        ``"mom"`` (method of moments, fast), ``"mle"`` (maximum likelihood) or ``"transformer"`` (the
+        pre-trained estimator, 2 to 50 samples per group).
     test
         ``"wald"`` or ``"lrt"`` (likelihood ratio; needs ``method="mle"``).
     null_distribution

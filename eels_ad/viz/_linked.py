@@ -92,8 +92,9 @@ def linked_explorer(cube: xr.DataArray, scores: xr.DataArray, labels: xr.DataArr
     maps.scatter("x", "y", source=marker, marker="circle_cross", size=14, fill_alpha=0, line_color="white",
                  line_width=2)
 
-    binning = "" if max(pixel_bin, channel_bin) == 1 else \
-        f" (mean of {pixel_bin}x{pixel_bin} px, {channel_bin} channels summed: the page embeds at most {max_values:,} values)"
+    binning = "" if max(pixel_bin, channel_bin) == 1 else (
+        f" (mean of {pixel_bin}x{pixel_bin} px, {channel_bin} channels summed: the page embeds at most "
+        f"{max_values:,} values)")
     units = str(cube.attrs.get("units", "counts"))
     plot = figure(title="", width=560, height=400, tools="pan,wheel_zoom,box_zoom,reset",
                   x_axis_label="energy loss (eV)", y_axis_label=f"{units} per channel{binning and ' bin'}")
@@ -113,7 +114,8 @@ def linked_explorer(cube: xr.DataArray, scores: xr.DataArray, labels: xr.DataArr
                                "shift": shift.ravel(), "error": error.ravel()}, name="explorer-pixels")
     callback = CustomJS(name="explorer-tap", args=dict(
         store=store, pixels=pixels, spectrum=spectrum, marker=marker, title=plot.title, nx=nx, ny=ny,
-        bny=spectra.shape[0], bnx=spectra.shape[1], ne=spectra.shape[2], bin=pixel_bin, binning=binning, score_name=score_name), code="""
+        bny=spectra.shape[0], bnx=spectra.shape[1], ne=spectra.shape[2], bin=pixel_bin, binning=binning,
+        score_name=score_name), code="""
 const x = Math.round(cb_obj.x), y = Math.round(cb_obj.y);
 if (!(x >= 0 && x < nx && y >= 0 && y < ny)) { return; }
 const by = Math.min(Math.floor(y / bin), bny - 1), bx = Math.min(Math.floor(x / bin), bnx - 1);

@@ -157,8 +157,9 @@ def report(detection: xr.Dataset, cube: xr.DataArray | None = None, *, channels:
     its standard error, from :func:`eels_ad.detect.edge_shift`; the energy channels that differ), then
     the explorer (tap a pixel of the score map: its spectrum beside the bulk's mean, its score, flag and
     shift; the spectra are embedded, so it works in the saved page without a kernel), the maps (score
-    with the flagged pixels outlined and vacuum crossed out, any further maps), the spectra (mean of the flagged and of the bulk pixels, the significant channels marked, the most
-    anomalous pixels) and the channel tests and a denoising, when given.
+    with the flagged pixels outlined and vacuum crossed out, any further maps), the spectra (mean of
+    the flagged and of the bulk pixels, the significant channels marked, the most anomalous pixels)
+    and the channel tests and a denoising, when given.
 
     Parameters
     ----------

@@ -40,6 +40,10 @@ def gaussian_nll(target: torch.Tensor, mean: torch.Tensor, log_variance: torch.T
     return 0.5 * (_LOG_2PI + log_variance + (target - mean) ** 2 * torch.exp(-log_variance))
 
 
+#: the layout of the layers: a saved model of another architecture must be trained again
+ARCHITECTURE = 2
+
+
 class CVAE3D(pl.LightningModule):
     """3D convolutional variational autoencoder with a Poisson or Gaussian likelihood.
 
@@ -90,11 +94,13 @@ class CVAE3D(pl.LightningModule):
         # the bulk's mean spectral shape (log of it for the Poisson model): the decoder adds its output to it
         self.register_buffer("bulk_shape", torch.zeros(n_channels))
         out_channels = 2 if likelihood == "gaussian" else 1
+        # upsampling: 4 taps in energy, 2 x 2 in space (each input pixel becomes its own 2 x 2 block, no
+        # overlap: a quarter of the work of 4 x 4 kernels); the last convolution mixes neighbouring pixels
         self.decoder = nn.Sequential(
             nn.GELU(),
-            nn.ConvTranspose3d(w3, w2, (4, 4, 4), stride=(2, 2, 2), padding=(1, 1, 1)), nn.GELU(),
-            nn.ConvTranspose3d(w2, w1, (4, 4, 4), stride=(2, 2, 2), padding=(1, 1, 1)), nn.GELU(),
-            nn.ConvTranspose3d(w1, w1, (4, 3, 3), stride=(2, 1, 1), padding=(1, 1, 1)), nn.GELU(),
+            nn.ConvTranspose3d(w3, w2, (4, 2, 2), stride=(2, 2, 2), padding=(1, 0, 0)), nn.GELU(),
+            nn.ConvTranspose3d(w2, w1, (4, 2, 2), stride=(2, 2, 2), padding=(1, 0, 0)), nn.GELU(),
+            nn.ConvTranspose3d(w1, w1, (4, 1, 1), stride=(2, 1, 1), padding=(1, 0, 0)), nn.GELU(),
             nn.Conv3d(w1, out_channels, (5, 3, 3), padding=(2, 1, 1)),
         )
 
