@@ -452,7 +452,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="judge every pixel alone (default: pool each pixel's evidence with its neighbourhood's)")
     train.add_argument("--max-time", type=float, metavar="SECONDS",
                        help="CVAE: stop training after this many seconds (default: no limit)")
-    train.add_argument("--epochs", type=_positive_int, help="CVAE training epochs (default: the API's, 25)")
+    train.add_argument("--epochs", type=_positive_int,
+                       help="CVAE training epochs (default: CVAEDetector's max_epochs, 12; the CLI does not load torch "
+                       "to read it)")
     train.add_argument("--likelihood", choices=("poisson", "gaussian"), default="poisson",
                        help="CVAE likelihood (default poisson)")
     train.add_argument("--accelerator", default="auto", help="Lightning accelerator (auto, cpu, gpu)")

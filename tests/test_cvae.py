@@ -239,3 +239,14 @@ def test_a_cube_smaller_than_the_patch_is_mirrored(small_cubes):
     scores = detector.score(tiny)
     assert scores.shape == (3, 5) and np.isfinite(scores.values).all()
     assert detector.reconstruct(tiny).shape == (3, 5, 64)
+
+
+def test_the_command_line_states_the_api_epochs():
+    import inspect
+
+    from eels_ad.cli import build_parser
+
+    default = inspect.signature(CVAEDetector.__init__).parameters["max_epochs"].default
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    epochs = next(a for a in train._actions if a.dest == "epochs")
+    assert f"max_epochs, {default};" in epochs.help

@@ -65,7 +65,7 @@ def test_group_sizes_beyond_training_are_a_clear_error():
     with pytest.raises(ValueError, match=r"trained for 2 to 50 samples per group; the first group has 51.*'mom' or"):
         nb_fit(counts, _design(groups), method="transformer")
     with pytest.raises(ValueError, match="two-group design"):
-        nb_fit(counts, np.c_[np.ones(groups.size), groups, groups ** 2 + 1], method="transformer")
+        nb_fit(counts, np.c_[np.ones(groups.size), groups, np.arange(groups.size)], method="transformer")
     with pytest.raises(ValueError, match="method must be one of"):
         nb_fit(counts, _design(groups), method="neural")
 
@@ -102,7 +102,7 @@ def test_wald_tests_on_the_estimator_are_calibrated():
 @pytest.mark.slow
 def test_a_short_retraining_reproduces_the_shipped_accuracy(held_out):
     shipped = _rmse(held_out, *estimate(held_out["counts"], held_out["in_b"], held_out["size_factors"]))
-    retrained = train_nb_transformer(None, steps=300, seed=0)
+    retrained = train_nb_transformer(None, steps=200, batch=128, seed=0)
     network = load_network(retrained["state"])
     again = _rmse(held_out, *estimate(held_out["counts"], held_out["in_b"], held_out["size_factors"],
                                       network=network))
