@@ -87,11 +87,28 @@ def test_local_median_removes_a_smooth_rise_of_the_evidence():
 
     z = rng.standard_normal((48, 48)) + 1.5 * (yy > 24)  # half the image raised alike (a nuisance)
     p = stats.norm.sf(z)
-    relative = pool_evidence(p)  # background_radius=8: relative to the neighbourhood
-    absolute = pool_evidence(p, background_radius=None)
+    relative = pool_evidence(p, correlated=False)  # background_radius=8: relative to the neighbourhood
+    absolute = pool_evidence(p, background_radius=None, correlated=False)
     inside = (yy > 30)
     assert np.mean(absolute[inside] < 1e-3) > 0.3
     assert np.mean(relative[inside] < 1e-3) < 0.01
+
+
+def test_correlated_null_evidence_pools_no_more_often_than_independent():
+    from scipy import ndimage, stats
+
+    rng = np.random.default_rng(5)
+    fractions = {True: [], False: []}
+    for _ in range(20):  # null maps whose neighbouring pixels share evidence (a drift residual, cross-talk)
+        z = ndimage.gaussian_filter(rng.standard_normal((64, 64)), 1.0)
+        p = stats.norm.sf(z / z.std())
+        for correlated in fractions:
+            fractions[correlated].append(np.mean(pool_evidence(p, correlated=correlated) < 1e-3))
+    assert np.mean(fractions[False]) > 5e-3  # assuming independence: many times the nominal 1e-3
+    assert np.mean(fractions[True]) < 2.5e-3
+    # independent maps: the correction finds nothing to correct
+    p = rng.uniform(size=(64, 64))
+    np.testing.assert_allclose(pool_evidence(p), pool_evidence(p, correlated=False), rtol=0.02)
 
 
 def test_bad_inputs_name_the_value():
