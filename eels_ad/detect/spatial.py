@@ -85,7 +85,8 @@ def pixel_pvalues(
         Above the ``1 - tail_fraction`` quantile of the bulk scores the p-value comes from a
         generalised Pareto distribution fitted (maximum likelihood) to the exceedances, its shape held
         at >= 0 (an exponential tail at the lightest: never a bounded support that would make
-        p-values exactly 0). Below it, the conformal p-value ``(1 + #{bulk >= s}) / (n + 1)``.
+        p-values exactly 0). Below it, the conformal p-value ``(1 + #{bulk >= s}) / (n + 1)``, at most
+        ``(n + 1/2) / (n + 1)`` (a score below every bulk score gets half a rank, not p = 1).
     outlier_mads
         Bulk scores more than this many normal-consistent MADs above their median are left out first
         (a detector trained on the image itself keeps a few anomalous pixels); None keeps all.
@@ -112,7 +113,8 @@ def pixel_pvalues(
     values = np.asarray(scores, dtype=float)
     n = bulk.size
     exceed = n - np.searchsorted(bulk, values, side="left")  # bulk scores >= each score
-    pvalues = (1.0 + exceed) / (n + 1.0)
+    # a score below every bulk score would get p = 1 and a normal score of -infinity: the least is half a rank
+    pvalues = np.minimum((1.0 + exceed) / (n + 1.0), (n + 0.5) / (n + 1.0))
     start = int(np.floor(n * (1 - tail_fraction)))
     threshold = bulk[start]
     excess = bulk[start:] - threshold

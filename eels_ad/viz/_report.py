@@ -224,7 +224,14 @@ def report(detection: xr.Dataset, cube: xr.DataArray | None = None, *, channels:
     threshold = detection.attrs.get("threshold", labels.attrs.get("threshold"))
     rule = labels.attrs.get("threshold_method", detection.attrs.get("threshold_method", "auto"))
     answer = f"{n_flagged} of {n_pixels} pixels flagged"
-    answer += f" (threshold rule {rule!r}, level {float(threshold):.4g})" if threshold is not None else ""
+    level = labels.attrs.get("level", detection.attrs.get("level"))
+    if rule == "fdr" and level is not None:
+        answer += f" at {100 * float(level):g} % false-discovery rate"
+        rule_text = f"{100 * float(level):g} % false-discovery rate (Benjamini-Hochberg on calibrated p-values"
+        rule_text += ", pooled over neighbourhoods)" if scores.attrs.get("spatial") == "pooled" else ")"
+    else:
+        answer += f" (threshold rule {rule!r}, level {float(threshold):.4g})" if threshold is not None else ""
+        rule_text = f"{rule}, {float(threshold):.4g}" if threshold is not None else str(rule)
     shift_text = ""
     if quantities is not None and n_flagged:
         fitted = np.asarray(quantities["shift"].values, dtype=float)[flagged]
@@ -270,7 +277,7 @@ def report(detection: xr.Dataset, cube: xr.DataArray | None = None, *, channels:
     how = [
         ["detector", str(detection.attrs.get("detector", scores.attrs.get("detector", "?")))],
         ["score", str(scores.attrs.get("score", "?"))],
-        ["threshold", f"{rule}, {float(threshold):.4g}" if threshold is not None else str(rule)],
+        ["threshold", rule_text],
         ["model file", str(detection.attrs.get("model", "(in memory)"))],
         ["eels-ad", __version__],
     ]
