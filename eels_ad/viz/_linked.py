@@ -75,9 +75,9 @@ def linked_explorer(cube: xr.DataArray, scores: xr.DataArray, labels: xr.DataArr
 
     unit = str(scores.attrs.get("units", "")).strip()
     score_name = "score" + (f" ({unit})" if unit else "")
-    maps = figure(title="tap a pixel: its spectrum on the right", width=420, height=400, match_aspect=True,
-                  x_range=(-0.5, nx - 0.5), y_range=(ny - 0.5, -0.5), tools="tap,pan,wheel_zoom,reset",
-                  x_axis_label="x (px)", y_axis_label="y (px)")
+    maps = figure(title="tap a pixel: its spectrum on the right (red: flagged)", width=420, height=400,
+                  match_aspect=True, x_range=(-0.5, nx - 0.5), y_range=(ny - 0.5, -0.5),
+                  tools="tap,pan,wheel_zoom,reset", x_axis_label="x (px)", y_axis_label="y (px)")
     finite = values[np.isfinite(values)]
     mapper = LinearColorMapper(palette="Viridis256", low=float(finite.min()) if finite.size else 0.0,
                                high=float(finite.max()) if finite.size else 1.0)
@@ -86,8 +86,7 @@ def linked_explorer(cube: xr.DataArray, scores: xr.DataArray, labels: xr.DataArr
     maps.add_layout(image.construct_color_bar(title=score_name), "right")
     yy, xx = np.nonzero(flagged)
     if yy.size:
-        maps.rect(x=xx, y=yy, width=1, height=1, fill_alpha=0, line_color="red", line_width=1.2, legend_label="flagged")
-        maps.legend.location = "bottom_left"
+        maps.rect(x=xx, y=yy, width=1, height=1, fill_alpha=0, line_color="red", line_width=1.2)
     marker = ColumnDataSource({"x": [int(start[1])], "y": [int(start[0])]}, name="explorer-marker")
     maps.scatter("x", "y", source=marker, marker="circle_cross", size=14, fill_alpha=0, line_color="white",
                  line_width=2)
