@@ -26,9 +26,9 @@ def test_pixel_pvalues_are_uniform_under_the_null_and_fall_past_the_bulk():
     p = pixel_pvalues(rng.gamma(40, 0.025, 200_000), bulk)
     for level in (0.5, 0.1, 0.01):
         assert abs(np.mean(p <= level) - level) < 0.15 * level + 0.002, level
-    # the Pareto tail goes past the largest bulk score: about right at 1e-3 and 1e-4
-    assert 0.4e-3 < np.mean(p <= 1e-3) < 2e-3
-    assert np.mean(p <= 1e-4) < 4e-4
+    # past the bulk the Pareto tail (exponential at the lightest) is valid and, for this light tail, conservative
+    assert 0.2e-3 < np.mean(p <= 1e-3) <= 1.2e-3
+    assert np.mean(p <= 1e-4) <= 1.2e-4
     far = pixel_pvalues(np.array([bulk.max() * 1.5, bulk.max() * 3]), bulk)
     assert far[0] < 1.0 / bulk.size and far[1] < far[0]
     # NaN stays NaN; a handful of bulk scores still gives valid (coarse) p-values
