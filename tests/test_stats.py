@@ -12,6 +12,15 @@ def nb_counts(rng, mu, alpha):
     return rng.poisson(rng.gamma(r, mu / r))
 
 
+def anchor_null_problems(n_features: int = 4000, seed: int = 3):
+    """The NB anchor's null problems: 5 + 5 samples, mean log-uniform in [1, 1000], alpha in [0.01, 1]."""
+    rng = np.random.default_rng(seed)
+    mean = np.exp(rng.uniform(0, np.log(1000), n_features))
+    alpha = np.exp(rng.uniform(np.log(0.01), 0, n_features))
+    counts = nb_counts(rng, mean[:, None].repeat(10, 1), alpha[:, None])
+    return counts, np.r_[np.zeros(5), np.ones(5)]
+
+
 @pytest.fixture(scope="module")
 def random_problems():
     rng = np.random.default_rng(0)
@@ -84,12 +93,7 @@ def test_mom_poisson_fallback_clips_dispersion_at_zero():
 @pytest.mark.parametrize("method,test", [("mom", "wald"), ("mle", "wald"), ("mle", "lrt")])
 def test_false_positive_rate_is_calibrated(method, test):
     """5 + 5 samples, the anchor's simulation: FPR at 0.05 near 0.05 with the default t/F reference."""
-    rng = np.random.default_rng(3)
-    n_features = 4000
-    mean = np.exp(rng.uniform(0, np.log(1000), n_features))
-    alpha = np.exp(rng.uniform(np.log(0.01), 0, n_features))
-    counts = nb_counts(rng, mean[:, None].repeat(10, 1), alpha[:, None])
-    groups = np.r_[np.zeros(5), np.ones(5)]
+    counts, groups = anchor_null_problems()
     pvalues = nb_test(counts, groups, method=method, test=test).pvalue.to_numpy()
     fpr = np.nanmean(pvalues < 0.05)
     assert 0.025 < fpr < 0.07

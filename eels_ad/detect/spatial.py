@@ -34,6 +34,8 @@ from collections.abc import Sequence
 import numpy as np
 import xarray as xr
 
+from .threshold import trim_high_outliers
+
 #: radii (pixels) of the discs pooled by default: the pixel alone, its 4 neighbours, a disc of 13
 DEFAULT_RADII: tuple[int, ...] = (0, 1, 2)
 #: length (pixels) of the line segments pooled by default, in 4 directions: thin features (boundaries)
@@ -59,13 +61,7 @@ def _bulk_tail(calibration: np.ndarray, outlier_mads: float | None) -> np.ndarra
     values = np.sort(values[np.isfinite(values)])
     if values.size == 0:
         raise ValueError("calibrated p-values need bulk scores (calibration_scores_), got none that are finite")
-    if outlier_mads is not None and values.size >= 20:  # a median and a MAD of fewer say little
-        median = float(np.median(values))
-        spread = 1.4826 * float(np.median(np.abs(values - median)))
-        if spread > 0:
-            kept = values[values <= median + outlier_mads * spread]
-            values = kept if kept.size >= 20 else values
-    return values
+    return trim_high_outliers(values, outlier_mads, min_kept=20)
 
 
 def pixel_pvalues(
@@ -89,8 +85,9 @@ def pixel_pvalues(
         Above the ``1 - tail_fraction`` quantile of the bulk scores the p-value comes from a
         generalised Pareto distribution fitted (maximum likelihood) to the exceedances, its shape held
         at >= :data:`SHAPE_FLOOR` (an exponential tail at the lightest: never a bounded support that would
-        make p-values exactly 0; for nearly normal scores this is conservative far past the bulk). Below it, the conformal p-value ``(1 + #{bulk >= s}) / (n + 1)``, at most
-        ``(n + 1/2) / (n + 1)`` (a score below every bulk score gets half a rank, not p = 1).
+        make p-values exactly 0; for nearly normal scores this is conservative far past the bulk). Below
+        it, the conformal p-value ``(1 + #{bulk >= s}) / (n + 1)``, at most ``(n + 1/2) / (n + 1)`` (a
+        score below every bulk score gets half a rank, not p = 1).
     outlier_mads
         Bulk scores more than this many normal-consistent MADs above their median are left out first
         (a detector trained on the image itself keeps a few anomalous pixels); None keeps all.

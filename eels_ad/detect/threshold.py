@@ -105,14 +105,24 @@ def false_alarm_threshold(bulk_scores: np.ndarray | xr.DataArray, rate: float = 
     """
     if not 0.0 < rate < 1.0:
         raise ValueError(f"false-alarm rate must be in (0, 1), got {rate}")
-    values = _finite(bulk_scores)
-    if outlier_mads is not None and values.size >= 20:  # a median and a MAD of fewer say little
-        median = float(np.median(values))
-        spread = 1.4826 * float(np.median(np.abs(values - median)))
-        if spread > 0:
-            kept = values[values <= median + outlier_mads * spread]
-            values = kept if kept.size >= 2 else values
+    values = trim_high_outliers(_finite(bulk_scores), outlier_mads, min_kept=2)
     return float(np.quantile(values, 1.0 - rate, method="higher"))
+
+
+def trim_high_outliers(values: np.ndarray, mads: float | None = 5.0, *, min_kept: int = 2) -> np.ndarray:
+    """Bulk scores without those more than ``mads`` normal-consistent MADs above their median.
+
+    Needs at least 20 scores (a median and a MAD of fewer say little) and keeps all of them when fewer
+    than ``min_kept`` would remain; ``mads=None`` keeps every score.
+    """
+    if mads is None or values.size < 20:
+        return values
+    median = float(np.median(values))
+    spread = 1.4826 * float(np.median(np.abs(values - median)))
+    if spread <= 0:
+        return values
+    kept = values[values <= median + mads * spread]
+    return kept if kept.size >= min_kept else values
 
 
 def choose_threshold(
