@@ -103,7 +103,7 @@ def test_augmentation_only_while_training():
 
 def test_border_pixels_scored_like_inner_ones(small_cubes):
     bulk, _ = small_cubes
-    detector = CVAEDetector(patch_size=4, stride=2, **TINY).fit(bulk)
+    detector = CVAEDetector(patch_size=4, stride=2, score_stride=2, **TINY).fit(bulk)
     # a border pixel is covered by as many scoring patches as an inner one (the cube is mirrored)
     counts = []
     for corners, *_ in detector._patch_outputs(bulk):
