@@ -122,7 +122,7 @@ def plot(results: dict, path: Path) -> None:
 
     names = list(dict.fromkeys(row["detector"] for row in results["cells"]))
     keys = [(d, lay) for d in (0.0, 1.0) for lay in ("clusters", "line", "pixels")]
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2), constrained_layout=True)
+    fig, axes = plt.subplots(1, 2, figsize=(15, 4.2), layout="constrained")
     width = 0.8 / len(names)
     for i, name in enumerate(names):
         rows = {(r["drift_eV"], r["layout"]): r for r in results["cells"] if r["detector"] == name}
@@ -139,7 +139,7 @@ def plot(results: dict, path: Path) -> None:
         ax.set_ylim(0, 1.02)
     axes[0].axhline(0.98, color="grey", lw=0.8, ls=":")
     axes[1].axhline(0.95, color="grey", lw=0.8, ls=":")
-    axes[1].legend(fontsize=8, loc="lower left")
+    fig.legend(*axes[1].get_legend_handles_labels(), loc="outside right center", fontsize=8)
     fig.suptitle(f"0.5 eV shifts, 1 % of pixels, dose 20, {results['shape'][0]}x{results['shape'][1]}x320")
     fig.savefig(path, dpi=110)
 
@@ -147,7 +147,11 @@ def plot(results: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run")
+    parser.add_argument("--plot-only", action="store_true", help="redraw the PNG from the saved JSON")
     args = parser.parse_args()
+    if args.plot_only:
+        plot(json.loads((RESULTS / "spatial.json").read_text()), RESULTS / "spatial.png")
+        return
     warnings.simplefilter("ignore")
     tic = time.perf_counter()
     results = run(args.quick)
