@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from ._base import SpectrumDetector
+from .spatial import ring
 from .threshold import ThresholdMethod
 
 #: how a spectrum's bulk model is found: from the pixel itself, or predicted from its neighbours
@@ -267,12 +268,9 @@ class PCADetector(SpectrumDetector):
         coefficients = np.empty((ny, nx, self.n_components_))
         for block, _, spectra in self._pixel_chunks(cube):
             coefficients[block] = self._coefficients(spectra).reshape(-1, nx, self.n_components_)
-        inner, outer = NEIGHBOUR_RING
-        r = int(np.floor(outer))
-        y, x = np.mgrid[-r:r + 1, -r:r + 1]
-        ring = ((np.hypot(y, x) >= inner) & (np.hypot(y, x) <= outer)).astype(float)
-        ring /= ring.sum()
-        return np.stack([ndimage.correlate(coefficients[..., k], ring, mode="mirror")
+        weights = ring(*NEIGHBOUR_RING).astype(float)
+        weights /= weights.sum()
+        return np.stack([ndimage.correlate(coefficients[..., k], weights, mode="mirror")
                          for k in range(self.n_components_)], axis=-1)
 
     def _predicted_spectra(self, spectra: np.ndarray, coefficients: np.ndarray) -> np.ndarray:

@@ -151,6 +151,14 @@ def _segments(length: int) -> list[np.ndarray]:
     return [row, row.T, eye, eye[::-1]]
 
 
+def ring(inner: float, outer: float) -> np.ndarray:
+    """Footprint (bool, square) of the pixels between ``inner`` and ``outer`` pixels from the centre."""
+    r = int(np.floor(outer))
+    y, x = np.mgrid[-r:r + 1, -r:r + 1]
+    distance = np.hypot(y, x)
+    return (distance >= inner) & (distance <= outer)
+
+
 def _check_radii(radii: Sequence[float]) -> tuple[float, ...]:
     radii = tuple(float(r) for r in radii)
     if not radii or any(not np.isfinite(r) or r < 0 for r in radii):
@@ -280,13 +288,8 @@ def _pair_sum(footprint: np.ndarray, correlation: np.ndarray) -> float:
     from scipy import signal
 
     pairs = signal.correlate2d(footprint, footprint, mode="full")  # pairs at each offset
-    reach = correlation.shape[0] // 2
-    centre = pairs.shape[0] // 2
-    crop = pairs[centre - reach:centre + reach + 1, centre - reach:centre + reach + 1] if centre >= reach else pairs
-    if crop.shape != correlation.shape:  # a window narrower than the reach
-        pad = (correlation.shape[0] - crop.shape[0]) // 2
-        crop = np.pad(crop, pad)
-    return float(np.sum(crop * correlation))
+    pad = (correlation.shape[0] - pairs.shape[0]) // 2  # the correlation spans the largest window's offsets
+    return float(np.sum(np.pad(pairs, pad) * correlation))
 
 
 def _local_median(z: np.ndarray, valid: np.ndarray, inner: float, outer: float) -> np.ndarray:
@@ -297,11 +300,7 @@ def _local_median(z: np.ndarray, valid: np.ndarray, inner: float, outer: float) 
     """
     from scipy import ndimage
 
-    r = int(np.floor(outer))
-    y, x = np.mgrid[-r:r + 1, -r:r + 1]
-    distance = np.hypot(y, x)
-    footprint = (distance <= outer) & (distance >= inner)
-    return ndimage.median_filter(np.where(valid, z, 0.0), footprint=footprint, mode="mirror")
+    return ndimage.median_filter(np.where(valid, z, 0.0), footprint=ring(inner, outer), mode="mirror")
 
 
 def fdr_flags(pvalues: np.ndarray | xr.DataArray, level: float = 0.05) -> tuple[np.ndarray, float]:

@@ -16,6 +16,7 @@ arXiv:2508.04111 (2025).
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -222,9 +223,6 @@ def train_nb_transformer(path: str | os.PathLike | None = WEIGHTS, *, steps: int
             "steps": steps, "parameters": int(sum(v.size for v in state.values()))}
 
 
-_SHIPPED: dict[str, object] = {}
-
-
 def load_network(state: dict[str, np.ndarray] | None = None):
     """The network with the shipped weights (or those of ``state``), in evaluation mode."""
     import torch
@@ -238,6 +236,12 @@ def load_network(state: dict[str, np.ndarray] | None = None):
     network = _network()
     network.load_state_dict({name: torch.from_numpy(np.asarray(value)) for name, value in state.items()})
     return network.eval()
+
+
+@functools.lru_cache(maxsize=1)
+def _shipped_network():
+    """The network with the shipped weights, read once per process."""
+    return load_network()
 
 
 def check_group_sizes(in_b: np.ndarray) -> None:
@@ -258,8 +262,8 @@ def estimate(counts: np.ndarray, in_b: np.ndarray, factors: np.ndarray, *, netwo
     import torch
 
     check_group_sizes(in_b)
-    if network is None:  # the shipped weights, read once per process
-        network = _SHIPPED["network"] if "network" in _SHIPPED else _SHIPPED.setdefault("network", load_network())
+    if network is None:
+        network = _shipped_network()
     out = np.empty((counts.shape[0], 3))
     mask = torch.from_numpy(np.asarray(in_b, dtype=bool))
     with torch.inference_mode():
