@@ -7,7 +7,9 @@ size-1 spatial dims, so every function in eels-ad sees one shape of data.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -73,7 +75,7 @@ def as_datacube(
     >>> cube.dims, float(cube.energy[-1])
     (('y', 'x', 'energy'), 700.75)
     """
-    array = np.asarray(counts)
+    array = counts if hasattr(counts, "dask") else np.asarray(counts)  # a dask array stays lazy
     if array.ndim == 1:
         array = array[np.newaxis, np.newaxis, :]
     elif array.ndim == 2:
@@ -165,19 +167,20 @@ def validate(cube: xr.DataArray, *, negative: NegativePolicy = "clip") -> xr.Dat
                 f"the energy axis must be uniform: steps range from {steps.min():.6g} to "
                 f"{steps.max():.6g} eV; resample it onto a uniform grid first"
             )
-    lazy = cube.chunks is not None  # dask-backed: check chunk by chunk, never load the whole cube
+    if negative not in ("raise", "clip", "allow"):
+        raise ValueError(f"negative must be 'raise', 'clip' or 'allow', got {negative!r}")
+    if cube.chunks is not None:  # dask-backed: the values are checked inside the chunks as they are read
+        return _checked_lazily(cube, negative)
     if np.issubdtype(cube.dtype, np.floating):
-        n_bad = int((~np.isfinite(cube.data)).sum().compute()) if lazy else int(np.sum(~np.isfinite(cube.values)))
+        n_bad = int(np.sum(~np.isfinite(cube.values)))
         if n_bad:
             where = np.argwhere(~np.isfinite(np.asarray(cube.values)))[0]
             raise ValueError(
                 f"the datacube has {n_bad} non-finite values (NaN or inf), the first at "
                 f"y={where[0]}, x={where[1]}, energy index {where[2]}"
             )
-    if negative not in ("raise", "clip", "allow"):
-        raise ValueError(f"negative must be 'raise', 'clip' or 'allow', got {negative!r}")
     if negative != "allow":
-        n_negative = int((cube.data < 0).sum().compute()) if lazy else int(np.count_nonzero(cube.values < 0))
+        n_negative = int(np.count_nonzero(cube.values < 0))
         if n_negative:
             if negative == "raise":
                 raise ValueError(
@@ -189,6 +192,97 @@ def validate(cube: xr.DataArray, *, negative: NegativePolicy = "clip") -> xr.Dat
             cube.attrs = attrs
             cube.attrs["clipped_negative_voxels"] = n_negative + int(attrs.get("clipped_negative_voxels", 0))
     return cube
+
+
+#: name prefix of the dask layer that checks a lazy cube's values as its chunks are read
+CHECKED_LAYER = "eels-ad-checked-"
+
+
+class DatacubeReadError(ValueError):
+    """A file (or a region of it) could not be read as a datacube; the message names the file and the reason."""
+
+    def __init__(self, path: str | os.PathLike, reason: str) -> None:
+        self.path = Path(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+def _check_block(block: np.ndarray, *, negative: str, source: str, block_info=None) -> np.ndarray:
+    """Check (and clip) one chunk of a lazy cube; errors name the file and the voxel."""
+    start = [lo for lo, _ in block_info[0]["array-location"]] if block_info else [0, 0, 0]
+    where = f"{source}: " if source else ""
+    if np.issubdtype(block.dtype, np.floating):
+        bad = ~np.isfinite(block)
+        if bad.any():
+            first = np.argwhere(bad)[0] + start
+            raise ValueError(f"{where}the datacube has non-finite values (NaN or inf) in the chunk read, the first "
+                             f"at y={first[0]}, x={first[1]}, energy index {first[2]}")
+    if negative != "allow" and block.size and block.min() < 0:
+        if negative == "raise":
+            first = np.argwhere(block < 0)[0] + start
+            raise ValueError(f"{where}the datacube has negative counts, the first at y={first[0]}, x={first[1]}, "
+                             f"energy index {first[2]}; pass negative='clip' to set them to 0")
+        return np.maximum(block, 0)
+    return block
+
+
+def _checked_lazily(cube: xr.DataArray, negative: str) -> xr.DataArray:
+    """Wrap a dask-backed cube so that each chunk is checked (and clipped) when, and only when, it is read.
+
+    No pass over the data here: validating a lazy cube costs nothing until its chunks are read, and a
+    cube validated once is not wrapped again (so the entry points can all call :func:`validate`).
+    """
+    data = cube.data
+    name = str(getattr(data, "name", ""))
+    if name.startswith(CHECKED_LAYER + negative + "-") or (negative == "allow" and name.startswith(CHECKED_LAYER)):
+        return cube
+    import dask
+    import dask.array as da
+
+    token = dask.base.tokenize(data, negative)
+    checked = da.map_blocks(_check_block, data, dtype=data.dtype, negative=negative,
+                            source=str(cube.attrs.get("source_file", "")),
+                            name=f"{CHECKED_LAYER}{negative}-{token}")
+    out = cube.copy(data=checked)
+    out.attrs = dict(cube.attrs)
+    if negative == "clip":
+        out.attrs["negative_counts"] = "clipped to 0 chunk by chunk as read (lazy cube: not counted)"
+    return out
+
+
+def is_lazy(cube: xr.DataArray) -> bool:
+    """Whether the cube is dask-backed (read chunk by chunk) rather than in memory."""
+    return cube.chunks is not None
+
+
+def row_blocks(cube: xr.DataArray, max_pixels: int) -> Iterator[slice]:
+    """Row slices of at most ``max_pixels`` pixels (at least one row), aligned to the cube's chunks when lazy."""
+    ny, nx = cube.sizes["y"], cube.sizes["x"]
+    rows = max(1, max_pixels // max(nx, 1))
+    if cube.chunks is not None:  # whole chunks per block: no chunk is read twice
+        chunk_rows = int(cube.chunks[0][0])
+        rows = max(chunk_rows, (rows // chunk_rows) * chunk_rows)
+    for start in range(0, ny, rows):
+        yield slice(start, min(start + rows, ny))
+
+
+def read_rows(cube: xr.DataArray, rows: slice, dtype: Any = None) -> np.ndarray:
+    """The values of rows ``rows`` as a numpy array (read from the file for a lazy cube).
+
+    Raises
+    ------
+    DatacubeReadError
+        The region could not be read (a truncated or damaged file): the message names the file and
+        the rows, so a batch run reports it and goes on.
+    """
+    try:
+        values = cube.isel(y=rows).values
+    except (OSError, RuntimeError, KeyError, EOFError) as error:  # h5py / zarr / memmap read failures
+        source = cube.attrs.get("source_file", "the lazy datacube")
+        raise DatacubeReadError(
+            source, f"rows {rows.start}-{rows.stop - 1} (of {cube.sizes['y']}) cannot be read: the file is "
+            f"truncated or damaged there ({type(error).__name__}: {error})") from error
+    return np.asarray(values, dtype=dtype)
 
 
 def axis_scale(values: np.ndarray | Sequence[float]) -> tuple[float, float, int]:

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from .datacube import DIMS, NegativePolicy, as_datacube, axis_scale, validate
+from .datacube import DIMS, DatacubeReadError, NegativePolicy, as_datacube, axis_scale, validate
 
 MICROSCOPE_FORMATS: dict[str, str] = {
     ".dm3": "digitalmicrograph",
@@ -27,18 +27,14 @@ MICROSCOPE_FORMATS: dict[str, str] = {
     ".hspy": "hspy",
     ".msa": "msa",
     ".emd": "emd",
+    ".zspy": "zspy",
 }
+#: formats read lazily (chunk by chunk) with ``lazy=True``; DM files are memory-mapped by RosettaSciIO
+LAZY_FORMATS: tuple[str, ...] = (".hspy", ".zspy", ".emd", ".dm3", ".dm4", *(".nc", ".nc4", ".netcdf"))
+#: default rows per chunk of a lazy cube (about 64 MiB of float32 at 1024 channels and 256 columns)
+DEFAULT_CHUNK_MB = 64
 NETCDF_FORMATS = (".nc", ".nc4", ".netcdf")
 SUPPORTED_SUFFIXES: tuple[str, ...] = tuple(MICROSCOPE_FORMATS) + NETCDF_FORMATS
-
-
-class DatacubeReadError(ValueError):
-    """A file could not be read as a datacube; the message names the file and the reason."""
-
-    def __init__(self, path: str | os.PathLike, reason: str) -> None:
-        self.path = Path(path)
-        self.reason = reason
-        super().__init__(f"{self.path}: {reason}")
 
 
 def load(
@@ -47,6 +43,7 @@ def load(
     negative: NegativePolicy = "clip",
     signal_index: int | None = None,
     variable: str = "counts",
+    lazy: bool = False,
     chunks: dict[str, int] | None = None,
 ) -> xr.DataArray:
     """Read a spectrum image into a validated datacube.
@@ -64,9 +61,16 @@ def load(
         signal whose signal axis is in eV.
     variable
         For NetCDF files holding a Dataset: the variable to read.
+    lazy
+        Read lazily (a dask-backed cube) instead of into memory: .hspy, .zspy, .emd and NetCDF through
+        their chunked HDF5/Zarr storage, .dm3/.dm4 memory-mapped (RosettaSciIO). Every stage of
+        eels-ad then reads the cube a chunk of rows at a time, so a cube larger than memory can be
+        processed; the values are checked (and negatives clipped) inside each chunk as it is read.
+        .msa files (single spectra) are always read into memory.
     chunks
-        NetCDF only: read lazily with dask in chunks of this size (e.g. ``{"y": 64}``), so that a cube
-        larger than memory is validated and processed a chunk at a time.
+        Chunk sizes of a lazy cube (e.g. ``{"y": 32}``; implies ``lazy=True``). Default: whole rows
+        (all columns and channels), as many as make about 64 MiB. A chunk larger than a quarter of the
+        memory available is made smaller, and a warning says so.
 
     Returns
     -------
@@ -91,21 +95,65 @@ def load(
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file")
-    if path.is_dir():
+    if path.is_dir() and path.suffix.lower() != ".zspy":  # a .zspy datacube is a Zarr folder
         raise DatacubeReadError(path, "is a folder; use find_datacubes() to list the datacubes in it")
     suffix = path.suffix.lower()
+    lazy = lazy or chunks is not None
+    if lazy and suffix not in LAZY_FORMATS:
+        lazy = False  # .msa: a single spectrum, read into memory
     if suffix in NETCDF_FORMATS:
-        cube = _load_netcdf(path, variable, chunks)
+        cube = _load_netcdf(path, variable, {} if lazy else None)
     elif suffix in MICROSCOPE_FORMATS:
-        cube = _load_microscope_file(path, MICROSCOPE_FORMATS[suffix], signal_index)
+        cube = _load_microscope_file(path, MICROSCOPE_FORMATS[suffix], signal_index, lazy)
     else:
         raise DatacubeReadError(
             path, f"unsupported file type {suffix or '(no suffix)'}; supported: {', '.join(SUPPORTED_SUFFIXES)}"
         )
+    if lazy:
+        cube = cube.chunk(_row_chunks(path, cube, chunks))
     try:
         return validate(cube, negative=negative)
     except (ValueError, TypeError) as error:
         raise DatacubeReadError(path, str(error)) from error
+
+
+def _available_memory() -> int:
+    """Bytes of memory available to this process (psutil when present, else /proc/meminfo)."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:  # pragma: no cover - psutil comes with distributed
+        return 8 * 2**30
+
+
+def _row_chunks(path: Path, cube: xr.DataArray, chunks: dict[str, int] | None) -> dict[str, int]:
+    """Chunks of whole rows (all columns and channels), checked against the memory available."""
+    import logging
+
+    ny, nx, ne = cube.shape
+    row_bytes = nx * ne * max(cube.dtype.itemsize, 4)
+    if chunks:
+        unknown = set(chunks) - set(DIMS)
+        if unknown:
+            raise DatacubeReadError(path, f"chunks names unknown dims {sorted(unknown)}; the dims are {DIMS}")
+        rows = int(chunks.get("y", ny))
+        if rows < 1 or any(int(v) < 1 for v in chunks.values()):
+            raise DatacubeReadError(path, f"chunk sizes must be >= 1, got {chunks}")
+    else:
+        rows = max(1, DEFAULT_CHUNK_MB * 2**20 // row_bytes)
+    rows = min(rows, ny)
+    # every stage holds about two chunks as float64 at once: keep a chunk under 1/16 of the memory free
+    limit = max(1, _available_memory() // 16 // (2 * row_bytes))
+    if rows > limit:
+        message = (f"{path}: chunks of {rows} rows ({rows * row_bytes / 2**30:.1f} GiB as float64 work arrays) "
+                   f"would not fit in the memory available; using {limit} rows per chunk")
+        logging.getLogger("eels_ad").warning(message)
+        import warnings
+
+        warnings.warn(message, ResourceWarning, stacklevel=3)
+        rows = limit
+    return {"y": rows, "x": -1, "energy": -1}
 
 
 def _load_netcdf(path: Path, variable: str, chunks: dict[str, int] | None = None) -> xr.DataArray:
@@ -142,14 +190,15 @@ def _reader(format_name: str) -> Callable[..., list[dict[str, Any]]]:
     return importlib.import_module(f"rsciio.{format_name}").file_reader
 
 
-def _load_microscope_file(path: Path, format_name: str, signal_index: int | None) -> xr.DataArray:
+def _load_microscope_file(path: Path, format_name: str, signal_index: int | None,
+                          lazy: bool = False) -> xr.DataArray:
     import struct
 
     size = path.stat().st_size
-    if size == 0:
+    if size == 0 and not path.is_dir():
         raise DatacubeReadError(path, "is an empty file (0 bytes)")
     try:
-        signals = _reader(format_name)(str(path))
+        signals = _reader(format_name)(str(path), lazy=True) if lazy else _reader(format_name)(str(path))
     except (struct.error, EOFError) as error:  # the reader ran out of bytes
         raise DatacubeReadError(
             path, f"is truncated or not a {path.suffix.lower()} file: its {size} bytes end before the data does "
@@ -191,7 +240,7 @@ def signal_dict_to_cube(signal: dict[str, Any], source: str | os.PathLike | None
     The energy axis is found by its units (eV), not by the ``navigate`` flags, which some DM
     spectrum images get wrong (energy first and flagged as navigation); it is moved last.
     """
-    data = np.asarray(signal["data"])
+    data = signal["data"] if hasattr(signal["data"], "dask") else np.asarray(signal["data"])  # lazy stays lazy
     axes = list(signal["axes"])
     where = f"{source}: " if source else ""
     if data.ndim != len(axes):
@@ -394,7 +443,8 @@ def find_datacubes(folder: str | os.PathLike, pattern: str = "*", *, recursive: 
     candidates = folder.rglob(pattern) if recursive else folder.glob(pattern)
     return sorted(
         p for p in candidates
-        if p.is_file() and p.suffix.lower() in SUPPORTED_SUFFIXES and not p.name.startswith(".")
+        if (p.is_file() or (p.is_dir() and p.suffix.lower() == ".zspy"))
+        and p.suffix.lower() in SUPPORTED_SUFFIXES and not p.name.startswith(".")
     )
 
 

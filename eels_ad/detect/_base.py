@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 import numpy as np
 import xarray as xr
 
-from ..datacube import as_mask, validate
+from ..datacube import as_mask, is_lazy, read_rows, row_blocks, validate
 from ._scores import SCORES, score_spectra
 from .spatial import check_level, fdr_flags, normal_scores, pixel_pvalues, pool_evidence, spatial_flags
 from .threshold import THRESHOLD_METHODS, choose_threshold
@@ -398,8 +398,9 @@ class BaseDetector(abc.ABC):
 class SpectrumDetector(BaseDetector):
     """A detector that judges every spectrum on its own, in chunks of ``chunk_pixels`` pixels.
 
-    Subclasses implement ``_fit_spectra(chunks, energy, n_train)`` (learn from a callable that yields
-    (pixels, channels) arrays of the training spectra; return None, or a boolean mask of the training
+    Subclasses implement ``_fit_spectra(chunks, energy, n_train, take)`` (learn from a callable that yields
+    (pixels, channels) arrays of the training spectra, ``take(indices)`` giving chosen training spectra
+    without a pass over the cube; return None, or a boolean mask of the training
     spectra really kept, e.g. after trimming outliers, which then calibrate the threshold) and
     ``_reconstruct_spectra(spectra)``, plus ``_state``/``_set_state``. Scores are
     :func:`~eels_ad.detect.poisson_deviance` (or the ``scoring`` chosen) of each spectrum against its
@@ -408,7 +409,7 @@ class SpectrumDetector(BaseDetector):
 
     @abc.abstractmethod
     def _fit_spectra(self, chunks: Callable[[], Iterator[np.ndarray]], energy: np.ndarray,
-                     n_train: int) -> np.ndarray | None:
+                     n_train: int, take: Callable[[np.ndarray], np.ndarray]) -> np.ndarray | None:
         """Learn from the training spectra; see the class docstring."""
 
     @abc.abstractmethod
@@ -418,25 +419,53 @@ class SpectrumDetector(BaseDetector):
     def _pixel_chunks(
         self, cube: xr.DataArray, mask: np.ndarray | None = None
     ) -> Iterator[tuple[slice, np.ndarray, np.ndarray]]:
-        """Yield (row slice, flat mask of the rows' pixels, spectra) with at most ~chunk_pixels pixels."""
-        ny, nx = cube.sizes["y"], cube.sizes["x"]
-        rows = max(1, self.chunk_pixels // nx)
+        """Yield (row slice, flat mask of the rows' pixels, spectra): ~chunk_pixels pixels, or whole lazy chunks."""
         cube = cube.transpose("y", "x", "energy")
-        for start in range(0, ny, rows):
-            block = slice(start, min(start + rows, ny))
-            spectra = np.asarray(cube.isel(y=block).values, dtype=np.float64).reshape(-1, cube.sizes["energy"])
+        for block in row_blocks(cube, self.chunk_pixels):
+            spectra = read_rows(cube, block, np.float64).reshape(-1, cube.sizes["energy"])
             keep = np.ones(spectra.shape[0], dtype=bool) if mask is None else mask[block].ravel()
             yield block, keep, spectra
 
     def _fit(self, cube: xr.DataArray, mask: np.ndarray | None, energy: np.ndarray) -> np.ndarray | None:
-        return self._fit_spectra(
-            lambda: ((s[keep]) for _, keep, s in self._pixel_chunks(cube, mask)), energy, self.n_training_spectra_
-        )
+        cube = cube.transpose("y", "x", "energy")
+        nx = cube.sizes["x"]
+        pixels = np.flatnonzero(mask.ravel()) if mask is not None else np.arange(cube.sizes["y"] * nx)
+
+        def take(indices: np.ndarray) -> np.ndarray:
+            """The training spectra at ``indices``, reading only the chunks of rows that hold them."""
+            wanted = pixels[np.asarray(indices, dtype=np.int64)]
+            rows = wanted // nx
+            parts, order = [], []
+            for block in row_blocks(cube, self.chunk_pixels):
+                inside = (rows >= block.start) & (rows < block.stop)
+                if inside.any():
+                    spectra = read_rows(cube, block, np.float64).reshape(-1, cube.sizes["energy"])
+                    parts.append(spectra[wanted[inside] - block.start * nx])
+                    order.append(np.flatnonzero(inside))
+            if not parts:
+                return np.empty((0, cube.sizes["energy"]))
+            taken = np.empty((wanted.size, cube.sizes["energy"]))
+            taken[np.concatenate(order)] = np.concatenate(parts)
+            return taken
+
+        def chunks() -> Iterator[np.ndarray]:
+            return (s[keep] for _, keep, s in self._pixel_chunks(cube, mask))
+
+        return self._fit_spectra(chunks, energy, self.n_training_spectra_, take)
+
+    def _model_context(self, cube: xr.DataArray) -> Any:
+        """What the bulk model of a block of rows needs beyond its own spectra (None: nothing)."""
+        return None
+
+    def _rows_model(self, spectra: np.ndarray, rows: slice, context: Any) -> np.ndarray:
+        """(pixels, channels) bulk model of the spectra of rows ``rows``."""
+        return self._reconstruct_spectra(spectra)
 
     def _model_blocks(self, cube: xr.DataArray) -> Iterator[tuple[slice, np.ndarray, np.ndarray]]:
         """Yield (row slice, spectra, bulk model) chunk by chunk: what scores and reconstructions read."""
+        context = self._model_context(cube)
         for block, _, spectra in self._pixel_chunks(cube):
-            yield block, spectra, self._reconstruct_spectra(spectra)
+            yield block, spectra, self._rows_model(spectra, block, context)
 
     def _score_array(self, cube: xr.DataArray) -> np.ndarray:
         channels = self._score_channels(cube["energy"].values)
@@ -446,7 +475,16 @@ class SpectrumDetector(BaseDetector):
             scores[block] = block_scores.reshape(-1, cube.sizes["x"])
         return scores
 
-    def _reconstruct_array(self, cube: xr.DataArray) -> np.ndarray:
+    def _reconstruct_array(self, cube: xr.DataArray) -> Any:
+        cube = cube.transpose("y", "x", "energy")
+        context = self._model_context(cube)
+        if is_lazy(cube):  # a dask array: the reconstruction is computed chunk by chunk when read or saved
+            def model_of(block: np.ndarray, block_info=None) -> np.ndarray:
+                (start, stop), _, _ = block_info[0]["array-location"]
+                spectra = np.asarray(block, dtype=np.float64).reshape(-1, block.shape[-1])
+                return self._rows_model(spectra, slice(start, stop), context).reshape(block.shape)
+
+            return cube.data.map_blocks(model_of, dtype=np.float64)
         model = np.empty((cube.sizes["y"], cube.sizes["x"], cube.sizes["energy"]))
         for block, _, block_model in self._model_blocks(cube):
             model[block] = block_model.reshape(-1, cube.sizes["x"], cube.sizes["energy"])

@@ -151,38 +151,74 @@ class PCADetector(SpectrumDetector):
             raise ValueError(f"context must be one of {CONTEXTS}, got {self.context!r}")
 
     def _fit_spectra(
-        self, chunks: Callable[[], Iterator[np.ndarray]], energy: np.ndarray, n_train: int
+        self, chunks: Callable[[], Iterator[np.ndarray]], energy: np.ndarray, n_train: int,
+        take: Callable[[np.ndarray], np.ndarray],
     ) -> np.ndarray | None:
-        self._fit_once(chunks, energy, n_train)
+        # one pass: channel sums and the cross-product matrix of the spectra (scaled by their totals
+        # for Poisson weighting); the channel weights enter afterwards, as a diagonal scaling
+        moments = self._moments(chunks())
+        self._components_from(moments, energy, n_train)
         self.n_trimmed_ = 0
         if not self.robust:
             return None
-        from scipy import stats
-        from sklearn.covariance import MinCovDet
-
-        keep_all: np.ndarray | None = None
+        keep_all = np.ones(n_train, dtype=bool)
         for _ in range(3):
             coefficients = np.concatenate([self._coefficients(s) for s in chunks()])
-            # the first Poisson component is the mean spectrum x thickness: leave it out
-            features = coefficients[:, 1:] if self.poisson_normalize and coefficients.shape[1] > 1 else coefficients
-            distance = MinCovDet(random_state=0).fit(features).mahalanobis(features)
-            keep = distance <= stats.chi2.ppf(self.robust_quantile, features.shape[1])
-            if keep_all is not None and np.array_equal(keep, keep_all):
+            keep = self._inliers(coefficients)
+            if np.array_equal(keep, keep_all):
                 break
+            # the moments of the kept spectra: those of all, less those of the few dropped (read alone)
+            changed = np.flatnonzero(keep != keep_all)
+            sign = np.where(keep[changed], 1.0, -1.0)  # dropped now: subtract; back in: add
+            kept_moments = self._moments([take(changed)], sign)
+            moments = tuple(m + k for m, k in zip(moments, kept_moments, strict=True))
             keep_all = keep
-            kept_chunks = self._split_like(chunks, keep)
-            self._fit_once(kept_chunks, energy, int(keep.sum()))
+            self._components_from(moments, energy, int(keep.sum()))
             self.n_trimmed_ = int((~keep).sum())
         return keep_all
 
-    @staticmethod
-    def _split_like(chunks: Callable[[], Iterator[np.ndarray]], keep: np.ndarray):
-        def kept() -> Iterator[np.ndarray]:
-            start = 0
-            for spectra in chunks():
-                yield spectra[keep[start:start + spectra.shape[0]]]
-                start += spectra.shape[0]
-        return kept
+    #: at most this many spectra enter the minimum covariance determinant fit (then reweighted on all)
+    MCD_SAMPLE = 1500
+
+    def _inliers(self, coefficients: np.ndarray) -> np.ndarray:
+        """Spectra whose component scores are not outliers (robust Mahalanobis distance, chi-squared cut)."""
+        from scipy import stats
+        from sklearn.covariance import MinCovDet
+
+        # the first Poisson component is the mean spectrum x thickness: leave it out
+        features = coefficients[:, 1:] if self.poisson_normalize and coefficients.shape[1] > 1 else coefficients
+        rng = np.random.default_rng(0)
+        sample = (rng.choice(features.shape[0], self.MCD_SAMPLE, replace=False)
+                  if features.shape[0] > self.MCD_SAMPLE else slice(None))
+        mcd = MinCovDet(random_state=0).fit(features[sample])
+        cut = stats.chi2.ppf(self.robust_quantile, features.shape[1])
+        # one reweighting step on all spectra: mean and covariance of the inliers of the subsample's fit
+        inside = mcd.mahalanobis(features) <= stats.chi2.ppf(0.975, features.shape[1])
+        centred = features[inside] - features[inside].mean(axis=0)
+        covariance = np.atleast_2d(np.cov(centred, rowvar=False))
+        distance = np.einsum("ij,jk,ik->i", features - features[inside].mean(axis=0), np.linalg.pinv(covariance),
+                             features - features[inside].mean(axis=0))
+        # consistency of the covariance of a chi-squared-truncated normal sample
+        scale = stats.chi2.cdf(stats.chi2.ppf(0.975, features.shape[1]), features.shape[1] + 2) / 0.975
+        return distance * scale <= cut
+
+    def _moments(self, blocks, sign: np.ndarray | None = None) -> tuple[np.ndarray, float, np.ndarray]:
+        """(channel sums, total counts, cross-product matrix) of spectra, Poisson-scaled when normalising.
+
+        ``sign`` (+1 / -1 per spectrum of a single block) adds or removes spectra from moments.
+        """
+        channel_sum, total, gram = 0.0, 0.0, 0.0
+        for spectra in blocks:
+            weights = np.ones(spectra.shape[0]) if sign is None else sign
+            if self.poisson_normalize:
+                pixel_totals = np.maximum(spectra.sum(axis=1, keepdims=True), 1e-12)
+                scaled = spectra / np.sqrt(pixel_totals)
+            else:
+                scaled = spectra
+            channel_sum = channel_sum + weights @ spectra
+            total = total + float(weights @ spectra.sum(axis=1))
+            gram = gram + (scaled * weights[:, None]).T @ scaled
+        return np.asarray(channel_sum, dtype=float), float(total), np.asarray(gram, dtype=float)
 
     def _coefficients(self, spectra: np.ndarray) -> np.ndarray:
         """Component scores of spectra, per unit pixel weight."""
@@ -191,17 +227,13 @@ class PCADetector(SpectrumDetector):
             weighted = weighted / np.sqrt(np.maximum(spectra.sum(axis=1, keepdims=True), 1e-12))
         return weighted @ self.components_.T
 
-    def _fit_once(self, chunks: Callable[[], Iterator[np.ndarray]], energy: np.ndarray, n_train: int) -> None:
+    def _components_from(self, moments: tuple[np.ndarray, float, np.ndarray], energy: np.ndarray,
+                         n_train: int) -> None:
         if not (self.n_components == "auto" or (isinstance(self.n_components, (int, np.integer))
                                                 and self.n_components >= 1)):
             raise ValueError(f"n_components must be a positive integer or 'auto', got {self.n_components!r}")
+        channel_sum, total, cross = moments
         n_channels = energy.size
-        # pass 1: channel totals (Poisson weights) or the mean (centring)
-        channel_sum = np.zeros(n_channels)
-        total = 0.0
-        for spectra in chunks():
-            channel_sum += spectra.sum(axis=0)
-            total += spectra.sum()
         mean_spectrum = channel_sum / n_train
         if self.poisson_normalize:
             if total <= 0:
@@ -209,18 +241,11 @@ class PCADetector(SpectrumDetector):
             # weights such that x_ij / (sqrt(g_i) w_j) has unit Poisson variance: mu_ij ~ g_i h_j / T
             channel_weights = np.sqrt(np.maximum(channel_sum / total, 1e-12))
             mean = np.zeros(n_channels)
+            gram = cross / np.outer(channel_weights, channel_weights)
         else:
             channel_weights = np.ones(n_channels)
             mean = mean_spectrum
-        # pass 2: the cross-product matrix in the weighted space
-        gram = np.zeros((n_channels, n_channels))
-        for spectra in chunks():
-            if self.poisson_normalize:
-                pixel_totals = np.maximum(spectra.sum(axis=1, keepdims=True), 1e-12)
-                weighted = spectra / np.sqrt(pixel_totals) / channel_weights
-            else:
-                weighted = spectra - mean
-            gram += weighted.T @ weighted
+            gram = cross - n_train * np.outer(mean, mean)
         eigenvalues, eigenvectors = np.linalg.eigh(gram / n_train)
         order = np.argsort(eigenvalues)[::-1]
         eigenvalues = np.maximum(eigenvalues[order], 0.0)
@@ -280,14 +305,15 @@ class PCADetector(SpectrumDetector):
             model = model * np.sqrt(np.maximum(spectra.sum(axis=1, keepdims=True), 1e-12))
         return model + self.mean_
 
-    def _model_blocks(self, cube):
+    def _model_context(self, cube) -> np.ndarray | None:
+        """With ``context="neighbours"``: the (y, x, components) mean scores of each pixel's ring."""
+        return self._neighbour_coefficients(cube) if self.context == "neighbours" else None
+
+    def _rows_model(self, spectra: np.ndarray, rows: slice, context: np.ndarray | None) -> np.ndarray:
         """Per-spectrum models (``context="pixel"``), or each pixel predicted by its ring of neighbours."""
-        if self.context == "pixel":
-            yield from super()._model_blocks(cube)
-            return
-        neighbours = self._neighbour_coefficients(cube)
-        for block, _, spectra in self._pixel_chunks(cube):
-            yield block, spectra, self._predicted_spectra(spectra, neighbours[block].reshape(spectra.shape[0], -1))
+        if context is None:
+            return self._reconstruct_spectra(spectra)
+        return self._predicted_spectra(spectra, context[rows].reshape(spectra.shape[0], -1))
 
     def _state(self) -> dict[str, Any]:
         state = {
