@@ -28,7 +28,7 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
-from scipy import special, stats
+from scipy import special
 
 from .._xp import Arrays, Backend, arrays, to_numpy, trigamma
 
@@ -78,16 +78,18 @@ class NBFit:
 
 
 def _as_counts(counts) -> np.ndarray:
-    array = np.asarray(counts, dtype=np.float64)
+    array = np.asarray(counts)
+    integer = array.dtype.kind in "iub"
     if array.ndim == 1:
         array = array[None, :]
     if array.ndim != 2:
         raise ValueError(f"counts must be (features, samples), got shape {array.shape}")
-    if not np.all(np.isfinite(array)):
+    if not integer and not np.all(np.isfinite(array)):
         raise ValueError("counts hold NaN or inf")
-    if np.any(array < 0):
+    if array.size and (array.min() < 0 if integer else np.any(array < 0)):
+        array = np.asarray(array, dtype=np.float64)
         raise ValueError(f"counts must be >= 0 (minimum {array.min():g}); clip dark-reference negatives first")
-    return array
+    return np.asarray(array, dtype=np.float64)
 
 
 def _as_size_factors(size_factors, n_samples: int) -> np.ndarray:
@@ -328,11 +330,17 @@ def nb_fit(
     >>> bool(np.allclose(fit.coef[:, 1], np.log(3), atol=0.3))
     True
     """
+    return _nb_fit(_as_counts(counts), design, size_factors, method=method, max_iter=max_iter, tol=tol,
+                   loglik=loglik, backend=backend, device=device, shrink=shrink)
+
+
+def _nb_fit(counts: np.ndarray, design, size_factors, *, method: Method, max_iter: int, tol: float, loglik: bool,
+            backend: Backend, device: str | None, shrink: bool, need_mu: bool = True) -> NBFit:
+    """:func:`nb_fit` of counts already checked by ``_as_counts`` (``need_mu=False``: a MoM fit skips ``mu``)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if shrink and method != "mle":
         raise ValueError("dispersion shrinkage needs method='mle'")
-    counts = _as_counts(counts)
     n_features, n_samples = counts.shape
     design = _validate_design(design, n_samples)
     factors = _as_size_factors(size_factors, n_samples)
@@ -343,10 +351,14 @@ def nb_fit(
         check_group_sizes(_two_group_columns(design, method))
     reason = _reasons_for_nan(counts, design, method)
     ok = reason == ""
-    fit = NBFit(coef=np.full((n_features, p), np.nan), dispersion=np.full(n_features, np.nan),
-                mu=np.full((n_features, n_samples), np.nan), loglik=np.full(n_features, np.nan),
-                cov=np.full((n_features, p, p), np.nan), converged=np.zeros(n_features, dtype=bool), n_iter=0,
-                reason=reason, method=method, df_residual=n_samples - p)
+    empty = np.empty(0) if ok.all() else None  # every feature fitted: the arrays come whole from the fitter
+
+    def nans(*shape: int) -> np.ndarray:
+        return empty if empty is not None else np.full(shape, np.nan)
+
+    fit = NBFit(coef=nans(n_features, p), dispersion=nans(n_features), mu=nans(n_features, n_samples),
+                loglik=nans(n_features), cov=nans(n_features, p, p), converged=np.zeros(n_features, dtype=bool),
+                n_iter=0, reason=reason, method=method, df_residual=n_samples - p)
     if not ok.any():
         return fit
     if method == "mle":
@@ -357,11 +369,22 @@ def nb_fit(
         failed[ok] = ~converged
         reason[failed] = f"not converged in {max_iter} iterations"
     else:
-        fitter = _fit_mom if method == "mom" else _fit_transformer
-        coef, alpha, mu, cov = fitter(counts[ok], _two_group_columns(design, method), factors)
+        in_b = _two_group_columns(design, method)
+        if method == "mom":
+            coef, alpha, mu, cov = _fit_mom(counts if ok.all() else counts[ok], in_b, factors,
+                                            with_mu=need_mu or loglik)
+        else:
+            coef, alpha, mu, cov = _fit_transformer(counts[ok], in_b, factors)
         ll = nb_loglik(counts[ok], mu, alpha) if loglik else np.nan
         converged = True
-    fit.coef[ok], fit.dispersion[ok], fit.mu[ok], fit.loglik[ok], fit.cov[ok] = coef, alpha, mu, ll, cov
+    if ok.all():  # no masked copies of the (features, ...) arrays
+        fit.coef, fit.dispersion, fit.cov = coef, alpha, cov
+        fit.mu = mu if mu is not None else np.empty((0, n_samples))
+        fit.loglik = np.broadcast_to(np.asarray(ll, dtype=float), (n_features,)).copy()
+    else:
+        fit.coef[ok], fit.dispersion[ok], fit.loglik[ok], fit.cov[ok] = coef, alpha, ll, cov
+        if mu is not None:
+            fit.mu[ok] = mu
     fit.converged[ok] = converged
     return fit
 
@@ -455,42 +478,82 @@ def _fit_transformer(counts: np.ndarray, in_b: np.ndarray, factors: np.ndarray):
     return coef, alpha, mu, _two_group_covariance(var_a, var_b)
 
 
-def _fit_mom(counts: np.ndarray, in_b: np.ndarray, factors: np.ndarray):
-    """Method-of-moments two-group fit: ratio means, pooled moment dispersion, delta-method covariance."""
-    n_features, n_samples = counts.shape
-    mu = np.empty_like(counts)
-    group_means, variances_of_log = [], []
-    numerator = np.zeros(n_features)
-    denominator = np.zeros(n_features)
-    for members in (~in_b, in_b):
-        s = factors[members]
-        y = counts[:, members]
-        total_s = s.sum()
-        sums = y.sum(1)
-        zero = sums == 0
-        mean = np.where(zero, PSEUDO_COUNT, sums) / total_s  # pseudo-count keeps log finite for zero groups
-        fitted = mean[:, None] * s[None, :]
-        mu[:, members] = fitted
-        n_k = members.sum()
-        correction = n_k / (n_k - 1) if n_k > 1 else np.nan
-        numerator += ((y - fitted) ** 2 * correction - fitted).sum(1)
-        denominator += (fitted**2).sum(1)
-        group_means.append(mean)
+def group_moments(counts: np.ndarray, in_b: np.ndarray, factors: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-feature sufficient statistics of the two-group method of moments, as matrix products.
+
+    ``sum``, ``sum_sq`` and ``sum_factor`` (sums of y, y**2 and y * s over each group's samples) have
+    shape (features, 2), column 0 group A; ``n``, ``factor_sum`` and ``factor_sq`` have shape (2,).
+    Moments of disjoint sets of samples add, so a cube read in chunks is summarised chunk by chunk.
+    """
+    membership = np.column_stack([~in_b, in_b]).astype(counts.dtype if counts.dtype.kind == "f" else float)
+    return {
+        "sum": counts @ membership,
+        "sum_sq": (counts * counts) @ membership,
+        "sum_factor": counts @ (membership * factors[:, None]),
+        "n": membership.sum(axis=0),
+        "factor_sum": factors @ membership,
+        "factor_sq": (factors * factors) @ membership,
+    }
+
+
+def mom_from_moments(moments: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Method-of-moments fit from :func:`group_moments`: (coef, dispersion, covariance, group means)."""
+    sums, total_s, sq_s = moments["sum"], moments["factor_sum"], moments["factor_sq"]
+    means = np.where(sums == 0, PSEUDO_COUNT, sums) / total_s  # pseudo-count keeps log finite for zero groups
+    n = moments["n"]
+    correction = np.where(n > 1, n / np.maximum(n - 1, 1), np.nan)
+    # sum over samples of (y - m s)^2 * n / (n - 1) - m s, and of (m s)^2, per group
+    squares = moments["sum_sq"] - 2 * means * moments["sum_factor"] + means**2 * sq_s
+    numerator = (squares * correction - means * total_s).sum(axis=1)
+    denominator = (means**2 * sq_s).sum(axis=1)
     alpha = np.clip(numerator / np.maximum(denominator, 1e-300), 0.0, ALPHA_MAX)
-    for members, mean in zip((~in_b, in_b), group_means, strict=True):
-        s = factors[members]
-        variances_of_log.append(1.0 / (mean * s.sum()) + alpha * (s**2).sum() / s.sum() ** 2)
-    coef = np.stack([np.log(group_means[0]), np.log(group_means[1]) - np.log(group_means[0])], axis=1)
-    return coef, alpha, mu, _two_group_covariance(*variances_of_log)
+    variances_of_log = 1.0 / (means * total_s) + alpha[:, None] * sq_s / total_s**2
+    log_means = np.log(means)
+    coef = np.stack([log_means[:, 0], log_means[:, 1] - log_means[:, 0]], axis=1)
+    return coef, alpha, _two_group_covariance(variances_of_log[:, 0], variances_of_log[:, 1]), means
+
+
+def _fit_mom(counts: np.ndarray, in_b: np.ndarray, factors: np.ndarray, with_mu: bool = True):
+    """Method-of-moments two-group fit: ratio means, pooled moment dispersion, delta-method covariance."""
+    coef, alpha, cov, means = mom_from_moments(group_moments(counts, in_b, factors))
+    mu = means[:, in_b.astype(np.intp)] * factors[None, :] if with_mu else None
+    return coef, alpha, mu, cov
+
+
+#: arrays at least this long have their special functions evaluated on several threads
+THREADED_SIZE = 200_000
+
+
+def _threaded(function, scalar: float, values: np.ndarray) -> np.ndarray:
+    """``function(scalar, values)`` split over the CPU's cores (scipy's ufuncs release the GIL)."""
+    import os
+
+    workers = min(os.cpu_count() or 1, 8)
+    if values.size < THREADED_SIZE or workers == 1:
+        return function(scalar, values)
+    from concurrent.futures import ThreadPoolExecutor
+
+    out = np.empty_like(values, dtype=float)
+    bounds = np.linspace(0, values.size, workers + 1).astype(int)
+    parts = [slice(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(lambda part: function(scalar, values[part], out=out[part]), parts))
+    return out
 
 
 def benjamini_hochberg(pvalues: np.ndarray) -> np.ndarray:
-    """Benjamini-Hochberg q-values; NaN p-values stay NaN and do not count as tests."""
+    """Benjamini-Hochberg q-values; NaN p-values stay NaN and do not count as tests.
+
+    The step-up rule as :func:`scipy.stats.false_discovery_control` computes it (tested equal), in
+    one sort: ``q_(i) = min_{j >= i} p_(j) m / j``, capped at 1.
+    """
     pvalues = np.asarray(pvalues, dtype=float)
     qvalues = np.full_like(pvalues, np.nan)
-    finite = np.isfinite(pvalues)
-    if finite.any():
-        qvalues[finite] = stats.false_discovery_control(pvalues[finite], method="bh")
+    finite = np.flatnonzero(np.isfinite(pvalues))
+    if finite.size:
+        order = np.argsort(pvalues[finite], kind="stable")
+        ranked = pvalues[finite][order] * (finite.size / np.arange(1, finite.size + 1))
+        qvalues[finite[order]] = np.minimum(np.minimum.accumulate(ranked[::-1])[::-1], 1.0)
     return qvalues
 
 
@@ -558,31 +621,65 @@ def nb_test(
         raise ValueError(f"null_distribution must be 't' or 'normal', got {null_distribution!r}")
     if shrink and test == "lrt":
         raise ValueError("the likelihood-ratio test compares maximum likelihoods: use shrink with test='wald'")
-    fit = nb_fit(counts, design, factors, method=method, max_iter=max_iter, loglik=test == "lrt",
-                 shrink=shrink, backend=backend, device=device)
-    df = fit.df_residual
-    lfc = fit.coef[:, 1]
-    se = np.sqrt(fit.cov[:, 1, 1])
-    if test == "wald":
-        statistic = lfc / se
-        pvalue = (2 * special.stdtr(df, -np.abs(statistic)) if null_distribution == "t" and df > 0
-                  else 2 * special.ndtr(-np.abs(statistic)))
-    else:
+    fit = _nb_fit(counts, design, factors, method=method, max_iter=max_iter, tol=1e-8, loglik=test == "lrt",
+                  shrink=shrink, backend=backend, device=device, need_mu=False)
+    if test == "lrt":
         null = nb_fit(counts, design[:, :1], factors, method="mle", max_iter=max_iter)
         statistic = np.maximum(2 * (fit.loglik - null.loglik), 0.0)
+        fit.converged &= null.converged
+    else:
+        statistic = None
+    group_sums = counts @ np.column_stack([~in_b, in_b]).astype(float)  # a product, not masked copies
+    return _test_table(fit.coef, fit.cov, fit.dispersion, fit.reason, fit.converged, fit.df_residual,
+                       group_sums / np.array([factors[~in_b].sum(), factors[in_b].sum()]), (n_a, n_b),
+                       null_distribution=null_distribution, lrt_statistic=statistic)
+
+
+def _test_table(coef: np.ndarray, cov: np.ndarray, dispersion: np.ndarray, reason: np.ndarray,
+                converged: np.ndarray | bool, df: int, means: np.ndarray, sizes: tuple[int, int], *,
+                null_distribution: str = "t", lrt_statistic: np.ndarray | None = None) -> pd.DataFrame:
+    """The per-feature table of a two-group fit: Wald (or, given its statistic, LRT) p-values and q-values."""
+    n_a, n_b = sizes
+    lfc = coef[:, 1].copy()
+    se = np.sqrt(cov[:, 1, 1])
+    if lrt_statistic is None:
+        statistic = lfc / se
+        pvalue = 2 * (_threaded(special.stdtr, df, -np.abs(statistic)) if null_distribution == "t" and df > 0
+                      else special.ndtr(-np.abs(statistic)))
+    else:
+        statistic = lrt_statistic
         pvalue = (special.fdtrc(1, df, statistic) if null_distribution == "t" and df > 0
                   else special.chdtrc(1, statistic))
-        fit.converged &= null.converged
-    reason = fit.reason.copy()
+    reason = reason.copy()
     if n_a < 2 or n_b < 2:
         reason[:] = f"fewer than two samples in a group (A: {n_a}, B: {n_b})"
     bad = reason != ""
-    for array in (lfc, se, statistic, pvalue):
-        array[bad] = np.nan
-    mean_a = (counts[:, ~in_b].sum(1) / factors[~in_b].sum()) if n_a else np.full(counts.shape[0], np.nan)
-    mean_b = (counts[:, in_b].sum(1) / factors[in_b].sum()) if n_b else np.full(counts.shape[0], np.nan)
+    if bad.any():
+        for array in (lfc, se, statistic, pvalue):
+            array[bad] = np.nan
+    mean_a = means[:, 0] if n_a else np.full(coef.shape[0], np.nan)
+    mean_b = means[:, 1] if n_b else np.full(coef.shape[0], np.nan)
     return pd.DataFrame({
         "mean_a": mean_a, "mean_b": mean_b, "log_fold_change": lfc, "se": se, "statistic": statistic,
-        "pvalue": pvalue, "qvalue": benjamini_hochberg(pvalue), "dispersion": np.where(bad, np.nan, fit.dispersion),
-        "converged": fit.converged & ~bad, "reason": reason,
+        "pvalue": pvalue, "qvalue": benjamini_hochberg(pvalue), "dispersion": np.where(bad, np.nan, dispersion),
+        "converged": converged & ~bad, "reason": reason,
     })
+
+
+def nb_test_from_moments(moments: dict[str, np.ndarray], *, null_distribution: Literal["t", "normal"] = "t"
+                         ) -> pd.DataFrame:
+    """:func:`nb_test` with ``method="mom"`` from :func:`group_moments` (summed over chunks of samples).
+
+    The same table as ``nb_test(counts, groups, size_factors, method="mom")`` without ever holding
+    the (features, samples) counts: what :func:`eels_ad.stats.compare_regions` uses on lazy cubes.
+    """
+    n_a, n_b = (int(v) for v in moments["n"])
+    n_features = moments["sum"].shape[0]
+    reason = np.full(n_features, "", dtype=object)
+    if n_a + n_b <= 2:
+        reason[:] = f"{n_a + n_b} samples for 2 coefficients"
+    reason[(moments["sum"].sum(axis=1) == 0) & (reason == "")] = "all counts zero"
+    coef, alpha, cov, _ = mom_from_moments(moments)
+    means = moments["sum"] / moments["factor_sum"]
+    return _test_table(coef, cov, alpha, reason, np.ones(n_features, dtype=bool), n_a + n_b - 2, means,
+                       (n_a, n_b), null_distribution=null_distribution)

@@ -8,15 +8,22 @@ import numpy as np
 import xarray as xr
 
 from .._xp import Backend
-from ..datacube import as_mask, validate
-from .negbin import Method, Test, nb_test
+from ..datacube import as_mask, read_rows, row_blocks, validate
+from .negbin import Method, Test, group_moments, nb_test, nb_test_from_moments
+
+#: pixels per block of rows read at a time (whole chunks of a lazy cube)
+CHUNK_PIXELS = 8192
+
+
+def _check_totals(totals: np.ndarray) -> None:
+    if np.any(totals <= 0):
+        raise ValueError(f"{int(np.sum(totals <= 0))} spectra have no counts: they cannot get a size factor")
 
 
 def size_factors_from_totals(spectra: np.ndarray) -> np.ndarray:
     """Size factors proportional to each spectrum's total counts, with geometric mean 1."""
     totals = spectra.sum(axis=1).astype(float)
-    if np.any(totals <= 0):
-        raise ValueError(f"{int(np.sum(totals <= 0))} spectra have no counts: they cannot get a size factor")
+    _check_totals(totals)
     log_totals = np.log(totals)
     return np.exp(log_totals - log_totals.mean())
 
@@ -72,7 +79,7 @@ def compare_regions(
         Indexed by ``energy``: ``mean_a``, ``mean_b`` (mean normalised spectra), ``log_fold_change``,
         ``se``, ``statistic``, ``pvalue``, ``qvalue``, ``dispersion``, ``significant`` and ``reason``.
     """
-    cube = validate(cube)
+    cube = source = validate(cube).transpose("y", "x", "energy")
     normalising_cube = cube.eels.crop(*normalize_range) if normalize_range is not None else None
     if energy_range is not None:
         cube = cube.eels.crop(*energy_range)
@@ -88,18 +95,45 @@ def compare_regions(
             raise ValueError(f"region {name} has {int(region.sum())} pixels; a test needs at least 2")
     if not 0 < fdr < 1:
         raise ValueError(f"fdr must be in (0, 1), got {fdr}")
-    spectra = cube.eels.spectra()
-    selected = in_a.ravel() | in_b.ravel()
-    samples = spectra[selected]
-    groups = in_b.ravel()[selected]
-    if normalize == "total":
-        factors = size_factors_from_totals(normalising_cube.eels.spectra()[selected])
-    elif normalize is None:
-        factors = None
-    else:
+    if normalize not in ("total", None):
         raise ValueError(f"normalize must be 'total' or None, got {normalize!r}")
-    table = nb_test(samples.T, groups, factors, method=method, test=test, null_distribution=null_distribution,
-                    backend=backend, device=device)
+    tested = np.isin(source["energy"].values, cube["energy"].values)
+    normalising = np.isin(source["energy"].values, normalising_cube["energy"].values)
+    if method == "mom" and test == "wald":
+        # one pass over the rows, summing each region's moments: the cube is never held whole
+        moments, log_totals = None, 0.0
+        for rows in row_blocks(source, CHUNK_PIXELS):
+            spectra = read_rows(source, rows, np.float64).reshape(-1, tested.size)
+            region_b = in_b[rows].ravel()
+            chosen = in_a[rows].ravel() | region_b
+            if not chosen.any():
+                continue
+            counts = spectra[chosen][:, tested]
+            if normalize == "total":
+                totals = spectra[chosen][:, normalising].sum(axis=1)
+                _check_totals(totals)
+                log_totals += float(np.log(totals).sum())
+            else:
+                totals = np.ones(counts.shape[0])
+            part = group_moments(counts.T, region_b[chosen], totals)
+            moments = part if moments is None else {k: moments[k] + part[k] for k in moments}
+        if normalize == "total":  # size factors are the totals over their geometric mean
+            scale = np.exp(log_totals / moments["n"].sum())
+            moments["sum_factor"] /= scale
+            moments["factor_sum"] /= scale
+            moments["factor_sq"] /= scale**2
+        table = nb_test_from_moments(moments, null_distribution=null_distribution)
+    else:  # the other fits need every sample: read the rows that hold the two regions' pixels
+        parts, labels = [], []
+        for rows in row_blocks(source, CHUNK_PIXELS):
+            chosen = in_a[rows].ravel() | in_b[rows].ravel()
+            if chosen.any():
+                parts.append(read_rows(source, rows, np.float64).reshape(-1, tested.size)[chosen])
+                labels.append(in_b[rows].ravel()[chosen])
+        spectra, groups = np.concatenate(parts), np.concatenate(labels)
+        factors = size_factors_from_totals(spectra[:, normalising]) if normalize == "total" else None
+        table = nb_test(spectra[:, tested].T, groups, factors, method=method, test=test,
+                        null_distribution=null_distribution, backend=backend, device=device)
     energy = cube["energy"]
     data_vars = {column: ("energy", table[column].to_numpy()) for column in table.columns if column != "converged"}
     dataset = xr.Dataset(data_vars, coords={"energy": energy})
