@@ -297,34 +297,71 @@ def tv_prox(step, lam: float, *, weights: Sequence[float] | None = None, lower: 
     head = {k: _along(k, ndim, slice(None, -1)) for k in axes}
     tail = {k: _along(k, ndim, slice(1, None)) for k in axes}
     dual_shapes = {k: tuple(n - 1 if j == k else n for j, n in enumerate(step.shape)) for k in axes}
+    # every buffer is allocated once and updated in place: the loop streams memory, it never allocates
     duals = {k: zeros_like_shape(step, dual_shapes[k]) for k in axes}
-    extrapolated = {k: duals[k] * 1 for k in axes}
+    extrapolated = {k: zeros_like_shape(step, dual_shapes[k]) for k in axes}
+    work = {k: zeros_like_shape(step, dual_shapes[k]) for k in axes}
     t = 1.0
     dual_step = 1.0 / (4.0 * len(axes) * lam)
-    divergence = step * 0
-    x = step.clip(lower, upper)
+    x = _clip_(step * 1, lower, upper)
+    spare = step * 0
     small_changes = 0
     for _ in range(n_iter):
         # primal point of the extrapolated duals: clip(step - lam D^T r); (D^T r)_i = r_{i-1} - r_i
+        divergence = spare
         divergence *= 0
         for k in axes:
             divergence[head[k]] -= extrapolated[k]
             divergence[tail[k]] += extrapolated[k]
-        previous_x = x
-        x = (step - lam * divergence).clip(lower, upper)
+        divergence *= -lam
+        divergence += step
+        new_x = _clip_(divergence, lower, upper)
         t_next = (1.0 + np.sqrt(1.0 + 4.0 * t * t)) / 2.0
         momentum = (t - 1.0) / t_next
         for k in axes:
-            updated = (extrapolated[k] + dual_step * (x[tail[k]] - x[head[k]])).clip(-weights[k], weights[k])
-            extrapolated[k] = updated + momentum * (updated - duals[k])
-            duals[k] = updated
+            updated = _subtract(new_x[tail[k]], new_x[head[k]], work[k])
+            updated *= dual_step
+            updated += extrapolated[k]
+            _clip_(updated, -weights[k], weights[k])
+            # extrapolated = updated + momentum (updated - previous duals), in the previous duals' buffer
+            previous = duals[k]
+            previous -= updated
+            previous *= -momentum
+            previous += updated
+            extrapolated[k], duals[k], work[k] = previous, updated, extrapolated[k]
         t = t_next
-        change = previous_x - x
-        norm = float((x * x).sum()) ** 0.5
-        small_changes = small_changes + 1 if norm > 0 and float((change * change).sum()) ** 0.5 < tol * norm else 0
+        norm = _norm(new_x)
+        x -= new_x  # x is now the change; its buffer is the next divergence
+        change = _norm(x)
+        spare, x = x, new_x
+        small_changes = small_changes + 1 if norm > 0 and change < tol * norm else 0
         if small_changes >= 5:
             break
     return x  # the last primal point, from the extrapolated duals (as Beck and Teboulle's FGP returns)
+
+
+def _clip_(array, lower: float, upper: float):
+    """Clip in place (numpy array or torch tensor); returns the array."""
+    if isinstance(array, np.ndarray):
+        return np.clip(array, lower, upper, out=array)
+    return array.clamp_(min=None if lower == -np.inf else lower, max=None if upper == np.inf else upper)
+
+
+def _subtract(a, b, out):
+    """``a - b`` into ``out`` (numpy array or torch tensor)."""
+    if isinstance(out, np.ndarray):
+        return np.subtract(a, b, out=out)
+    import torch
+
+    return torch.sub(a, b, out=out)
+
+
+def _norm(array) -> float:
+    """Euclidean norm without a temporary array."""
+    if isinstance(array, np.ndarray):
+        flat = array.reshape(-1)
+        return float(np.sqrt(np.dot(flat, flat)))
+    return float(array.norm())
 
 
 def tv_value(x, weights: Sequence[float] | None = None) -> float:

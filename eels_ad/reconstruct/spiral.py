@@ -11,6 +11,8 @@ subproblem ``argmin_{f >= 0} 1/2 ||f - s||^2 + (tau / alpha) pen(f)`` at ``s = f
 
 from __future__ import annotations
 
+import warnings
+
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -546,6 +548,8 @@ def denoise_cube(
     psf: np.ndarray | None = None,
     background: float = 0.0,
     truth: xr.DataArray | np.ndarray | None = None,
+    tile: int | None = None,
+    overlap: int = 8,
     **options: Any,
 ) -> xr.DataArray:
     """SPIRAL-TAP on a spectrum image: denoising, deblurring or filling a sub-sampled scan.
@@ -588,6 +592,12 @@ def denoise_cube(
         Known background counts.
     truth
         Noise-free cube, to record the relative error ``||x - truth|| / ||truth||`` in ``attrs``.
+    tile, overlap
+        Reconstruct in spatial tiles of ``tile`` x ``tile`` pixels (all channels), each padded by
+        ``overlap`` pixels of its neighbours that are then cut away, so that a cube larger than memory
+        is processed a tile at a time and the tiles run in parallel (dask). A lazy cube is always
+        tiled (default tile 64), and the result is then lazy too: it is computed when read or saved.
+        ``tau="auto"`` is chosen once, on the central tile; the reference spectrum is the whole cube's.
     **options
         Passed to :func:`spiral_tap` (``max_iter``, ``tol``, ``n_iter``, ``backend``, ``device`` ...).
         Defaults for TV: ``n_iter=20`` inner steps, ``max_iter=30``, ``tol=1e-4``, and
@@ -609,9 +619,13 @@ def denoise_cube(
     >>> bool(clean.attrs["relative_error"] < noisy / 3)
     True
     """
-    from ..datacube import as_mask, validate
+    from ..datacube import as_mask, is_lazy, validate
 
     cube = validate(cube)
+    if tile is not None or is_lazy(cube):
+        return _denoise_tiled(cube, tile=tile or 64, overlap=overlap, penalty=penalty, tau=tau, taus=taus,
+                              weights=weights, reference=reference, floor=floor, visited=visited, psf=psf,
+                              background=background, truth=truth, **options)
     counts = np.asarray(cube.values, dtype=float)
     operators = []
     visited_values = None
@@ -699,3 +713,80 @@ def denoise_cube(
             raise ValueError(f"truth has shape {truth_values.shape} but the cube has {counts.shape}")
         attrs["relative_error"] = float(np.linalg.norm(intensity - truth_values) / np.linalg.norm(truth_values))
     return xr.DataArray(intensity, dims=cube.dims, coords=cube.coords, name="intensity", attrs=attrs)
+
+
+def _denoise_tiled(cube: xr.DataArray, *, tile: int, overlap: int, tau, taus, reference, visited, truth,
+                   **settings: Any) -> xr.DataArray:
+    """:func:`denoise_cube` tile by tile with overlapping margins (dask ``map_overlap``)."""
+    import dask.array as da
+
+    from ..datacube import as_mask, is_lazy
+
+    if int(tile) != tile or tile < 2:
+        raise ValueError(f"tile must be an integer >= 2 pixels, got {tile!r}")
+    if int(overlap) != overlap or overlap < 0 or overlap > tile:
+        raise ValueError(f"overlap must be an integer between 0 and tile={tile} pixels, got {overlap!r}")
+    tile, overlap = int(tile), int(overlap)
+    visited_values = None if visited is None else np.asarray(as_mask(visited, cube).values)
+    data = cube.transpose("y", "x", "energy").data
+    if not is_lazy(cube):
+        data = da.from_array(np.asarray(data), chunks=(tile, tile, -1))
+    data = data.rechunk({0: min(tile, cube.sizes["y"]), 1: min(tile, cube.sizes["x"]), 2: -1})
+    if isinstance(reference, str):
+        if reference != "mean":
+            raise ValueError(f"reference must be 'mean', an array or None, got {reference!r}")
+        if visited_values is None:
+            mean_spectrum = np.asarray(data.mean(axis=(0, 1)).compute(), dtype=float)
+        else:
+            mask = da.from_array(visited_values[..., None], chunks=data.chunks[:2] + ((1,),))
+            mean_spectrum = np.asarray((data * mask).sum(axis=(0, 1)).compute(), dtype=float) / visited_values.sum()
+        reference = np.maximum(mean_spectrum, 1e-3 * max(float(mean_spectrum.mean()), 1e-12))
+    attrs = dict(cube.attrs)
+    if isinstance(tau, str):  # chosen once, on the central tile
+        ny, nx = cube.sizes["y"], cube.sizes["x"]
+        ys, xs = slice(max(0, ny // 2 - tile // 2), None), slice(max(0, nx // 2 - tile // 2), None)
+        ys, xs = slice(ys.start, min(ny, ys.start + tile)), slice(xs.start, min(nx, xs.start + tile))
+        central = cube.isel(y=ys, x=xs).load()
+        chosen = denoise_cube(central, tau=tau, taus=taus, reference=reference,
+                              visited=None if visited_values is None else visited_values[ys, xs], **settings)
+        tau = float(chosen.attrs["tau"])
+        attrs.update({k: chosen.attrs[k] for k in ("tau_candidates", "tau_held_out_loss", "tau_at_edge")})
+        attrs["tau_chosen_on"] = f"central tile y={ys.start}:{ys.stop}, x={xs.start}:{xs.stop}"
+
+    def one_tile(block: np.ndarray, scanned: np.ndarray | None = None) -> np.ndarray:
+        part = xr.DataArray(np.asarray(block, dtype=float), dims=("y", "x", "energy"),
+                            coords={"energy": cube["energy"].values})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # convergence is reported for the whole cube below
+            result = denoise_cube(part, tau=tau, reference=reference,
+                                  visited=None if scanned is None else np.asarray(scanned[..., 0], dtype=bool),
+                                  **settings)
+        return result.values
+
+    depth = {0: min(overlap, cube.sizes["y"] - 1), 1: min(overlap, cube.sizes["x"] - 1), 2: 0}
+    if any(min(c) < d for c, d in zip(data.chunks[:2], (depth[0], depth[1]), strict=True)):
+        data = data.rechunk({0: max(tile, depth[0] + 1), 1: max(tile, depth[1] + 1), 2: -1})
+    padded = da.overlap.overlap(data, depth=depth, boundary="none")
+    if visited_values is None:
+        tiles = padded.map_blocks(one_tile, dtype=np.float64)
+    else:  # the scan mask, tiled and padded the same way, travels with each tile
+        scanned = da.from_array(visited_values[..., None], chunks=data.chunks[:2] + ((1,),))
+        scanned = da.overlap.overlap(scanned, depth=depth, boundary="none")
+        tiles = da.map_blocks(one_tile, padded, scanned, dtype=np.float64, chunks=padded.chunks)
+    intensity = da.overlap.trim_internal(tiles, depth, boundary="none")
+    n_tiles = int(np.prod([len(c) for c in data.chunks[:2]]))
+    attrs.update(reconstruction=f"SPIRAL-TAP {settings.get('penalty', 'tv')} in tiles", tau=float(tau),
+                 tile=tile, overlap=overlap, tiles=n_tiles,
+                 reference="none" if reference is None else "mean spectrum" if isinstance(reference, np.ndarray)
+                 and visited is None else "given")
+    out = xr.DataArray(intensity, dims=("y", "x", "energy"), coords=cube.transpose("y", "x", "energy").coords,
+                       name="intensity", attrs=attrs)
+    if is_lazy(cube):
+        return out
+    out = out.compute()
+    if truth is not None:
+        truth_values = np.asarray(truth, dtype=float)
+        if truth_values.shape != out.shape:
+            raise ValueError(f"truth has shape {truth_values.shape} but the cube has {out.shape}")
+        out.attrs["relative_error"] = float(np.linalg.norm(out.values - truth_values) / np.linalg.norm(truth_values))
+    return out
