@@ -16,6 +16,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -378,39 +379,144 @@ def run(
         bar.update()
 
     if scheduler is not None:
-        from distributed import Client
-
-        client = scheduler if isinstance(scheduler, Client) else Client(scheduler)
-        try:
-            futures = {client.submit(guarded, *pairs[i], pure=False): i for i in todo}
-            from distributed import as_completed as dask_completed
-
-            for future in dask_completed(futures):
-                record(futures[future], future.result())
-        finally:
-            if not isinstance(scheduler, Client):
-                client.close()
+        _run_on_cluster(guarded, pairs, todo, scheduler, record, logger)
     elif workers > 1 and len(todo) > 1:
         import multiprocessing
 
-        # spawn, not fork: forking a process that already runs threads (HDF5, BLAS, torch) can deadlock
-        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        # spawn, not fork: forking a process that already runs threads (HDF5, BLAS, torch) can deadlock.
+        # Each worker imports eels-ad once and keeps its share of the cores (warm for every file it gets).
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_warm_worker, initargs=(threads,)) as pool:
             futures = {pool.submit(guarded, *pairs[i]): i for i in todo}
             for future in as_completed(futures):
-                record(futures[future], future.result())
+                index = futures[future]
+                try:
+                    result = future.result()
+                except BrokenProcessPool as error:  # a worker process died (killed, out of memory)
+                    source, output = pairs[index]
+                    result = FileResult(str(source), str(output), "failed",
+                                        reason=f"{source}: the worker process died while processing it ({error}); "
+                                        "run the command again to retry it")
+                record(index, result)
     else:
         for index in todo:
             record(index, guarded(*pairs[index]))
+    for _, output in pairs:  # temporaries of jobs killed midway (a dead worker) are never outputs
+        _remove_stale_temporaries(output)
     bar.close()
     ordered = [results[i] for i in range(len(pairs))]
     write_summary(ordered, out_dir)
     failed = sum(r.status == "failed" for r in ordered)
-    logger.info("finished: %d done, %d skipped, %d failed", sum(r.status == "done" for r in ordered),
+    logger.info("finished: %d done (%d retried after a worker died), %d skipped, %d failed",
+                sum(r.status == "done" for r in ordered), sum(int(r.extra.get("attempts", 1)) > 1 for r in ordered),
                 sum(r.status == "skipped" for r in ordered), failed)
     for handler in list(logger.handlers):
         handler.close()
         logger.removeHandler(handler)
     return ordered
+
+
+def _warm_worker(threads: int) -> None:
+    """Start-up of a local worker process: import what the jobs need once, and keep to ``threads`` cores."""
+    from threadpoolctl import threadpool_limits
+
+    from . import detect, io, prepare, quantify, stats  # noqa: F401  (imported once per worker, not per file)
+
+    threadpool_limits(threads)
+
+#: seconds to wait for a Dask scheduler to answer, and for it to have a worker
+CONNECT_TIMEOUT = 10
+WORKER_TIMEOUT = 60
+#: the topic of the events each job logs on its Dask worker when it starts (how retries are counted)
+EVENT_TOPIC = "eels-ad-job"
+
+
+def _on_worker(guarded: Callable[[Path, Path], FileResult], source: Path, output: Path, run_id: str) -> FileResult:
+    """Run one job on a Dask worker, logging its start there (a job started twice was retried)."""
+    from distributed import get_worker
+
+    worker = get_worker()
+    worker.log_event(EVENT_TOPIC, {"run": run_id, "input": str(source), "worker": worker.address})
+    result = guarded(source, output)
+    result.extra = {**result.extra, "worker": worker.address}
+    return result
+
+
+def _worker_deaths(dask_scheduler, keys: list[str]) -> dict[str, int]:
+    """(On the scheduler) how many workers died while processing each task: its ``suspicious`` count."""
+    return {key: int(dask_scheduler.tasks[key].suspicious) for key in keys if key in dask_scheduler.tasks}
+
+
+def connect(scheduler: Any):
+    """A ``distributed.Client`` for a scheduler address (or the client given), with clear errors in seconds.
+
+    Raises
+    ------
+    ConnectionError
+        Nothing answers at the address within :data:`CONNECT_TIMEOUT` seconds, or the scheduler has no
+        worker after :data:`WORKER_TIMEOUT` seconds.
+    """
+    from distributed import Client
+
+    if isinstance(scheduler, Client):
+        return scheduler, False
+    address = str(scheduler)
+    try:
+        client = Client(address, timeout=CONNECT_TIMEOUT, set_as_default=False)
+    except (OSError, TimeoutError, ValueError) as error:
+        raise ConnectionError(
+            f"no Dask scheduler answers at {address} (waited {CONNECT_TIMEOUT} s): start one with "
+            f"`dask scheduler` and workers with `dask worker {address}`, or check the address "
+            f"({type(error).__name__}: {error})") from error
+    try:
+        client.wait_for_workers(1, timeout=WORKER_TIMEOUT)
+    except (TimeoutError, OSError) as error:
+        client.close()
+        raise ConnectionError(f"the Dask scheduler at {address} has no worker (waited {WORKER_TIMEOUT} s): start "
+                              f"some with `dask worker {address}`") from error
+    return client, True
+
+
+def _run_on_cluster(guarded, pairs, todo, scheduler, record, logger) -> None:
+    """Submit every job to a Dask cluster; a job whose worker dies is retried on another (and counted)."""
+    import uuid
+
+    from distributed import as_completed as dask_completed
+
+    client, owned = connect(scheduler)
+    run_id = uuid.uuid4().hex
+    results: dict[int, FileResult] = {}
+    try:
+        logger.info("Dask cluster %s: %d workers", client.scheduler.address, len(client.scheduler_info()["workers"]))
+        futures = {client.submit(_on_worker, guarded, *pairs[i], run_id, key=f"eels-ad-{run_id}-{i}", pure=False): i
+                   for i in todo}
+        for future in dask_completed(futures):
+            index = futures[future]
+            try:
+                result = future.result()
+            except Exception as error:  # KilledWorker (the job killed worker after worker), CancelledError
+                source, output = pairs[index]
+                result = FileResult(str(source), str(output), "failed",
+                                    reason=f"{source}: the cluster could not run it ({type(error).__name__}: {error})")
+            results[index] = result
+            record(index, result)
+        # the scheduler counts, per job, the workers that died while it was on them; the jobs' own start
+        # events (those that got out before their worker died) say which workers they were
+        deaths = client.run_on_scheduler(_worker_deaths, keys=[future.key for future in futures])
+        starts: dict[str, list[str]] = {}
+        for _, event in client.get_events(EVENT_TOPIC):
+            if isinstance(event, dict) and event.get("run") == run_id:
+                starts.setdefault(event["input"], []).append(event["worker"])
+    finally:
+        if owned:
+            client.close()
+    for future, index in futures.items():  # the summary shows which jobs had to be run again
+        result, died = results[index], int(deaths.get(future.key, 0))
+        if died:
+            result.extra = {**result.extra, "attempts": died + 1, "workers_tried": starts.get(result.input, [])}
+            logger.warning("retried %s: %d worker(s) died while processing it; run %d times in all (started on %s)",
+                           result.input, died, died + 1, ", ".join(starts.get(result.input, [])) or "?")
 
 
 def write_summary(results: Iterable[FileResult], out_dir: Path) -> None:
@@ -424,6 +530,7 @@ def write_summary(results: Iterable[FileResult], out_dir: Path) -> None:
     with atomic_path(out_dir / "summary.csv", overwrite=True) as temporary:
         temporary.write_text(buffer.getvalue())
     counts = {status: sum(r["status"] == status for r in rows) for status in ("done", "skipped", "failed")}
+    counts["retried"] = sum(int(r["extra"].get("attempts", 1)) > 1 for r in rows)
     with atomic_path(out_dir / "summary.json", overwrite=True) as temporary:
         temporary.write_text(json.dumps({"counts": counts, "files": rows}, indent=2) + "\n")
 

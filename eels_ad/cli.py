@@ -197,8 +197,11 @@ def _run_batch(args: argparse.Namespace, job, suffix: str, description: str) -> 
         pairs = plan(args.inputs, args.out, suffix=suffix, recursive=args.recursive)
     except (OSError, ValueError) as error:
         return _error(str(error))
-    results = run(job, pairs, args.out, overwrite=args.overwrite, workers=args.workers, scheduler=args.scheduler,
-                  progress=not args.quiet, description=description)
+    try:
+        results = run(job, pairs, args.out, overwrite=args.overwrite, workers=args.workers,
+                      scheduler=args.scheduler, progress=not args.quiet, description=description)
+    except ConnectionError as error:  # no scheduler at --scheduler, or one without workers
+        return _error(str(error))
     return _report(results, args.out, args.quiet)
 
 
@@ -282,8 +285,11 @@ def _cmd_quantify(args: argparse.Namespace) -> int:
                   max_shift=args.max_shift, white_line_ratio=args.white_line_ratio,
                   references=str(Path(args.references).resolve()) if args.references else None,
                   separate=not args.no_drift_separation)
-    results = run(job, pairs, args.out, overwrite=args.overwrite, workers=args.workers, scheduler=args.scheduler,
-                  progress=not args.quiet, description="quantify")
+    try:
+        results = run(job, pairs, args.out, overwrite=args.overwrite, workers=args.workers,
+                      scheduler=args.scheduler, progress=not args.quiet, description="quantify")
+    except ConnectionError as error:
+        return _error(str(error))
     return _report(results, args.out, args.quiet)
 
 

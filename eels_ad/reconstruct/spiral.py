@@ -11,9 +11,8 @@ subproblem ``argmin_{f >= 0} 1/2 ||f - s||^2 + (tau / alpha) pen(f)`` at ``s = f
 
 from __future__ import annotations
 
-import warnings
-
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal

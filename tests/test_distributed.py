@@ -1,0 +1,153 @@
+"""Folder jobs on a real Dask cluster: a scheduler and two workers started as separate processes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import eels_ad
+from eels_ad import batch
+from eels_ad.batch import detect_job, plan, run
+from eels_ad.cli import main
+from eels_ad.detect import PCADetector
+
+DASK = Path(sys.executable).parent / "dask"
+# hang guards only (a healthy start takes a few seconds): never a measure of speed
+START_GUARD_S = 180
+
+
+def _environment() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONWARNINGS"] = "ignore"
+    return env
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    """``dask scheduler`` and two ``dask worker --no-nanny`` processes on localhost; yields (address, workers)."""
+    if not DASK.exists():
+        pytest.skip(f"no `dask` command beside {sys.executable}")
+    scheduler_file = tmp_path / "scheduler.json"
+    logs = tmp_path / "cluster-logs"
+    logs.mkdir()
+    processes = []
+
+    def start(name: str, *arguments: str) -> subprocess.Popen:
+        log = open(logs / f"{name}.log", "w")  # noqa: SIM115 (closed with the process)
+        process = subprocess.Popen([str(DASK), *arguments], stdout=log, stderr=subprocess.STDOUT, env=_environment(),
+                                   cwd=tmp_path)
+        processes.append((process, log))
+        return process
+
+    start("scheduler", "scheduler", "--scheduler-file", str(scheduler_file), "--port", "0", "--no-dashboard",
+          "--host", "127.0.0.1")
+    deadline = time.monotonic() + START_GUARD_S
+    while not scheduler_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert scheduler_file.exists(), (logs / "scheduler.log").read_text()
+    address = json.loads(scheduler_file.read_text())["address"]
+    workers = [start(f"worker{i}", "worker", address, "--nthreads", "1", "--no-nanny", "--no-dashboard",
+                     "--name", f"w{i}", "--local-directory", str(tmp_path / f"w{i}"), "--preload", "eels_ad.batch")
+               for i in range(2)]
+    try:
+        yield address, workers
+    finally:
+        for process, log in reversed(processes):
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+            log.close()
+
+
+@pytest.fixture
+def cubes(tmp_path) -> tuple[Path, Path]:
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for seed in range(6):
+        eels_ad.save(eels_ad.simulate_fe_l23((96, 96), seed=seed, anomaly_fraction=0.02), inputs / f"c{seed}.nc")
+    bulk = eels_ad.simulate_fe_l23((32, 32), anomaly_fraction=0.0, seed=99)["counts"]
+    return inputs, PCADetector(n_components=3).fit(bulk).save(tmp_path / "pca.nc")
+
+
+def _scores(out: Path) -> dict[str, np.ndarray]:
+    return {p.name: eels_ad.open_results(p)["score"].values for p in sorted(out.glob("*.detect.nc"))}
+
+
+def test_a_folder_job_survives_a_killed_worker(tmp_path, cluster, cubes):
+    from distributed import Client
+
+    address, workers = cluster
+    inputs, model = cubes
+    job = partial(detect_job, model=str(model))
+    reference = run(job, plan([inputs], tmp_path / "ref", suffix=".detect.nc"), tmp_path / "ref", progress=False)
+    assert [r.status for r in reference] == ["done"] * 6
+
+    with Client(address, timeout=60) as client:
+        client.wait_for_workers(2, timeout=START_GUARD_S)
+        pids = client.run(os.getpid)  # worker address -> process id
+        out = tmp_path / "out"
+        outcome: dict = {}
+        runner = threading.Thread(target=lambda: outcome.setdefault(
+            "results", run(job, plan([inputs], out, suffix=".detect.nc"), out, scheduler=address, progress=False)))
+        runner.start()
+        # kill a worker while it is processing a job (SIGKILL: no clean-up, as a crash or the OOM killer)
+        killed = None
+        deadline = time.monotonic() + START_GUARD_S
+        while killed is None and time.monotonic() < deadline:
+            busy = [worker for worker, keys in client.processing().items() if keys]
+            if busy:
+                killed = busy[0]
+                os.kill(pids[killed], signal.SIGKILL)
+            time.sleep(0.01)
+        runner.join(timeout=START_GUARD_S * 2)
+        assert not runner.is_alive()
+    assert killed is not None
+    results = outcome["results"]
+    assert [r.status for r in results] == ["done"] * 6, [r.reason for r in results]
+    # every output right (the single-process scores), each input once, nothing half-written left
+    theirs, expected = _scores(out), _scores(tmp_path / "ref")
+    assert theirs.keys() == expected.keys()
+    for name in expected:
+        np.testing.assert_array_equal(theirs[name], expected[name])
+    assert not list(out.glob(".*.tmp"))
+    summary = json.loads((out / "summary.json").read_text())
+    assert sorted(Path(f["input"]).name for f in summary["files"]) == [f"c{i}.nc" for i in range(6)]
+    retried = [f for f in summary["files"] if f["extra"].get("attempts", 1) > 1]
+    assert summary["counts"]["retried"] == len(retried) >= 1  # the job the dead worker held ran again
+    for row in retried:  # finished elsewhere; the killed worker, if the job got to start there, listed first
+        assert row["extra"]["worker"] != killed
+        assert row["extra"]["workers_tried"][-1] == row["extra"]["worker"]
+        assert set(row["extra"]["workers_tried"][:-1]) <= {killed}
+    assert "died while processing it" in (out / batch.LOG_NAME).read_text()
+
+
+def test_a_scheduler_that_does_not_answer_is_a_clear_error_in_seconds(tmp_path, monkeypatch, capsys):
+    import socket
+
+    with socket.socket() as probe:  # a port with nothing listening
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setattr(batch, "CONNECT_TIMEOUT", 2)
+    cube = tmp_path / "a.nc"
+    eels_ad.save(eels_ad.simulate_fe_l23((8, 8), seed=0), cube)
+    model = PCADetector(n_components=2).fit(eels_ad.load(cube)).save(tmp_path / "pca.nc")
+    started = time.monotonic()
+    with pytest.raises(ConnectionError, match=f"no Dask scheduler answers at tcp://127.0.0.1:{port}"):
+        batch.connect(f"tcp://127.0.0.1:{port}")
+    assert time.monotonic() - started < 60  # a hang guard: it gives up after CONNECT_TIMEOUT, not never
+    code = main(["detect", str(model), str(cube), "--out", str(tmp_path / "out"), "--quiet",
+                 "--scheduler", f"tcp://127.0.0.1:{port}"])
+    assert code == 1
+    assert f"tcp://127.0.0.1:{port}" in capsys.readouterr().err
+    assert not list((tmp_path / "out").glob("*.detect.nc"))
