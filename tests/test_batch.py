@@ -56,7 +56,7 @@ def test_bad_files_are_reported_and_the_run_goes_on(tmp_path, model, folder, cap
     assert "notes.dm4" in status["notes.dm4"]["reason"]
     assert "dims" in status["flat.nc"]["reason"]
     assert "does not cover the fitted one" in status["elsewhere.nc"]["reason"]
-    assert summary["counts"] == {"done": 3, "skipped": 0, "failed": 4}
+    assert summary["counts"] == {"done": 3, "skipped": 0, "failed": 4, "retried": 0}
     assert sorted(p.name for p in out.glob("*.detect.nc")) == ["good0.detect.nc", "good1.detect.nc", "good2.detect.nc"]
     assert "failed" in (out / "eels-ad.log").read_text()
     assert "notes.dm4" in capsys.readouterr().err

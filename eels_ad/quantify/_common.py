@@ -9,7 +9,7 @@ import numpy as np
 import xarray as xr
 from scipy.interpolate import CubicSpline
 
-from ..datacube import validate
+from ..datacube import read_rows, row_blocks, validate
 
 #: pixels fitted at once (bounds the memory of one batch: pixels x parameters x channels)
 CHUNK_PIXELS = 4096
@@ -73,34 +73,51 @@ def robust_mean_spectrum(cube: xr.DataArray, *, mask: np.ndarray | None = None,
 
     mask = pixel_mask(cube) if mask is None else mask
     energy = np.asarray(cube["energy"].values, dtype=float)
-    spectra = np.asarray(cube.values, dtype=float)[mask]
-    if drift is not None:
-        channels = np.asarray(drift, dtype=float)[mask] / (energy[1] - energy[0])
-        spectra = _moved(spectra, -channels)
-    totals = spectra.sum(axis=-1)
-    spectra, totals = spectra[totals > 0], totals[totals > 0]
-    if spectra.shape[0] == 0:
+    cube = cube.transpose("y", "x", "energy")
+    moves = None if drift is None else np.asarray(drift, dtype=float) / (energy[1] - energy[0])
+
+    def blocks():
+        """The chosen spectra (drift moved back), a block of rows at a time: the cube is never held whole."""
+        for rows in row_chunks(cube):
+            chosen = mask[rows].ravel()
+            spectra = read_rows(cube, rows, np.float64).reshape(-1, energy.size)[chosen]
+            yield spectra if moves is None else _moved(spectra, -moves[rows].ravel()[chosen])
+
+    totals = np.concatenate([spectra.sum(axis=-1) for spectra in blocks()])
+    usable = totals > 0
+    if not usable.any():
         raise ValueError("no pixel of the cube has counts: there is no bulk spectrum to use as a template")
-    scale = totals.mean() / totals
-    bulk = np.ones(spectra.shape[0], dtype=bool)
-    mean = spectra.T @ scale / spectra.shape[0]
-    for centre in ("median", "zero") if spectra.shape[0] >= 10 else ():
+    scale = np.where(usable, totals[usable].mean() / np.where(usable, totals, 1.0), 0.0)
+
+    def weighted_sums(selected: np.ndarray, power: int = 1) -> np.ndarray:
+        """sum over the selected spectra of spectrum * scale**power (one pass)."""
+        out, start = np.zeros(energy.size), 0
+        for spectra in blocks():
+            part = slice(start, start + spectra.shape[0])
+            out += spectra[selected[part]].T @ scale[part][selected[part]] ** power
+            start = part.stop
+        return out
+
+    bulk = usable.copy()
+    mean = weighted_sums(bulk) / bulk.sum()
+    for centre in ("median", "zero") if usable.sum() >= 10 else ():
         # one Gauss-Newton step of each pixel's shift against the mean (detect.edge_shift, for a shared
         # shape): with mu = mean / scale, I = scale sum(m'^2 / m) and U = scale sum(y m' / m) - sum(m')
         slope = np.gradient(mean)
         with np.errstate(invalid="ignore", divide="ignore"):
             ratio = np.where(mean > 0, slope / mean, 0.0)
+            projection = np.concatenate([spectra @ ratio for spectra in blocks()])
             information = scale * np.sum(slope * ratio)
-            shift = -(scale * (spectra @ ratio) - slope.sum()) / information
-            z = shift * np.sqrt(information)
+            shift = -(scale * projection - slope.sum()) / information
+            z = np.where(usable, shift * np.sqrt(information), np.nan)
         # the first mean is pulled by the moved pixels: judge them against the median shift first
         offset = np.nanmedian(z) if centre == "median" else 0.0
-        kept = ~(np.abs(z - offset) > 4.0)
-        if kept.sum() >= spectra.shape[0] // 2:
+        kept = usable & ~(np.abs(z - offset) > 4.0)
+        if kept.sum() >= usable.sum() // 2:
             bulk = kept
-            mean = spectra[bulk].T @ scale[bulk] / bulk.sum()
+            mean = weighted_sums(bulk) / bulk.sum()
     if smooth and energy.size >= 5:
-        variance = (spectra[bulk].T @ scale[bulk] ** 2) / bulk.sum() ** 2
+        variance = weighted_sums(bulk, power=2) / bulk.sum() ** 2
         floor = 1e-12 * max(float(np.max(np.abs(mean))), 1e-300)
         # a smoothing spline whose weighted residual matches the noise (s = n, Reinsch's criterion)
         mean = UnivariateSpline(energy, mean, w=1.0 / np.sqrt(np.maximum(variance, floor)), s=energy.size)(energy)
@@ -157,10 +174,8 @@ def check_coverage(grid: tuple[float, float], needed: tuple[float, float], what:
 
 
 def row_chunks(cube: xr.DataArray, chunk_pixels: int = CHUNK_PIXELS) -> Iterator[slice]:
-    """Row slices of about ``chunk_pixels`` pixels (a lazy cube is read one slice at a time)."""
-    rows = max(1, int(chunk_pixels) // max(cube.sizes["x"], 1))
-    for start in range(0, cube.sizes["y"], rows):
-        yield slice(start, min(start + rows, cube.sizes["y"]))
+    """Row slices of about ``chunk_pixels`` pixels, whole chunks of a lazy cube (see ``datacube.row_blocks``)."""
+    return row_blocks(cube, int(chunk_pixels))
 
 
 def spatial_like(cube: xr.DataArray, values: np.ndarray, **attrs) -> tuple[tuple[str, str], np.ndarray, dict]:

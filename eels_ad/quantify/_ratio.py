@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
+from ..datacube import read_rows
 from . import _common as common
 
 
@@ -82,7 +83,7 @@ def white_line_ratio_map(
     nx = cube.sizes["x"]
     for rows in common.row_chunks(cube, chunk_pixels):
         flat = slice(rows.start * nx, rows.stop * nx)
-        counts = np.asarray(cube.isel(y=rows).values, dtype=float).reshape(-1, energy.size)
+        counts = read_rows(cube, rows, np.float64).reshape(-1, energy.size)
         intensity[flat] = counts @ weights.T
         variance[flat] = counts @ np.stack([weights[0] ** 2, weights[1] ** 2, weights[0] * weights[1]]).T
         continuum[flat] = counts @ level_weights

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
+from ..datacube import read_rows
 from ..prepare._drift import drift_map as _drift_map
 from . import _common as common
 from ._fit import PoissonFit, ShiftedTemplates, poisson_fit
@@ -109,7 +110,7 @@ def edge_shift_map(
     nx = cube.sizes["x"]
     for rows in common.row_chunks(cube, chunk_pixels):
         flat = slice(rows.start * nx, rows.stop * nx)
-        counts = np.asarray(cube.isel(y=rows).values, dtype=float).reshape(-1, energy.size)[:, inside]
+        counts = read_rows(cube, rows, np.float64).reshape(-1, energy.size)[:, inside]
         if shared is None:
             templates = ShiftedTemplates(values[rows].reshape(-1, 1, values.shape[-1]), grid_start, dispersion,
                                          fit_energy)

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 import numpy as np
 import xarray as xr
 
+from ..datacube import read_rows
 from ..prepare._drift import drift_map as _drift_map
 from . import _common as common
 from ._fit import ShiftedTemplates, poisson_fit
@@ -165,7 +166,7 @@ def valence_map(
     nx = cube.sizes["x"]
     for rows in common.row_chunks(cube, chunk_pixels):
         flat = slice(rows.start * nx, rows.stop * nx)
-        counts = np.asarray(cube.isel(y=rows).values, dtype=float).reshape(-1, energy.size)[:, inside]
+        counts = read_rows(cube, rows, np.float64).reshape(-1, energy.size)[:, inside]
         fit = poisson_fit(counts, templates, basis, fit_shift=shift, offset=offsets[flat], max_shift=max_shift,
                           nonnegative=True)
         a = fit.amplitudes

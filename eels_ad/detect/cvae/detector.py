@@ -13,10 +13,11 @@ import torch
 import xarray as xr
 
 from ..._lightning import quiet_lightning
+from ...datacube import DatacubeReadError, is_lazy
 from .._base import BaseDetector
 from .._scores import SCORES, score_spectra
 from ..threshold import ThresholdMethod
-from .data import PatchDataModule, extract_patches, pixel_scale
+from .data import PatchDataModule, extract_patches, patch_starts, pixel_scale
 from .module import ARCHITECTURE, CVAE3D, Likelihood
 
 
@@ -327,6 +328,8 @@ class CVAEDetector(BaseDetector):
         patches that cover a pixel.
         """
         channels = self._score_channels(cube["energy"].values)
+        if is_lazy(cube):
+            return self._score_in_bands(cube, channels)
         if self.scoring == "nll":
             return self._accumulate(cube, ((corners, nll[:, channels].mean(axis=1))
                                            for corners, _, _, nll in self._patch_outputs(cube, nll=True)))
@@ -335,6 +338,86 @@ class CVAEDetector(BaseDetector):
         e = counts.shape[-1]
         scores = score_spectra(counts.reshape(-1, e)[:, channels], model.reshape(-1, e)[:, channels], self.scoring)
         return scores.reshape(counts.shape[:2])
+
+    @torch.inference_mode()
+    def _score_in_bands(self, cube: xr.DataArray, channels: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """Scores of a lazy cube, reading it a band of rows at a time; the same patches, weights and scores
+        as the in-memory path (up to float round-off), with only ~two patch heights of rows in memory.
+
+        The cube is mirrored by half a patch (lazily), the patch corners are those of the whole cube, and
+        the rows of corners are run in order: once a row of corners is done, every padded row above the
+        next one is covered by all its patches, so it is averaged, scored and let go.
+        """
+        import dask.array as da
+
+        patch = _pair(self.patch_size, "patch_size")
+        stride = _pair(self.stride if self.score_stride is None else self.score_stride, "score_stride")
+        my, mx = self._margin()
+        ny, nx, ne = cube.sizes["y"], cube.sizes["x"], cube.sizes["energy"]
+        padded = da.pad(cube.transpose("y", "x", "energy").data, ((my, my), (mx, mx), (0, 0)), mode="symmetric")
+        height, width = padded.shape[:2]
+        if height < patch[0] or width < patch[1]:  # smaller than a patch: small enough to score in memory
+            return self._score_array(cube.load())
+        row_starts = patch_starts(height, patch[0], stride[0])
+        col_starts = patch_starts(width, patch[1], stride[1])
+        weight = _centre_weights(patch)
+        device = self._device()
+        model = self.model_.to(device)
+        nll = self.scoring == "nll"
+        scores = np.empty((ny, nx))
+        window, window_start = np.empty((0, width, ne), np.float32), 0  # padded rows held, from window_start
+        depth = 1 if nll else ne
+        total = np.zeros((depth, 0, width))
+        covered = np.zeros((0, width))
+        done = 0  # padded rows finished
+        for k, y0 in enumerate(row_starts):
+            # read the rows this row of corners needs, drop those finished
+            stop = y0 + patch[0]
+            held_stop = window_start + window.shape[0]
+            if stop > held_stop:
+                new = _read_padded(padded, held_stop, stop, cube)
+                window = np.concatenate([window, new])
+                total = np.concatenate([total, np.zeros((depth, new.shape[0], width))], axis=1)
+                covered = np.concatenate([covered, np.zeros((new.shape[0], width))])
+            band = window[y0 - window_start:stop - window_start]
+            scale = pixel_scale(band)
+            blocks = np.stack([band[:, x:x + patch[1]] for x in col_starts])
+            scales = np.stack([scale[:, x:x + patch[1]] for x in col_starts])
+            blocks_t = torch.from_numpy(np.ascontiguousarray(blocks.transpose(0, 3, 1, 2)[:, None]))
+            scales_t = torch.from_numpy(np.ascontiguousarray(scales[:, None, None], dtype=np.float32))
+            for start in range(0, len(col_starts), batch_size):
+                block = blocks_t[start:start + batch_size].to(device)
+                scale_b = scales_t[start:start + batch_size].to(device)
+                decoded, _, _ = model(block / scale_b.clamp_min(1e-12), sample=False)
+                if nll:
+                    value = model.voxel_nll(block, scale_b, decoded).float().cpu().numpy()[:, 0][:, channels]
+                    value = value.mean(axis=1, keepdims=True)
+                else:
+                    value = model.expected_counts(scale_b, decoded).float().cpu().numpy()[:, 0]
+                for x, v in zip(col_starts[start:start + batch_size], value, strict=True):
+                    total[:, y0 - window_start:stop - window_start, x:x + patch[1]] += v * weight
+                    covered[y0 - window_start:stop - window_start, x:x + patch[1]] += weight
+            # padded rows above the next row of corners are final: score the cube rows among them
+            final = row_starts[k + 1] if k + 1 < len(row_starts) else height
+            rows = slice(done - window_start, final - window_start)
+            mean = total[:, rows] / covered[rows]
+            cube_rows = np.arange(done, final) - my
+            inside = (cube_rows >= 0) & (cube_rows < ny)
+            if inside.any():
+                mean_in = mean[:, inside][:, :, mx:mx + nx]
+                if nll:
+                    scores[cube_rows[inside]] = mean_in[0]
+                else:
+                    counts = window[rows][inside][:, mx:mx + nx].astype(np.float64).reshape(-1, ne)
+                    expected = np.moveaxis(mean_in, 0, -1).reshape(-1, ne)
+                    scores[cube_rows[inside]] = score_spectra(counts[:, channels], expected[:, channels],
+                                                              self.scoring).reshape(-1, nx)
+            done = final
+            keep = done - window_start
+            window, total, covered = window[keep:], total[:, keep:], covered[keep:]
+            window_start = done
+        self.model_.to("cpu")
+        return scores
 
     # -- persistence ------------------------------------------------------------------------------
     def _state(self) -> dict[str, Any]:
@@ -357,3 +440,13 @@ class CVAEDetector(BaseDetector):
         self.model_.eval()
         for name, value in state.items():
             setattr(self, name, value)
+
+
+def _read_padded(padded, start: int, stop: int, cube: xr.DataArray) -> np.ndarray:
+    """Rows ``start:stop`` of the lazily mirrored cube, as float32; a failed read names the file and rows."""
+    try:
+        return np.asarray(padded[start:stop].compute(), dtype=np.float32)
+    except (OSError, RuntimeError, KeyError, EOFError) as error:
+        raise DatacubeReadError(cube.attrs.get("source_file", "the lazy datacube"),
+                                f"rows near {start}-{stop - 1} (mirrored frame) cannot be read: the file is truncated "
+                                f"or damaged there ({type(error).__name__}: {error})") from error
