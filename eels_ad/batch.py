@@ -159,23 +159,24 @@ def detect_job(source: Path, output: Path, *, model: str, reconstruction: bool =
 
 
 def denoise_job(source: Path, output: Path, *, options: dict[str, Any] | None = None,
-                preparation: dict[str, Any] | None = None) -> FileResult:
+                preparation: dict[str, Any] | None = None, chunks: dict[str, int] | None = None) -> FileResult:
     """SPIRAL-TAP denoising of one cube (:func:`eels_ad.reconstruct.denoise_cube` with ``options``)."""
     from .reconstruct import denoise_cube
 
     result = FileResult(str(source), str(output), "done")
-    cube = load_prepared(source, preparation)
+    cube = load_prepared(source, preparation, chunks)
     result.shape = "x".join(str(n) for n in cube.shape)
     clean = denoise_cube(cube.drop_vars([c for c in ("spike", "vacuum") if c in cube.coords]), **(options or {}))
     save(clean.to_dataset(name="intensity").assign_attrs(source_file=str(Path(source).resolve()),
                                                            preparation=json.dumps(preparation)), output,
          overwrite=True)
-    result.extra = {"iterations": clean.attrs["iterations"]}
+    result.extra = {"iterations": clean.attrs.get("iterations", "per tile"), "tiles": clean.attrs.get("tiles", 1)}
     return result
 
 
 def compare_job(source: Path, output: Path, *, method: str = "mom", fdr: float = 0.05,
-                normalize_range: tuple[float, float] | None = None) -> FileResult:
+                normalize_range: tuple[float, float] | None = None, chunks: dict[str, int] | None = None
+                ) -> FileResult:
     """NB test per energy channel of the flagged pixels of a detection result against the others."""
     from .stats import compare_regions
 
@@ -185,7 +186,7 @@ def compare_job(source: Path, output: Path, *, method: str = "mom", fdr: float =
         raise ValueError(f"{source}: not an `eels-ad detect` result (no 'anomalous' map or source_file)")
     # the counts as the detection saw them: prepared the same way
     preparation = json.loads(detection.attrs.get("preparation", "null"))
-    cube = load_prepared(detection.attrs["source_file"], preparation)
+    cube = load_prepared(detection.attrs["source_file"], preparation, chunks)
     labels = detection["anomalous"].drop_vars("vacuum", errors="ignore")
     result.shape = "x".join(str(n) for n in cube.shape)
     table = compare_regions(cube, ~labels, labels, method=method, fdr=fdr, normalize_range=normalize_range)
@@ -227,7 +228,7 @@ def quantify_job(source: Path, output: Path, *, low_loss: dict[str, str] | None 
                  preparation: dict[str, Any] | None = None, energy_range: tuple[float, float] | None = None,
                  background_range: tuple[float, float] | None = None, max_shift: float = 2.0,
                  white_line_ratio: bool = False, references: str | None = None,
-                 separate: bool = True) -> FileResult:
+                 separate: bool = True, chunks: dict[str, int] | None = None) -> FileResult:
     """Edge-shift map (with drift correction), and optionally L3/L2 and valence maps, of one cube.
 
     The drift comes from the low-loss file paired with ``source`` in ``low_loss`` (its zero-loss
@@ -242,7 +243,7 @@ def quantify_job(source: Path, output: Path, *, low_loss: dict[str, str] | None 
     from .quantify import edge_shift_map, read_references, separate_drift, valence_map, white_line_ratio_map
 
     result = FileResult(str(source), str(output), "done")
-    cube = load_prepared(source, preparation)
+    cube = load_prepared(source, preparation, chunks)
     result.shape = "x".join(str(n) for n in cube.shape)
     options = {"energy_range": energy_range, "background_range": background_range, "max_shift": max_shift}
     parts: list[xr.Dataset] = []

@@ -215,10 +215,14 @@ def _cmd_detect(args: argparse.Namespace) -> int:
         load_detector(args.model)
     except (OSError, ValueError) as error:
         return _error(str(error))
-    chunks = {"y": args.chunk_rows} if args.chunk_rows else None
     job = partial(detect_job, model=str(Path(args.model).resolve()), reconstruction=args.reconstruction,
-                  chunks=chunks, preparation=_preparation(args))
+                  chunks=_chunks(args), preparation=_preparation(args))
     return _run_batch(args, job, ".detect.nc", "detect")
+
+
+def _chunks(args: argparse.Namespace) -> dict[str, int] | None:
+    """Lazy reading of the inputs, ``--chunk-rows`` rows at a time (None: read into memory)."""
+    return {"y": args.chunk_rows} if args.chunk_rows else None
 
 
 def _number_or_auto(name: str, *, zero_allowed: bool):
@@ -249,7 +253,7 @@ def _cmd_denoise(args: argparse.Namespace) -> int:
         options["weights"] = tuple(args.weights)
     if args.max_iter is not None:
         options["max_iter"] = args.max_iter
-    job = partial(denoise_job, options=options, preparation=_preparation(args))
+    job = partial(denoise_job, options=options, preparation=_preparation(args), chunks=_chunks(args))
     return _run_batch(args, job, ".denoised.nc", "denoise")
 
 
@@ -260,7 +264,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
     if not 0 < args.fdr < 1:
         return _error(f"--fdr must lie in (0, 1), got {args.fdr}")
-    job = partial(compare_job, method=args.method, fdr=args.fdr,
+    job = partial(compare_job, method=args.method, fdr=args.fdr, chunks=_chunks(args),
                   normalize_range=tuple(args.normalize_range) if args.normalize_range else None)
     return _run_batch(args, job, ".channels.nc", "compare")
 
@@ -284,7 +288,7 @@ def _cmd_quantify(args: argparse.Namespace) -> int:
                   background_range=tuple(args.background_range) if args.background_range else None,
                   max_shift=args.max_shift, white_line_ratio=args.white_line_ratio,
                   references=str(Path(args.references).resolve()) if args.references else None,
-                  separate=not args.no_drift_separation)
+                  separate=not args.no_drift_separation, chunks=_chunks(args))
     try:
         results = run(job, pairs, args.out, overwrite=args.overwrite, workers=args.workers,
                       scheduler=args.scheduler, progress=not args.quiet, description="quantify")
@@ -364,6 +368,10 @@ def _batch_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=_positive_int, default=1, help="processes on this machine (default 1)")
     parser.add_argument("--scheduler", metavar="ADDRESS", help="run on a Dask distributed cluster (tcp://...)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar (the log file is still written)")
+    parser.add_argument("--chunk-rows", type=_positive_int, metavar="ROWS",
+                        help="read inputs lazily (.nc/.hspy/.zspy/.emd/.dm3/.dm4), ROWS rows at a time, so that cubes "
+                        "larger than memory are processed chunk by chunk (with --raw: preparation reads the cube "
+                        "into memory)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -480,8 +488,6 @@ def build_parser() -> argparse.ArgumentParser:
     detect.add_argument("model", metavar="MODEL", help="a model written by `eels-ad train`")
     _batch_options(detect)
     detect.add_argument("--reconstruction", action="store_true", help="also write the reconstructions")
-    detect.add_argument("--chunk-rows", type=_positive_int,
-                        help="read NetCDF inputs lazily, this many rows at a time (with --raw)")
     _preparation_options(detect)
     detect.set_defaults(run=_cmd_detect)
 

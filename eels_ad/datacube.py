@@ -278,11 +278,27 @@ def read_rows(cube: xr.DataArray, rows: slice, dtype: Any = None) -> np.ndarray:
     try:
         values = cube.isel(y=rows).values
     except (OSError, RuntimeError, KeyError, EOFError) as error:  # h5py / zarr / memmap read failures
+        start, stop = _failing_chunk(cube, rows)
         source = cube.attrs.get("source_file", "the lazy datacube")
         raise DatacubeReadError(
-            source, f"rows {rows.start}-{rows.stop - 1} (of {cube.sizes['y']}) cannot be read: the file is "
+            source, f"rows {start}-{stop - 1} (of {cube.sizes['y']}) cannot be read: the file is "
             f"truncated or damaged there ({type(error).__name__}: {error})") from error
     return np.asarray(values, dtype=dtype)
+
+
+def _failing_chunk(cube: xr.DataArray, rows: slice) -> tuple[int, int]:
+    """The first chunk of rows within ``rows`` that cannot be read (``rows`` itself if none is found)."""
+    if cube.chunks is None:
+        return rows.start, rows.stop
+    edges = np.cumsum((0, *cube.chunks[0]))
+    for start, stop in zip(edges[:-1], edges[1:], strict=True):
+        if stop <= rows.start or start >= rows.stop:
+            continue
+        try:
+            cube.isel(y=slice(int(start), int(stop))).values
+        except (OSError, RuntimeError, KeyError, EOFError):
+            return int(start), int(stop)
+    return rows.start, rows.stop
 
 
 def axis_scale(values: np.ndarray | Sequence[float]) -> tuple[float, float, int]:

@@ -158,13 +158,14 @@ def _row_chunks(path: Path, cube: xr.DataArray, chunks: dict[str, int] | None) -
 
 def _load_netcdf(path: Path, variable: str, chunks: dict[str, int] | None = None) -> xr.DataArray:
     try:
+        lazy = chunks is not None
         dataset = xr.open_dataset(path, engine="h5netcdf", chunks=chunks)
-        with contextlib.ExitStack() if chunks else dataset:
+        with contextlib.ExitStack() if lazy else dataset:  # a lazy cube keeps its file open
             if variable in dataset.data_vars:
-                cube = dataset[variable] if chunks else dataset[variable].load()
+                cube = dataset[variable] if lazy else dataset[variable].load()
             elif len(dataset.data_vars) == 1:
                 only = next(iter(dataset.data_vars.values()))
-                cube = only if chunks else only.load()
+                cube = only if lazy else only.load()
             else:
                 raise DatacubeReadError(
                     path, f"has no variable {variable!r}; variables: {', '.join(map(str, dataset.data_vars))}"

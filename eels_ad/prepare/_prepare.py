@@ -81,11 +81,12 @@ def load_prepared(source: str | os.PathLike, preparation: dict[str, Any] | None 
                   chunks: dict[str, int] | None = None) -> xr.DataArray:
     """:func:`eels_ad.load` a file, then :func:`prepare` it with the options ``preparation``.
 
-    ``preparation=None`` keeps the counts as recorded (and a NetCDF file read with ``chunks`` lazy);
-    batch jobs and reports reopen their sources this way, with the options stored in their results.
+    ``preparation=None`` keeps the counts as recorded, and a file read with ``chunks`` stays lazy (every
+    later stage reads it a chunk at a time); a preparation (spike repair looks at each voxel's
+    neighbours in the whole image) reads the cube into memory. Batch jobs and reports reopen their
+    sources this way, with the options stored in their results.
     """
     from ..io import load
 
-    source = Path(source)
-    cube = load(source, chunks=chunks if source.suffix.lower() == ".nc" else None)
+    cube = load(Path(source), chunks=chunks)
     return cube if preparation is None else prepare(cube, **preparation)
