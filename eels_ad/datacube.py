@@ -295,7 +295,7 @@ def _failing_chunk(cube: xr.DataArray, rows: slice) -> tuple[int, int]:
         if stop <= rows.start or start >= rows.stop:
             continue
         try:
-            cube.isel(y=slice(int(start), int(stop))).values
+            cube.isel(y=slice(int(start), int(stop))).compute()
         except (OSError, RuntimeError, KeyError, EOFError):
             return int(start), int(stop)
     return rows.start, rows.stop

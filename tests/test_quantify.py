@@ -240,7 +240,8 @@ def test_cli_quantify_with_low_loss_and_without(tmp_path, capsys):
     assert main(["quantify", str(tmp_path), "--low-loss-suffix", "_low_loss", "--white-line-ratio",
                  "--out", str(out), "--quiet"]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["counts"] == {"done": 1, "skipped": 0, "failed": 0, "retried": 0}  # the low-loss file is not an input
+    # the low-loss file is not an input
+    assert summary["counts"] == {"done": 1, "skipped": 0, "failed": 0, "retried": 0}
     result = eels_ad.open_results(out / "sim.quantify.nc")
     assert "zero-loss" in result.attrs["drift_source"]
     assert float(np.sqrt(((result["drift"] - truth["drift"]) ** 2).mean())) < 0.02
