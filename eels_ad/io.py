@@ -159,7 +159,9 @@ def _row_chunks(path: Path, cube: xr.DataArray, chunks: dict[str, int] | None) -
 def _load_netcdf(path: Path, variable: str, chunks: dict[str, int] | None = None) -> xr.DataArray:
     try:
         lazy = chunks is not None
-        dataset = xr.open_dataset(path, engine="h5netcdf", chunks=chunks)
+        # lazy: xarray's lazily indexed variables (no dask yet): load() chunks them by rows, so that a
+        # chunk of rows reads only those rows from the file
+        dataset = xr.open_dataset(path, engine="h5netcdf")
         with contextlib.ExitStack() if lazy else dataset:  # a lazy cube keeps its file open
             if variable in dataset.data_vars:
                 cube = dataset[variable] if lazy else dataset[variable].load()

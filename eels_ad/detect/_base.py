@@ -468,7 +468,7 @@ class SpectrumDetector(BaseDetector):
             yield block, spectra, self._rows_model(spectra, block, context)
 
     def _score_array(self, cube: xr.DataArray) -> np.ndarray:
-        channels = self._score_channels(cube["energy"].values)
+        channels = _as_slice(self._score_channels(cube["energy"].values))  # a view, not a copy, per chunk
         scores = np.empty((cube.sizes["y"], cube.sizes["x"]))
         for block, spectra, model in self._model_blocks(cube):
             block_scores = score_spectra(spectra[:, channels], model[:, channels], self.scoring)
@@ -534,6 +534,14 @@ def load(path: str | os.PathLike) -> BaseDetector:
         return detector_class(str(name))._from_dataset(dataset)
     except ValueError as error:
         raise ValueError(f"{path}: {error}") from error
+
+
+def _as_slice(channels: np.ndarray) -> slice | np.ndarray:
+    """A boolean channel selection as a slice when it is one run of channels (indexing then makes views)."""
+    chosen = np.flatnonzero(channels)
+    if chosen.size and chosen[-1] - chosen[0] + 1 == chosen.size:
+        return slice(int(chosen[0]), int(chosen[-1]) + 1)
+    return channels
 
 
 def _check_has_counts(cube: xr.DataArray) -> None:

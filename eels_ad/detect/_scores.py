@@ -18,9 +18,13 @@ def poisson_deviance(counts: np.ndarray, model: np.ndarray) -> np.ndarray:
     """Mean Poisson deviance per channel, ``2 [y log(y / mu) - (y - mu)]``, with ``mu`` floored at 1e-3."""
     mu = np.maximum(model, _FLOOR)
     y = np.maximum(counts, 0.0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        log_term = np.where(y > 0, y * np.log(y / mu), 0.0)
-    return 2.0 * np.mean(log_term - (y - mu), axis=-1)
+    # in place: three arrays of the spectra's size at most (scores stream over chunks of big cubes)
+    term = np.divide(y, mu, out=np.ones_like(mu), where=y > 0)
+    np.log(term, out=term)
+    term *= y  # y log(y / mu), 0 where y = 0
+    term -= y
+    term += mu
+    return 2.0 * np.mean(term, axis=-1)
 
 
 def pearson_residual(counts: np.ndarray, model: np.ndarray) -> np.ndarray:

@@ -281,9 +281,13 @@ class PCADetector(SpectrumDetector):
     def _reconstruct_spectra(self, spectra: np.ndarray) -> np.ndarray:
         # a pixel's own weight sqrt(g_i) cancels in projection then rescaling, so each spectrum is
         # reconstructed from itself alone (scores never depend on the rest of the cube)
-        weighted = (spectra - self.mean_) / self.channel_weights_
+        weighted = spectra - self.mean_
+        weighted /= self.channel_weights_
         projected = (weighted @ self.components_.T) @ self.components_
-        return projected * self.channel_weights_ + self.mean_
+        del weighted
+        projected *= self.channel_weights_
+        projected += self.mean_
+        return projected
 
     def _neighbour_coefficients(self, cube) -> np.ndarray:
         """(y, x, components): the mean component scores of each pixel's ring of neighbours (mirrored at edges)."""

@@ -1,0 +1,235 @@
+"""Lazy (dask-backed) cubes: every stage reads them chunk by chunk and gives the in-memory numbers."""
+
+import json
+import tracemalloc
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+
+import eels_ad
+from eels_ad.cli import main
+from eels_ad.datacube import DatacubeReadError, is_lazy
+from eels_ad.detect import CVAEDetector, PCADetector
+from eels_ad.quantify import edge_shift_map, white_line_ratio_map
+from eels_ad.reconstruct import denoise_cube
+from eels_ad.stats import compare_regions
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
+
+
+@pytest.fixture(scope="module")
+def simulated():
+    return eels_ad.simulate_fe_l23((30, 22), seed=4, anomaly_fraction=0.05)
+
+
+@pytest.fixture(scope="module")
+def on_disk(simulated, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("lazy") / "cube.nc"
+    eels_ad.save(simulated["counts"], path)
+    return path
+
+
+@pytest.fixture
+def pair(simulated, on_disk):
+    """(in memory, lazy in chunks of 4 rows) of the same cube."""
+    return simulated["counts"], eels_ad.load(on_disk, chunks={"y": 4})
+
+
+class Reads:
+    """Counts the dask computations (reads of a lazy cube) inside a ``with`` block."""
+
+    def __enter__(self):
+        from dask.callbacks import Callback
+
+        self.count = 0
+        outer = self
+
+        class Counter(Callback):
+            def _start(self, dsk):
+                outer.count += 1
+
+        self._callback = Counter()
+        self._callback.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._callback.__exit__(*exc)
+
+
+@pytest.mark.parametrize("suffix", [".nc", ".hspy", ".zspy", ".emd"])
+def test_every_chunked_format_loads_lazily_with_the_eager_values(simulated, tmp_path, suffix):
+    path = tmp_path / f"cube{suffix}"
+    if suffix == ".nc":
+        eels_ad.save(simulated["counts"], path)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            eels_ad.io.to_hyperspy(simulated["counts"]).save(path)
+    lazy, eager = eels_ad.load(path, lazy=True), eels_ad.load(path)
+    assert is_lazy(lazy) and not is_lazy(eager)
+    assert lazy.dims == eager.dims == ("y", "x", "energy")
+    np.testing.assert_array_equal(lazy.values, eager.values)
+    np.testing.assert_allclose(lazy["energy"].values, eager["energy"].values)
+    assert eels_ad.load(path, chunks={"y": 7}).data.chunks[0][0] == 7
+
+
+@pytest.mark.skipif(not (SHARED / "fe_oxide_si.dm3").exists(), reason="../shared/data/real is not beside the project")
+def test_dm_files_are_memory_mapped_with_the_eager_values():
+    path = SHARED / "fe_oxide_si.dm3"
+    lazy, eager = eels_ad.load(path, lazy=True), eels_ad.load(path)
+    assert is_lazy(lazy)
+    np.testing.assert_array_equal(lazy.values, eager.values)
+
+
+def test_a_lazy_cube_is_validated_without_a_pass_and_checked_inside_its_chunks(simulated, tmp_path):
+    values = simulated["counts"].values.astype(float)
+    values[17, 5, 40] = np.nan
+    values[2, 3, 7] = -2.0
+    cube = simulated["counts"].copy(data=values)
+    path = tmp_path / "bad.nc"
+    eels_ad.save(cube, path)
+    with Reads() as reads:
+        lazy = eels_ad.load(path, chunks={"y": 4})
+        again = eels_ad.validate(lazy)
+    assert reads.count == 0  # structure checked now, values when the chunks are read
+    assert again.data.name == lazy.data.name  # validated once: not wrapped again
+    assert float(lazy.isel(y=slice(0, 4)).min()) == 0.0  # the negative count clipped in its chunk
+    with pytest.raises(ValueError, match=r"bad\.nc.*y=17, x=5, energy index 40"):
+        PCADetector(n_components=2).fit(lazy)
+
+
+def test_pca_fit_score_and_reconstruct_lazily_equal_in_memory(pair):
+    eager, lazy = pair
+    for options in ({"n_components": 3}, {"robust": True}, {"context": "neighbours", "n_components": 3}):
+        a, b = PCADetector(**options).fit(eager), PCADetector(**options).fit(lazy)
+        np.testing.assert_allclose(b.components_, a.components_, rtol=1e-9, atol=1e-12)
+        assert a.n_trimmed_ == b.n_trimmed_
+        np.testing.assert_allclose(b.score(lazy).values, a.score(eager).values, rtol=1e-9)
+    model = b.reconstruct(lazy)
+    assert is_lazy(model)  # computed chunk by chunk when read or saved
+    np.testing.assert_allclose(model.values, a.reconstruct(eager).values, rtol=1e-9)
+
+
+def test_pca_on_a_lazy_cube_holds_a_few_chunks_whatever_the_cube_size(tmp_path):
+    energy = 680 + 0.25 * np.arange(512)
+    peaks = {}
+    for rows in (8, 96, 192):
+        path = tmp_path / f"cube{rows}.nc"
+        eels_ad.save(eels_ad.simulate_fe_l23((rows, 64), energy=energy, seed=1)["counts"], path)
+        lazy = eels_ad.load(path, chunks={"y": 8})
+        PCADetector(robust=True, chunk_pixels=512).fit(lazy).score(lazy)  # imports and caches out of the count
+        tracemalloc.start()
+        PCADetector(robust=True, chunk_pixels=512).fit(lazy).score(lazy)
+        peaks[rows] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    chunk_bytes = 512 * 512 * 8  # one chunk of spectra as float64
+    assert peaks[192] < 8 * chunk_bytes, f"peak {peaks[192] / chunk_bytes:.1f} chunks"
+    assert peaks[192] < 1.25 * peaks[96]  # twice the cube, the same memory
+    assert peaks[192] < 0.33 * 192 * 64 * 512 * 8  # well under the cube itself
+
+
+def test_cvae_scores_a_lazy_cube_band_by_band_as_in_memory(pair):
+    eager, lazy = pair
+    detector = CVAEDetector(max_epochs=1, seed=0, spatial=False, score_stride=2, progress=False).fit(eager)
+    for scoring in ("deviance", "nll"):
+        detector.scoring = scoring
+        np.testing.assert_allclose(detector.score(lazy).values, detector.score(eager).values, rtol=1e-5, atol=1e-6)
+
+
+def test_compare_regions_in_one_pass_equals_in_memory(pair, simulated):
+    eager, lazy = pair
+    flagged = simulated["anomaly"].values
+    for options in ({}, {"normalize_range": (690.0, 700.0)}, {"method": "mle"}):
+        a = compare_regions(eager, ~flagged, flagged, **options)
+        with Reads() as reads:
+            b = compare_regions(lazy, ~flagged, flagged, **options)
+        for name in ("log_fold_change", "pvalue", "dispersion", "mean_a", "mean_b"):
+            np.testing.assert_allclose(b[name].values, a[name].values, rtol=1e-7, equal_nan=True)
+        assert reads.count <= lazy.data.numblocks[0]  # each chunk of rows read once
+
+
+def test_quantify_maps_of_a_lazy_cube_equal_in_memory(pair):
+    eager, lazy = pair
+    a, b = edge_shift_map(eager), edge_shift_map(lazy)
+    for name in ("shift", "shift_error"):
+        np.testing.assert_allclose(b[name].values, a[name].values, rtol=1e-9, equal_nan=True)
+    a, b = white_line_ratio_map(eager), white_line_ratio_map(lazy)
+    np.testing.assert_allclose(b["l3_l2_ratio"].values, a["l3_l2_ratio"].values, rtol=1e-9, equal_nan=True)
+
+
+def test_denoising_in_tiles_lazily_and_in_memory(simulated, on_disk):
+    cube = simulated["counts"]
+    whole = denoise_cube(cube, tau=3.0)
+    tiled = denoise_cube(cube, tau=3.0, tile=12, overlap=6)
+    assert tiled.attrs["tiles"] == 6
+    # the tiles see their neighbours through the overlap: the seams change the result little
+    assert np.linalg.norm(tiled.values - whole.values) / np.linalg.norm(whole.values) < 0.02
+    lazy = denoise_cube(eels_ad.load(on_disk, chunks={"y": 4}), tau=3.0, tile=12, overlap=6)
+    assert is_lazy(lazy)
+    np.testing.assert_allclose(lazy.values, tiled.values, rtol=1e-9)
+    chosen = denoise_cube(cube, tile=12)
+    assert chosen.attrs["tau_chosen_on"].startswith("central tile") and chosen.attrs["tau"] > 0
+
+
+def test_a_lazy_result_is_saved_chunk_by_chunk(pair, tmp_path):
+    eager, lazy = pair
+    eels_ad.save(lazy, tmp_path / "copy.nc")
+    np.testing.assert_array_equal(eels_ad.load(tmp_path / "copy.nc").values, eager.values)
+
+
+def _damage(path: Path, where: float = 0.6) -> None:
+    """Zero a stretch of bytes inside the compressed data: the header reads, a chunk does not."""
+    data = bytearray(path.read_bytes())
+    start = int(len(data) * where)
+    data[start:start + 500] = bytes(500)
+    path.write_bytes(bytes(data))
+
+
+def test_a_damaged_chunk_names_the_file_and_rows_and_a_batch_goes_on(simulated, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("a", "b"):
+        eels_ad.save(simulated["counts"], folder / f"{name}.nc")
+    _damage(folder / "b.nc")
+    lazy = eels_ad.load(folder / "b.nc", chunks={"y": 4})  # opens: the damage is in the data
+    with pytest.raises(DatacubeReadError, match=r"b\.nc: rows \d+-\d+ \(of 30\) cannot be read"):
+        PCADetector(n_components=2).fit(lazy)
+    model = PCADetector(n_components=3).fit(simulated["counts"]).save(tmp_path / "pca.nc")
+    out = tmp_path / "out"
+    code = main(["detect", str(model), str(folder), "--out", str(out), "--quiet", "--raw", "--chunk-rows", "4",
+                 "--reconstruction"])
+    assert code == 1
+    summary = json.loads((out / "summary.json").read_text())
+    status = {Path(row["input"]).name: row for row in summary["files"]}
+    assert status["a.nc"]["status"] == "done" and status["b.nc"]["status"] == "failed"
+    assert "b.nc: rows" in status["b.nc"]["reason"]
+    assert sorted(p.name for p in out.iterdir() if p.suffix == ".nc") == ["a.detect.nc"]  # nothing half-written
+    assert not list(out.glob(".*"))
+
+
+def test_a_chunk_too_big_for_memory_is_made_smaller_and_said(on_disk, monkeypatch):
+    monkeypatch.setattr(eels_ad.io, "_available_memory", lambda: 4 * 2**20)  # 4 MiB free
+    with pytest.warns(ResourceWarning, match=r"cube\.nc: chunks of 30 rows .* using (\d+) rows per chunk") as caught:
+        cube = eels_ad.load(on_disk, chunks={"y": 30})
+    rows = cube.data.chunks[0][0]
+    assert 1 <= rows < 30 and f"using {rows} rows per chunk" in str(caught[0].message)
+    np.testing.assert_array_equal(cube.values, eels_ad.load(on_disk).values)  # smaller chunks, the same cube
+
+
+def test_lazy_batch_runs_equal_in_memory_runs(simulated, on_disk, tmp_path):
+    bulk = eels_ad.simulate_fe_l23((30, 22), seed=9, anomaly_fraction=0.0)["counts"]
+    model = PCADetector(n_components=3, scoring="shift").fit(bulk).save(tmp_path / "pca.nc")
+    runs = {}
+    for label, extra in (("eager", []), ("lazy", ["--chunk-rows", "4"])):
+        out = tmp_path / label
+        assert main(["detect", str(model), str(on_disk), "--out", str(out), "--quiet", "--raw", *extra]) == 0
+        assert main(["compare", str(out), "--out", str(out / "channels"), "--quiet", *extra]) == 0
+        runs[label] = (xr.open_dataset(out / "cube.detect.nc", engine="h5netcdf").load(),
+                       xr.open_dataset(out / "channels" / "cube.channels.nc", engine="h5netcdf").load())
+    np.testing.assert_allclose(runs["lazy"][0]["score"].values, runs["eager"][0]["score"].values, rtol=1e-9)
+    assert int(runs["lazy"][0]["anomalous"].sum()) >= 2
+    np.testing.assert_allclose(runs["lazy"][1]["pvalue"].values, runs["eager"][1]["pvalue"].values, rtol=1e-7,
+                               equal_nan=True)
