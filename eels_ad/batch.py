@@ -492,7 +492,7 @@ def _run_on_cluster(guarded, pairs, todo, scheduler, record, logger) -> None:
         logger.info("Dask cluster %s: %d workers", client.scheduler.address, len(client.scheduler_info()["workers"]))
         futures = {client.submit(_on_worker, guarded, *pairs[i], run_id, key=f"eels-ad-{run_id}-{i}", pure=False): i
                    for i in todo}
-        for future in dask_completed(futures):
+        for future in dask_completed(futures, loop=client.loop):
             index = futures[future]
             try:
                 result = future.result()

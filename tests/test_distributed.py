@@ -93,7 +93,7 @@ def test_a_folder_job_survives_a_killed_worker(tmp_path, cluster, cubes):
     reference = run(job, plan([inputs], tmp_path / "ref", suffix=".detect.nc"), tmp_path / "ref", progress=False)
     assert [r.status for r in reference] == ["done"] * 6
 
-    with Client(address, timeout=60) as client:
+    with Client(address, timeout=60, set_as_default=False) as client:  # run() must not need a default client
         client.wait_for_workers(2, timeout=START_GUARD_S)
         pids = client.run(os.getpid)  # worker address -> process id
         out = tmp_path / "out"

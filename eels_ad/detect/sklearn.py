@@ -42,7 +42,7 @@ class SklearnDetector(SpectrumDetector):
         fdr: float = 0.05,
         false_alarm_rate: float = 0.001,
         spatial: bool = True,
-        chunk_pixels: int = 8192,
+        chunk_pixels: int = 1024,
     ) -> None:
         self.estimator = estimator
         self.energy_range = energy_range
