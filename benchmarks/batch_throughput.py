@@ -96,11 +96,13 @@ def main() -> None:
                 run(job, plan([warm], scratch / f"warm{workers}", suffix=".detect.nc"), scratch / f"warm{workers}",
                     scheduler=address, progress=False)
                 timed("dask cluster (warm workers)", workers, scheduler=address)  # noqa: B023
-            finally:
-                for process in processes:
+            finally:  # workers first, then the scheduler (a worker without one keeps trying to reconnect)
+                for process in reversed(processes):
                     process.terminate()
-                for process in processes:
-                    process.wait(timeout=60)
+                    try:
+                        process.wait(timeout=30)
+                    except subprocess.TimeoutExpired:
+                        process.kill()
     by = {(r["engine"], r["workers"]): r["files_per_minute"] for r in rows}
     summary = {
         "cube": [args.size, args.size, args.channels], "model": "PCADetector (Poisson, auto components)",

@@ -151,3 +151,25 @@ def test_a_scheduler_that_does_not_answer_is_a_clear_error_in_seconds(tmp_path, 
     assert code == 1
     assert f"tcp://127.0.0.1:{port}" in capsys.readouterr().err
     assert not list((tmp_path / "out").glob("*.detect.nc"))
+
+
+def test_one_large_cube_split_over_the_cluster_by_tiles(tmp_path, cluster):
+    """A lazy cube's tiles (denoising) are computed by the cluster's workers, with the local result."""
+    from distributed import Client, get_task_stream
+
+    from eels_ad.reconstruct import denoise_cube
+
+    address, _ = cluster
+    path = tmp_path / "cube.nc"
+    eels_ad.save(eels_ad.simulate_fe_l23((24, 20), seed=2)["counts"], path)
+    local = denoise_cube(eels_ad.load(path), tau=2.0, tile=12, overlap=4, max_iter=5, min_iter=5)
+    with Client(address, timeout=60) as client:  # the default scheduler while open: dask work goes to the cluster
+        client.wait_for_workers(2, timeout=START_GUARD_S)
+        lazy = denoise_cube(eels_ad.load(path, chunks={"y": 12}), tau=2.0, tile=12, overlap=4, max_iter=5, min_iter=5)
+        with get_task_stream(client) as stream:
+            values = lazy.values
+    np.testing.assert_allclose(values, local.values, rtol=1e-9)
+    tiles = [task for task in stream.data if "one_tile" in str(task["key"])]
+    assert len(tiles) == 4  # 2 x 2 tiles, each a task on a worker of the cluster
+    assert {task["worker"] for task in tiles} <= set(client_workers := {task["worker"] for task in stream.data})
+    assert len(client_workers) >= 1

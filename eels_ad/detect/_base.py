@@ -201,9 +201,13 @@ class BaseDetector(abc.ABC):
         self.n_training_spectra_ = int(mask_values.sum()) if mask_values is not None else cube.eels.n_pixels
         calibration = self._fit(cube, mask_values, energy)
         self.energy_ = energy
-        scores = self._score_array(cube).ravel()
-        if mask_values is not None:
-            scores = scores[mask_values.ravel()]
+        # a detector may have scored its training spectra during the fit (no pass of its own then)
+        scores = getattr(self, "_training_scores", None)
+        self._training_scores = None
+        if scores is None:
+            scores = self._score_array(cube).ravel()
+            if mask_values is not None:
+                scores = scores[mask_values.ravel()]
         self.calibration_scores_ = scores if calibration is None else scores[calibration]
         threshold = self.get_params().get("threshold", "auto")
         self.threshold_ = float(threshold) if isinstance(threshold, (int, float)) else None

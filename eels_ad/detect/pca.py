@@ -7,7 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from ._base import SpectrumDetector
+from ._base import SpectrumDetector, _as_slice
+from ._scores import score_spectra
 from .spatial import ring
 from .threshold import ThresholdMethod
 
@@ -70,8 +71,10 @@ class PCADetector(SpectrumDetector):
     robust
         Train on a cube that may hold anomalies: after each fit, drop the training spectra whose
         component scores are outliers (robust Mahalanobis distance of a minimum covariance
-        determinant fit above the ``robust_quantile`` of chi-squared) and fit again, up to 3 times.
-        A few anomalous pixels otherwise get a component of their own and are reconstructed well.
+        determinant fit to a seeded sample of 1500 spectra, reweighted once, above the
+        ``robust_quantile`` of chi-squared) and fit again, up to 4 rounds, one pass over the cube each;
+        a dropped spectrum stays out. A few anomalous pixels otherwise get a component of their own and
+        are reconstructed well.
     robust_quantile
         For ``robust``.
     chunk_pixels
@@ -155,53 +158,102 @@ class PCADetector(SpectrumDetector):
         self, chunks: Callable[[], Iterator[np.ndarray]], energy: np.ndarray, n_train: int,
         take: Callable[[np.ndarray], np.ndarray],
     ) -> np.ndarray | None:
-        # one pass: channel sums and the cross-product matrix of the spectra (scaled by their totals
-        # for Poisson weighting); the channel weights enter afterwards, as a diagonal scaling
-        moments = self._moments(chunks())
+        """One pass for the moments (and, robust, a seeded sample of spectra); then one pass per trimming round.
+
+        A round finds the outliers with the robust fit to the sample's component scores and holds the
+        spectra newly dropped, so the next components come from the moments less those spectra without
+        reading the cube again (trimming is monotone: a dropped spectrum stays out); the round that changes nothing also scores the training
+        spectra for calibration (``fit`` then needs no pass of its own).
+        """
+        self._training_scores = None
+        sample_index = None
+        if self.robust:
+            rng = np.random.default_rng(0)
+            size = min(self.MCD_SAMPLE, n_train)
+            sample_index = np.sort(rng.choice(n_train, size, replace=False))
+        moments, sample = self._moments_and_sample(chunks(), sample_index)
         self._components_from(moments, energy, n_train)
         self.n_trimmed_ = 0
         if not self.robust:
             return None
-        keep_all = np.ones(n_train, dtype=bool)
-        for _ in range(3):
-            coefficients = np.concatenate([self._coefficients(s) for s in chunks()])
-            keep = self._inliers(coefficients)
-            if np.array_equal(keep, keep_all):
+        channels = _as_slice(self._score_channels(energy))
+        keep = np.ones(n_train, dtype=bool)
+        limit = 2 * max(self.chunk_pixels, 1)  # spectra held for the update; beyond, read again with take()
+        for _ in range(4):
+            location, precision, cut = self._robust_fit(self._features(self._coefficients(sample)))
+            new_keep = np.empty(n_train, dtype=bool)
+            scores = np.empty(n_train) if self.context == "pixel" else None
+            held, held_index, start = [], [], 0
+            for spectra in chunks():
+                part = slice(start, start + spectra.shape[0])
+                start = part.stop
+                coefficients = self._coefficients(spectra)
+                centred = self._features(coefficients) - location
+                # trimming is monotone: a spectrum once dropped stays out (the components without it may no
+                # longer see it as an outlier, which would make the rounds oscillate)
+                new_keep[part] = keep[part] & (np.einsum("ij,jk,ik->i", centred, precision, centred) <= cut)
+                changed = np.flatnonzero(new_keep[part] != keep[part])
+                if changed.size and sum(len(h) for h in held) + changed.size <= limit:
+                    held.append(spectra[changed])
+                held_index.append(changed + part.start)
+                if scores is not None:
+                    model = self._model_from(spectra, coefficients)
+                    scores[part] = score_spectra(spectra[:, channels], model[:, channels], self.scoring)
+            changed = np.concatenate(held_index)
+            if changed.size == 0:
+                self._training_scores = scores
                 break
-            # the moments of the kept spectra: those of all, less those of the few dropped (read alone)
-            changed = np.flatnonzero(keep != keep_all)
-            sign = np.where(keep[changed], 1.0, -1.0)  # dropped now: subtract; back in: add
-            kept_moments = self._moments([take(changed)], sign)
-            moments = tuple(m + k for m, k in zip(moments, kept_moments, strict=True))
-            keep_all = keep
+            spectra = np.concatenate(held) if sum(len(h) for h in held) == changed.size else take(changed)
+            sign = -np.ones(changed.size)  # dropped now: subtract them from the moments
+            moments = tuple(m + k for m, k in zip(moments, self._moments([spectra], sign), strict=True))
+            keep = new_keep
             self._components_from(moments, energy, int(keep.sum()))
             self.n_trimmed_ = int((~keep).sum())
-        return keep_all
+        return keep
 
-    #: at most this many spectra enter the minimum covariance determinant fit (then reweighted on all)
+    #: spectra drawn (seeded) for the robust fit of the component scores (minimum covariance determinant)
     MCD_SAMPLE = 1500
 
-    def _inliers(self, coefficients: np.ndarray) -> np.ndarray:
-        """Spectra whose component scores are not outliers (robust Mahalanobis distance, chi-squared cut)."""
+    def _features(self, coefficients: np.ndarray) -> np.ndarray:
+        """The component scores that outliers are judged on: the first Poisson component (the mean spectrum
+        times thickness) left out."""
+        return coefficients[:, 1:] if self.poisson_normalize and coefficients.shape[1] > 1 else coefficients
+
+    def _robust_fit(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+        """(location, precision, cut) of the sample's component scores: MCD, then one reweighting step."""
         from scipy import stats
         from sklearn.covariance import MinCovDet
 
-        # the first Poisson component is the mean spectrum x thickness: leave it out
-        features = coefficients[:, 1:] if self.poisson_normalize and coefficients.shape[1] > 1 else coefficients
-        rng = np.random.default_rng(0)
-        sample = (rng.choice(features.shape[0], self.MCD_SAMPLE, replace=False)
-                  if features.shape[0] > self.MCD_SAMPLE else slice(None))
-        mcd = MinCovDet(random_state=0).fit(features[sample])
-        cut = stats.chi2.ppf(self.robust_quantile, features.shape[1])
-        # one reweighting step on all spectra: mean and covariance of the inliers of the subsample's fit
-        inside = mcd.mahalanobis(features) <= stats.chi2.ppf(0.975, features.shape[1])
-        centred = features[inside] - features[inside].mean(axis=0)
-        covariance = np.atleast_2d(np.cov(centred, rowvar=False))
-        distance = np.einsum("ij,jk,ik->i", features - features[inside].mean(axis=0), np.linalg.pinv(covariance),
-                             features - features[inside].mean(axis=0))
+        dims = features.shape[1]
+        mcd = MinCovDet(random_state=0).fit(features)
+        inside = mcd.mahalanobis(features) <= stats.chi2.ppf(0.975, dims)
+        location = features[inside].mean(axis=0)
+        covariance = np.atleast_2d(np.cov(features[inside] - location, rowvar=False))
         # consistency of the covariance of a chi-squared-truncated normal sample
-        scale = stats.chi2.cdf(stats.chi2.ppf(0.975, features.shape[1]), features.shape[1] + 2) / 0.975
-        return distance * scale <= cut
+        scale = stats.chi2.cdf(stats.chi2.ppf(0.975, dims), dims + 2) / 0.975
+        return location, np.linalg.pinv(covariance) * scale, float(stats.chi2.ppf(self.robust_quantile, dims))
+
+    def _moments_and_sample(self, blocks, sample_index: np.ndarray | None):
+        """:meth:`_moments` of all spectra, and the spectra at ``sample_index`` (training order), in one pass."""
+        moments, sample, start = None, [], 0
+        for spectra in blocks:
+            part = self._moments([spectra])
+            moments = part if moments is None else tuple(m + p for m, p in zip(moments, part, strict=True))
+            if sample_index is not None:
+                inside = sample_index[(sample_index >= start) & (sample_index < start + spectra.shape[0])]
+                sample.append(spectra[inside - start])
+            start += spectra.shape[0]
+        return moments, (np.concatenate(sample) if sample else None)
+
+    def _model_from(self, spectra: np.ndarray, coefficients: np.ndarray) -> np.ndarray:
+        """The reconstruction of spectra from their component scores (what :meth:`_reconstruct_spectra` gives)."""
+        weighted = coefficients
+        if self.poisson_normalize:
+            weighted = coefficients * np.sqrt(np.maximum(spectra.sum(axis=1, keepdims=True), 1e-12))
+        model = weighted @ self.components_
+        model *= self.channel_weights_
+        model += self.mean_
+        return model
 
     def _moments(self, blocks, sign: np.ndarray | None = None) -> tuple[np.ndarray, float, np.ndarray]:
         """(channel sums, total counts, cross-product matrix) of spectra, Poisson-scaled when normalising.
@@ -218,7 +270,7 @@ class PCADetector(SpectrumDetector):
                 scaled = spectra
             channel_sum = channel_sum + weights @ spectra
             total = total + float(weights @ spectra.sum(axis=1))
-            gram = gram + (scaled * weights[:, None]).T @ scaled
+            gram = gram + ((scaled if sign is None else scaled * weights[:, None]).T @ scaled)
         return np.asarray(channel_sum, dtype=float), float(total), np.asarray(gram, dtype=float)
 
     def _coefficients(self, spectra: np.ndarray) -> np.ndarray:
