@@ -162,8 +162,8 @@ class PCADetector(SpectrumDetector):
 
         A round finds the outliers with the robust fit to the sample's component scores and holds the
         spectra newly dropped, so the next components come from the moments less those spectra without
-        reading the cube again (trimming is monotone: a dropped spectrum stays out); the round that changes nothing also scores the training
-        spectra for calibration (``fit`` then needs no pass of its own).
+        reading the cube again (trimming is monotone: a dropped spectrum stays out); the round that
+        changes nothing also scores the training spectra for calibration (``fit`` needs no pass of its own).
         """
         self._training_scores = None
         sample_index = None
