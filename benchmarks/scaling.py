@@ -12,8 +12,8 @@ cube is the baseline). The stages:
 - ``pca``: ``PCADetector(robust=True).fit(cube)`` then ``.score(cube)``;
 - ``compare``: ``compare_regions`` (method of moments) of a 5 % region against the rest;
 - ``quantify``: ``edge_shift_map``;
-- ``cvae``: a 1-epoch CVAE's scoring (trained on a 32 x 32 corner; the scoring is what scales);
-- ``denoise``: ``denoise_cube`` in 64-pixel tiles, fast settings (10 outer, 10 inner iterations).
+- ``cvae``: a 1-epoch CVAE's scoring (trained on a 32 x 32 corner; the scoring is what scales), to 256 x 256;
+- ``denoise``: ``denoise_cube`` in 64-pixel tiles, fast settings (10 outer, 10 inner iterations), to 256 x 256.
 
 Writes benchmarks/results/scaling.json and scaling.png (log-log). Usage:
 python benchmarks/scaling.py [--largest 512x512x2048] [--stages read,pca,...]
@@ -143,10 +143,11 @@ def plot(summary: dict) -> None:
         if not points:
             continue
         x = [p[0] for p in points]
-        ax_time.loglog(x, [p[1]["seconds"] for p in points], "o-", label=stage)
+        color = f"C{STAGES.index(stage)}"  # one colour per stage in both panels
+        ax_time.loglog(x, [p[1]["seconds"] for p in points], "o-", label=stage, color=color)
         if stage != "gram":
             ax_memory.loglog(x, [max(p[1]["peak_rss_mib"] - p[1].get("baseline_mib", 0), 1) for p in points], "o-",
-                             label=stage)
+                             label=stage, color=color)
     ax_time.set(xlabel="cube size (million voxels)", ylabel="seconds", title="time per stage (2 cores)")
     ax_memory.set(xlabel="cube size (million voxels)", ylabel="peak memory above baseline (MiB)",
                   title="peak resident memory per stage")
@@ -166,11 +167,17 @@ def main() -> None:
     parser.add_argument("--stage", help=argparse.SUPPRESS)
     parser.add_argument("--path", help=argparse.SUPPRESS)
     parser.add_argument("--rows", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--rows-shape", help=argparse.SUPPRESS)
     parser.add_argument("--plot-only", action="store_true")
     args = parser.parse_args()
     if args.stage:  # a child process: one stage, its figures on stdout
-        result = baseline_rss(args.path, args.rows) if args.stage == "baseline" else run_stage(
-            args.stage, args.path, args.rows)
+        if args.stage == "write":
+            write_cube(Path(args.path), tuple(int(v) for v in args.rows_shape.split("x")))
+            result = {}
+        elif args.stage == "baseline":
+            result = baseline_rss(args.path, args.rows)
+        else:
+            result = run_stage(args.stage, args.path, args.rows)
         print(json.dumps(result))
         return
     if args.plot_only:
@@ -184,7 +191,10 @@ def main() -> None:
         for shape in sizes:
             path = Path(scratch) / f"cube_{'x'.join(map(str, shape))}.nc"
             started = time.perf_counter()
-            write_cube(path, shape)
+            # in a child process too: Linux keeps a process's peak RSS across fork and exec, so the parent
+            # stays small for the children's peaks to be their own
+            subprocess.run([sys.executable, "-W", "ignore", __file__, "--stage", "write", "--path", str(path),
+                            "--rows-shape", "x".join(map(str, shape))], check=True, capture_output=True)
             rows = CHUNK_ROWS[shape[0]]
             row = {"shape": list(shape), "megavoxels": float(np.prod(shape)) / 1e6,
                    "gib_int32": float(np.prod(shape)) * 4 / 2**30, "file_mib": path.stat().st_size / 2**20,

@@ -191,7 +191,16 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a 32 x 32 x 256 cube, one dose, no large cube")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--large-only", action="store_true",
+                        help="only the 128 x 128 x 1024 timing (defaults and fast settings): spiral_large_cube.json")
     args = parser.parse_args()
+    if args.large_only:
+        rows = large_cube_timing((128, 128, 1024), args.seed)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "spiral_large_cube.json").write_text(json.dumps({"rows": rows, "backend": "torch CPU"}, indent=2)
+                                                         + "\n")
+        print(json.dumps(rows, indent=1))
+        return
     shape = (32, 32, 256) if args.quick else (64, 64, 512)
     doses = (5.0,) if args.quick else (0.5, 5.0, 50.0)
     spiral_options = dict(backend="torch", device="cpu")  # otherwise denoise_cube's defaults
