@@ -197,3 +197,29 @@ def test_relative_paths_survive_a_change_of_folder(tmp_path, model, folder, monk
     monkeypatch.chdir(elsewhere)
     assert main(["compare", str(tmp_path / "detections"), "--out", "channels", "--quiet"]) == 0
     assert (elsewhere / "channels" / "good0.channels.nc").is_file()
+
+
+def _dies_on_b(source: Path, output: Path):
+    """A job whose worker process dies (as if killed) on the file named b.nc."""
+    if source.name == "b.nc":
+        os._exit(9)
+    output.write_text("done")
+    return eels_ad.batch.FileResult(str(source), str(output), "done")
+
+
+def test_a_dead_pool_worker_is_reported_and_the_run_ends(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("a", "b", "c"):
+        (folder / f"{name}.nc").write_text("")
+    out = tmp_path / "out"
+    results = run(_dies_on_b, plan([folder], out, suffix=".txt"), out, workers=2, progress=False)
+    status = {Path(r.input).name: r for r in results}
+    assert status["b.nc"].status == "failed"
+    assert "worker process died" in status["b.nc"].reason and "b.nc" in status["b.nc"].reason
+    # every file has a row; those the pool finished before it broke are done, the others say to run again
+    assert sorted(status) == ["a.nc", "b.nc", "c.nc"]
+    for name in ("a.nc", "c.nc"):
+        assert status[name].status == "done" or "run the command again" in status[name].reason
+    summary = eels_ad.batch.json.loads((out / "summary.json").read_text())
+    assert summary["counts"]["failed"] >= 1 and len(summary["files"]) == 3
