@@ -19,7 +19,8 @@ def poisson_deviance(counts: np.ndarray, model: np.ndarray) -> np.ndarray:
     mu = np.maximum(model, _FLOOR)
     y = np.maximum(counts, 0.0)
     # in place: three arrays of the spectra's size at most (scores stream over chunks of big cubes)
-    term = np.divide(y, mu, out=np.ones_like(mu), where=y > 0)
+    term = np.divide(y, mu)
+    np.maximum(term, 1e-300, out=term)  # y = 0: log stays finite and the product below is 0
     np.log(term, out=term)
     term *= y  # y log(y / mu), 0 where y = 0
     term -= y

@@ -179,10 +179,12 @@ class PCADetector(SpectrumDetector):
         channels = _as_slice(self._score_channels(energy))
         keep = np.ones(n_train, dtype=bool)
         limit = 2 * max(self.chunk_pixels, 1)  # spectra held for the update; beyond, read again with take()
-        for _ in range(4):
+        for round_ in range(4):
             location, precision, cut = self._robust_fit(self._features(self._coefficients(sample)))
             new_keep = np.empty(n_train, dtype=bool)
-            scores = np.empty(n_train) if self.context == "pixel" else None
+            # the first round nearly always drops outliers (its scores would be thrown away): score from the
+            # second on; a first round that changes nothing leaves the scoring to fit's own pass
+            scores = np.empty(n_train) if self.context == "pixel" and round_ > 0 else None
             held, held_index, start = [], [], 0
             for spectra in chunks():
                 part = slice(start, start + spectra.shape[0])
