@@ -29,11 +29,11 @@ MICROSCOPE_FORMATS: dict[str, str] = {
     ".emd": "emd",
     ".zspy": "zspy",
 }
-#: formats read lazily (chunk by chunk) with ``lazy=True``; DM files are memory-mapped by RosettaSciIO
-LAZY_FORMATS: tuple[str, ...] = (".hspy", ".zspy", ".emd", ".dm3", ".dm4", *(".nc", ".nc4", ".netcdf"))
-#: default rows per chunk of a lazy cube (about 64 MiB of float32 at 1024 channels and 256 columns)
-DEFAULT_CHUNK_MB = 64
 NETCDF_FORMATS = (".nc", ".nc4", ".netcdf")
+#: formats read lazily (chunk by chunk) with ``lazy=True``; DM files are memory-mapped by RosettaSciIO
+LAZY_FORMATS: tuple[str, ...] = (".hspy", ".zspy", ".emd", ".dm3", ".dm4", *NETCDF_FORMATS)
+#: default size of a lazy cube's chunk of whole rows, in MiB (counting at least 4 bytes a value)
+DEFAULT_CHUNK_MB = 64
 SUPPORTED_SUFFIXES: tuple[str, ...] = tuple(MICROSCOPE_FORMATS) + NETCDF_FORMATS
 
 
@@ -69,8 +69,8 @@ def load(
         .msa files (single spectra) are always read into memory.
     chunks
         Chunk sizes of a lazy cube (e.g. ``{"y": 32}``; implies ``lazy=True``). Default: whole rows
-        (all columns and channels), as many as make about 64 MiB. A chunk larger than a quarter of the
-        memory available is made smaller, and a warning says so.
+        (all columns and channels), as many as make about 64 MiB. A chunk whose two float64 copies would
+        take more than 1/16 of the memory available is made smaller, and a warning says so.
 
     Returns
     -------
@@ -102,7 +102,7 @@ def load(
     if lazy and suffix not in LAZY_FORMATS:
         lazy = False  # .msa: a single spectrum, read into memory
     if suffix in NETCDF_FORMATS:
-        cube = _load_netcdf(path, variable, {} if lazy else None)
+        cube = _load_netcdf(path, variable, lazy)
     elif suffix in MICROSCOPE_FORMATS:
         cube = _load_microscope_file(path, MICROSCOPE_FORMATS[suffix], signal_index, lazy)
     else:
@@ -118,13 +118,10 @@ def load(
 
 
 def _available_memory() -> int:
-    """Bytes of memory available to this process (psutil when present, else /proc/meminfo)."""
-    try:
-        import psutil
+    """Bytes of memory available to this process (psutil)."""
+    import psutil
 
-        return int(psutil.virtual_memory().available)
-    except ImportError:  # pragma: no cover - psutil comes with distributed
-        return 8 * 2**30
+    return int(psutil.virtual_memory().available)
 
 
 def _row_chunks(path: Path, cube: xr.DataArray, chunks: dict[str, int] | None) -> dict[str, int]:
@@ -143,7 +140,8 @@ def _row_chunks(path: Path, cube: xr.DataArray, chunks: dict[str, int] | None) -
     else:
         rows = max(1, DEFAULT_CHUNK_MB * 2**20 // row_bytes)
     rows = min(rows, ny)
-    # every stage holds about two chunks as float64 at once: keep a chunk under 1/16 of the memory free
+    # a stage holds up to ~10 chunk-sized float64 arrays at once (benchmarks/README.md): two float64 copies of a
+    # chunk within 1/16 of the memory free keep those under a third of it
     limit = max(1, _available_memory() // 16 // (2 * row_bytes))
     if rows > limit:
         message = (f"{path}: chunks of {rows} rows ({rows * row_bytes / 2**30:.1f} GiB as float64 work arrays) "
@@ -156,9 +154,8 @@ def _row_chunks(path: Path, cube: xr.DataArray, chunks: dict[str, int] | None) -
     return {"y": rows, "x": -1, "energy": -1}
 
 
-def _load_netcdf(path: Path, variable: str, chunks: dict[str, int] | None = None) -> xr.DataArray:
+def _load_netcdf(path: Path, variable: str, lazy: bool = False) -> xr.DataArray:
     try:
-        lazy = chunks is not None
         # lazy: xarray's lazily indexed variables (no dask yet): load() chunks them by rows, so that a
         # chunk of rows reads only those rows from the file
         dataset = xr.open_dataset(path, engine="h5netcdf")

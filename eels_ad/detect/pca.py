@@ -185,7 +185,7 @@ class PCADetector(SpectrumDetector):
             # the first round nearly always drops outliers (its scores would be thrown away): score from the
             # second on; a first round that changes nothing leaves the scoring to fit's own pass
             scores = np.empty(n_train) if self.context == "pixel" and round_ > 0 else None
-            held, held_index, start = [], [], 0
+            held, held_index, n_held, start = [], [], 0, 0
             for spectra in chunks():
                 part = slice(start, start + spectra.shape[0])
                 start = part.stop
@@ -195,17 +195,18 @@ class PCADetector(SpectrumDetector):
                 # longer see it as an outlier, which would make the rounds oscillate)
                 new_keep[part] = keep[part] & (np.einsum("ij,jk,ik->i", centred, precision, centred) <= cut)
                 changed = np.flatnonzero(new_keep[part] != keep[part])
-                if changed.size and sum(len(h) for h in held) + changed.size <= limit:
+                if changed.size and n_held + changed.size <= limit:
                     held.append(spectra[changed])
+                    n_held += changed.size
                 held_index.append(changed + part.start)
                 if scores is not None:
-                    model = self._model_from(spectra, coefficients)
+                    model = self._predicted_spectra(spectra, coefficients)
                     scores[part] = score_spectra(spectra[:, channels], model[:, channels], self.scoring)
             changed = np.concatenate(held_index)
             if changed.size == 0:
                 self._training_scores = scores
                 break
-            spectra = np.concatenate(held) if sum(len(h) for h in held) == changed.size else take(changed)
+            spectra = np.concatenate(held) if n_held == changed.size else take(changed)
             sign = -np.ones(changed.size)  # dropped now: subtract them from the moments
             moments = tuple(m + k for m, k in zip(moments, self._moments([spectra], sign), strict=True))
             keep = new_keep
@@ -246,16 +247,6 @@ class PCADetector(SpectrumDetector):
                 sample.append(spectra[inside - start])
             start += spectra.shape[0]
         return moments, (np.concatenate(sample) if sample else None)
-
-    def _model_from(self, spectra: np.ndarray, coefficients: np.ndarray) -> np.ndarray:
-        """The reconstruction of spectra from their component scores (what :meth:`_reconstruct_spectra` gives)."""
-        weighted = coefficients
-        if self.poisson_normalize:
-            weighted = coefficients * np.sqrt(np.maximum(spectra.sum(axis=1, keepdims=True), 1e-12))
-        model = weighted @ self.components_
-        model *= self.channel_weights_
-        model += self.mean_
-        return model
 
     def _moments(self, blocks, sign: np.ndarray | None = None) -> tuple[np.ndarray, float, np.ndarray]:
         """(channel sums, total counts, cross-product matrix) of spectra, Poisson-scaled when normalising.

@@ -644,8 +644,7 @@ def denoise_cube(
     elif isinstance(reference, str):
         if reference != "mean":
             raise ValueError(f"reference must be 'mean', an array or None, got {reference!r}")
-        mean_spectrum = visited_counts.reshape(-1, counts.shape[-1]).mean(axis=0)
-        scale = np.maximum(mean_spectrum, 1e-3 * max(float(mean_spectrum.mean()), 1e-12))
+        scale = _reference_of(visited_counts.reshape(-1, counts.shape[-1]).mean(axis=0))
     else:
         scale = np.asarray(reference, dtype=float)
         try:
@@ -707,11 +706,21 @@ def denoise_cube(
     attrs.update(reconstruction=f"SPIRAL-TAP {penalty}", tau=float(tau), iterations=result.iterations,
                  seconds=float(result.times[-1]), converged=int(result.converged), reference=reference_name)
     if truth is not None:
-        truth_values = np.asarray(truth, dtype=float)
-        if truth_values.shape != counts.shape:
-            raise ValueError(f"truth has shape {truth_values.shape} but the cube has {counts.shape}")
-        attrs["relative_error"] = float(np.linalg.norm(intensity - truth_values) / np.linalg.norm(truth_values))
+        attrs["relative_error"] = _relative_error(intensity, truth)
     return xr.DataArray(intensity, dims=cube.dims, coords=cube.coords, name="intensity", attrs=attrs)
+
+
+def _reference_of(mean_spectrum: np.ndarray) -> np.ndarray:
+    """The reference spectrum of ``reference="mean"``: the mean, floored at 1e-3 of its own mean."""
+    return np.maximum(mean_spectrum, 1e-3 * max(float(mean_spectrum.mean()), 1e-12))
+
+
+def _relative_error(intensity: np.ndarray, truth) -> float:
+    """``||x - truth|| / ||truth||``, with a clear error when the shapes differ."""
+    truth_values = np.asarray(truth, dtype=float)
+    if truth_values.shape != intensity.shape:
+        raise ValueError(f"truth has shape {truth_values.shape} but the cube has {intensity.shape}")
+    return float(np.linalg.norm(intensity - truth_values) / np.linalg.norm(truth_values))
 
 
 def _denoise_tiled(cube: xr.DataArray, *, tile: int, overlap: int, tau, taus, reference, visited, truth,
@@ -739,7 +748,7 @@ def _denoise_tiled(cube: xr.DataArray, *, tile: int, overlap: int, tau, taus, re
         else:
             mask = da.from_array(visited_values[..., None], chunks=data.chunks[:2] + ((1,),))
             mean_spectrum = np.asarray((data * mask).sum(axis=(0, 1)).compute(), dtype=float) / visited_values.sum()
-        reference = np.maximum(mean_spectrum, 1e-3 * max(float(mean_spectrum.mean()), 1e-12))
+        reference = _reference_of(mean_spectrum)
     attrs = dict(cube.attrs)
     if isinstance(tau, str):  # chosen once, on the central tile
         ny, nx = cube.sizes["y"], cube.sizes["x"]
@@ -784,8 +793,5 @@ def _denoise_tiled(cube: xr.DataArray, *, tile: int, overlap: int, tau, taus, re
         return out
     out = out.compute()
     if truth is not None:
-        truth_values = np.asarray(truth, dtype=float)
-        if truth_values.shape != out.shape:
-            raise ValueError(f"truth has shape {truth_values.shape} but the cube has {out.shape}")
-        out.attrs["relative_error"] = float(np.linalg.norm(out.values - truth_values) / np.linalg.norm(truth_values))
+        out.attrs["relative_error"] = _relative_error(out.values, truth)
     return out

@@ -87,7 +87,6 @@ def _as_counts(counts) -> np.ndarray:
     if not integer and not np.all(np.isfinite(array)):
         raise ValueError("counts hold NaN or inf")
     if array.size and (array.min() < 0 if integer else np.any(array < 0)):
-        array = np.asarray(array, dtype=np.float64)
         raise ValueError(f"counts must be >= 0 (minimum {array.min():g}); clip dark-reference negatives first")
     return np.asarray(array, dtype=np.float64)
 

@@ -108,9 +108,10 @@ def compare_regions(
             chosen = in_a[rows].ravel() | region_b
             if not chosen.any():
                 continue
-            counts = spectra[chosen][:, tested]
+            spectra = spectra[chosen]
+            counts = spectra[:, tested]
             if normalize == "total":
-                totals = spectra[chosen][:, normalising].sum(axis=1)
+                totals = spectra[:, normalising].sum(axis=1)
                 _check_totals(totals)
                 log_totals += float(np.log(totals).sum())
             else:

@@ -284,9 +284,16 @@ class CVAEDetector(BaseDetector):
         counts = np.asarray(cube.transpose("y", "x", "energy").values, dtype=np.float32)
         my, mx = self._margin()
         counts = np.pad(counts, ((my, my), (mx, mx), (0, 0)), mode="symmetric")
-        patches, scales, corners = extract_patches(counts, patch, stride)
         device = self._device()
-        model = self.model_.to(device)
+        self.model_.to(device)
+        yield from self._run_patches(*extract_patches(counts, patch, stride), device, batch_size, nll)
+        self.model_.to("cpu")
+
+    def _run_patches(self, patches: torch.Tensor, scales: torch.Tensor, corners: list, device: torch.device,
+                     batch_size: int, nll: bool):
+        """Yield (corners, counts, expected counts, voxel NLL or None) per batch of patches, as numpy
+        (the model already on ``device``)."""
+        model = self.model_
         for start in range(0, len(patches), batch_size):
             block = patches[start:start + batch_size].to(device)
             scale = scales[start:start + batch_size].to(device)
@@ -295,7 +302,6 @@ class CVAEDetector(BaseDetector):
             voxel_nll = model.voxel_nll(block, scale, decoded) if nll else None
             yield (corners[start:start + batch_size], block.cpu().numpy()[:, 0], expected.float().cpu().numpy()[:, 0],
                    None if voxel_nll is None else voxel_nll.float().cpu().numpy()[:, 0])
-        self.model_.to("cpu")
 
     def _accumulate(self, cube: xr.DataArray, per_patch) -> np.ndarray:
         """Average a per-patch, per-pixel quantity (N, [E,] py, px) over the patches covering each pixel.
@@ -359,10 +365,9 @@ class CVAEDetector(BaseDetector):
         if height < patch[0] or width < patch[1]:  # smaller than a patch: small enough to score in memory
             return self._score_array(cube.load())
         row_starts = patch_starts(height, patch[0], stride[0])
-        col_starts = patch_starts(width, patch[1], stride[1])
         weight = _centre_weights(patch)
         device = self._device()
-        model = self.model_.to(device)
+        self.model_.to(device)
         nll = self.scoring == "nll"
         scores = np.empty((ny, nx))
         window, window_start = np.empty((0, width, ne), np.float32), 0  # padded rows held, from window_start
@@ -380,21 +385,11 @@ class CVAEDetector(BaseDetector):
                 total = np.concatenate([total, np.zeros((depth, new.shape[0], width))], axis=1)
                 covered = np.concatenate([covered, np.zeros((new.shape[0], width))])
             band = window[y0 - window_start:stop - window_start]
-            scale = pixel_scale(band)
-            blocks = np.stack([band[:, x:x + patch[1]] for x in col_starts])
-            scales = np.stack([scale[:, x:x + patch[1]] for x in col_starts])
-            blocks_t = torch.from_numpy(np.ascontiguousarray(blocks.transpose(0, 3, 1, 2)[:, None]))
-            scales_t = torch.from_numpy(np.ascontiguousarray(scales[:, None, None], dtype=np.float32))
-            for start in range(0, len(col_starts), batch_size):
-                block = blocks_t[start:start + batch_size].to(device)
-                scale_b = scales_t[start:start + batch_size].to(device)
-                decoded, _, _ = model(block / scale_b.clamp_min(1e-12), sample=False)
-                if nll:
-                    value = model.voxel_nll(block, scale_b, decoded).float().cpu().numpy()[:, 0][:, channels]
-                    value = value.mean(axis=1, keepdims=True)
-                else:
-                    value = model.expected_counts(scale_b, decoded).float().cpu().numpy()[:, 0]
-                for x, v in zip(col_starts[start:start + batch_size], value, strict=True):
+            # one row of corners: the band is a patch high, its corners those of the whole cube in this row
+            outputs = self._run_patches(*extract_patches(band, patch, (patch[0], stride[1])), device, batch_size, nll)
+            for corners, _, expected, voxel_nll in outputs:
+                value = voxel_nll[:, channels].mean(axis=1, keepdims=True) if nll else expected
+                for (_, x), v in zip(corners, value, strict=True):
                     total[:, y0 - window_start:stop - window_start, x:x + patch[1]] += v * weight
                     covered[y0 - window_start:stop - window_start, x:x + patch[1]] += weight
             # padded rows above the next row of corners are final: score the cube rows among them
