@@ -210,6 +210,8 @@ def _load_microscope_file(path: Path, format_name: str, signal_index: int | None
         ) from error
     if not signals:
         raise DatacubeReadError(path, "holds no signal")
+    if format_name == "zspy":
+        _check_zarr_chunks(path)
     if signal_index is not None:
         if not 0 <= signal_index < len(signals):
             raise DatacubeReadError(path, f"signal_index {signal_index} out of range: the file holds {len(signals)}")
@@ -221,6 +223,34 @@ def _load_microscope_file(path: Path, format_name: str, signal_index: int | None
             raise DatacubeReadError(path, f"holds no signal with an energy axis in eV (axes: {names})")
         chosen = spectral[0]
     return signal_dict_to_cube(chosen, source=path)
+
+
+def _check_zarr_chunks(path: Path) -> None:
+    """Refuse a .zspy store with chunk files missing (a partial copy), naming the file and the first rows.
+
+    Zarr reads a missing chunk as its fill value (zeros) without a word; RosettaSciIO writes every chunk
+    (Zarr's ``write_empty_chunks=True``), so one that is absent was lost.
+    """
+    import itertools
+
+    import zarr
+
+    arrays: list = []
+    zarr.open(str(path), mode="r").visititems(
+        lambda _, item: arrays.append(item) if isinstance(item, zarr.Array) and item.ndim >= 2 else None)
+    for array in arrays:
+        prefix = f"{array.path}/" if array.path else ""
+        separator = getattr(array, "_dimension_separator", None) or "."
+        present = {key[len(prefix):] for key in array.store.keys() if key.startswith(prefix)}
+        expected = [separator.join(map(str, index)) for index in itertools.product(*map(range, array.cdata_shape))]
+        missing = [key for key in expected if key not in present]
+        if not missing:
+            continue
+        first = tuple(int(i) for i in missing[0].split(separator))
+        rows = f"{first[0] * array.chunks[0]}-{min(array.shape[0], (first[0] + 1) * array.chunks[0]) - 1}"
+        raise DatacubeReadError(path, f"{len(missing)} of {len(expected)} chunks of '{array.path}' are missing from "
+                                f"the Zarr store (a partial copy?): they would read as zeros; the first is chunk "
+                                f"{first}, rows {rows} of its first axis")
 
 
 def _energy_axis_index(axes: list[dict[str, Any]]) -> int | None:

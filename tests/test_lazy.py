@@ -76,6 +76,21 @@ def test_every_chunked_format_loads_lazily_with_the_eager_values(simulated, tmp_
     assert eels_ad.load(path, chunks={"y": 7}).data.chunks[0][0] == 7
 
 
+def test_a_zspy_store_with_a_chunk_missing_is_refused_by_name(simulated, tmp_path):
+    path = tmp_path / "cube.zspy"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        signal = eels_ad.io.to_hyperspy(simulated["counts"])
+        signal.save(path, chunks=(10, 22, 64))
+    np.testing.assert_array_equal(eels_ad.load(path).values, simulated["counts"].values)  # whole: reads
+    data = path / "Experiments" / "counts" / "data"  # chunk files 'i/j/k' (nested) or 'i.j.k'
+    chunk = data / "1" / "0" / "0" if (data / "1").is_dir() else data / "1.0.0"  # rows 10-19
+    chunk.unlink()
+    for lazy in (True, False):
+        with pytest.raises(DatacubeReadError, match=r"cube.zspy: 1 of \d+ chunks .* missing .* rows 10-19"):
+            eels_ad.load(path, lazy=lazy)
+
+
 @pytest.mark.skipif(not (SHARED / "fe_oxide_si.dm3").exists(), reason="../shared/data/real is not beside the project")
 def test_dm_files_are_memory_mapped_with_the_eager_values():
     path = SHARED / "fe_oxide_si.dm3"
@@ -137,6 +152,18 @@ def test_cvae_scores_a_lazy_cube_band_by_band_as_in_memory(pair):
     for scoring in ("deviance", "nll"):
         detector.scoring = scoring
         np.testing.assert_allclose(detector.score(lazy).values, detector.score(eager).values, rtol=1e-5, atol=1e-6)
+
+
+def test_cvae_neighbour_context_scores_a_lazy_cube_band_by_band_as_in_memory(pair):
+    eager, lazy = pair
+    detector = CVAEDetector(context="neighbours", max_epochs=1, seed=0, spatial=False, progress=False).fit(eager)
+    detector.SCORE_BATCH = 6  # a band of rows is one row of hidden centres (4 pixel rows): 8 bands
+    for scoring in ("deviance", "nll"):
+        detector.scoring = scoring
+        with Reads() as reads:
+            scores = detector.score(lazy).values
+        np.testing.assert_allclose(scores, detector.score(eager).values, rtol=1e-5, atol=1e-6)
+        assert reads.count == 8  # one read per band
 
 
 def test_compare_regions_in_one_pass_equals_in_memory(pair, simulated):
