@@ -175,9 +175,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             parameters["max_epochs"] = args.epochs
         if args.max_time is not None:
             parameters["max_time"] = args.max_time
-    if args.model == "pca":
-        parameters["context"] = args.context
-    parameters.update(scoring=args.scoring, fdr=args.fdr, spatial=not args.no_spatial)
+    parameters.update(context=args.context, scoring=args.scoring, fdr=args.fdr, spatial=not args.no_spatial)
     if args.energy_range:
         parameters["energy_range"] = tuple(args.energy_range)
     try:
@@ -452,13 +450,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--plain", action="store_true", help="PCA without Poisson normalisation")
     train.add_argument("--robust", action="store_true", help="PCA: trim spectra that do not belong to the bulk")
     from .detect import SCORES, PCADetector
-    from .detect.pca import CONTEXTS
+    from .detect._base import CONTEXTS
 
     train.add_argument("--scoring", choices=SCORES, default=_api_default(PCADetector, "scoring"),
                        help="per-pixel score (default deviance; shift: the z of an edge shift, for chemical shifts)")
     train.add_argument("--context", choices=CONTEXTS, default=_api_default(PCADetector, "context"),
-                       help="PCA: model each spectrum from itself (pixel, default) or predict it from its "
-                       "neighbours, the pixel hidden (follows an uncorrected energy drift)")
+                       help="model each spectrum from itself (pixel, default) or predict it from its "
+                       "neighbours, the pixel hidden (follows an uncorrected energy drift); PCA and CVAE")
     fdr_default = _api_default(PCADetector, "fdr")
     train.add_argument("--fdr", type=float, default=fdr_default,
                        help=f"flag at this false-discovery rate, 0-1 (default {fdr_default:g})")

@@ -175,6 +175,11 @@ def test_cvae_train_command(tmp_path):
     model = tmp_path / "cvae.nc"
     assert main(["train", str(bulk), "--model", "cvae", "--epochs", "1", "--out", str(model), "--quiet"]) == 0
     assert eels_ad.detect.load(model).score(eels_ad.load(bulk)).shape == (12, 12)
+    blind = tmp_path / "blind.nc"
+    assert main(["train", str(bulk), "--model", "cvae", "--epochs", "1", "--context", "neighbours", "--out",
+                 str(blind), "--quiet"]) == 0
+    detector = eels_ad.detect.load(blind)
+    assert detector.context == "neighbours" and detector.model_.hole is not None
 
 
 def test_plan_keeps_subfolders_apart(tmp_path):

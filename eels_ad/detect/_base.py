@@ -32,6 +32,9 @@ from .spatial import check_level, fdr_flags, normal_scores, pixel_pvalues, pool_
 from .threshold import THRESHOLD_METHODS, choose_threshold
 
 FORMAT_VERSION = 2
+#: how a spectrum's bulk model is found: from the pixel itself, or predicted from its neighbours, the pixel
+#: hidden (``context`` of the PCA and CVAE detectors)
+CONTEXTS: tuple[str, ...] = ("pixel", "neighbours")
 #: what a pooled score map carries beside the map: the per-pixel scores and their calibrated p-values
 SPATIAL_COORDS: tuple[str, ...] = ("pixel_score", "pvalue")
 # where the classes that are not imported with eels_ad.detect live (torch and Lightning load on demand)

@@ -7,13 +7,11 @@ from typing import Any
 
 import numpy as np
 
-from ._base import SpectrumDetector, _as_slice
+from ._base import CONTEXTS, SpectrumDetector, _as_slice
 from ._scores import score_spectra
 from .spatial import ring
 from .threshold import ThresholdMethod
 
-#: how a spectrum's bulk model is found: from the pixel itself, or predicted from its neighbours
-CONTEXTS: tuple[str, ...] = ("pixel", "neighbours")
 #: inner and outer radius (pixels) of the ring of neighbours that predicts a hidden pixel
 NEIGHBOUR_RING: tuple[float, float] = (2.5, 5.0)
 

@@ -10,6 +10,12 @@ richer in Fe than any training pixel scored like anomalies). The encoder's strid
 energy 8x and space 4x; a small dense layer maps that to the latent (mean, log-variance) and back,
 so the model stays at about 0.3 million parameters for the default patch and 320 channels (the model of
 Sultanov et al. had about 777 million, almost all in two dense layers).
+
+With a ``hole`` (a blind spot, ``CVAEDetector(context="neighbours")``) the encoder never sees the centre
+pixels of a patch, the decoder adds its output to the mean shape of the ring around the hole instead of
+the bulk's, and the loss counts the hidden pixels only: the network learns how a pixel differs from its
+neighbourhood, so a nuisance the neighbourhood shares (a drift of the energy axis) is predicted and a local
+change is not.
 """
 
 from __future__ import annotations
@@ -63,6 +69,10 @@ class CVAE3D(pl.LightningModule):
         Weight of the KL term.
     learning_rate
         Adam learning rate.
+    hole
+        ``(hy, hx)`` pixels at the centre of every patch that the encoder never sees (a blind spot):
+        the network predicts their spectra from the ring of pixels around them, and the loss counts
+        those pixels only. None (default): the encoder sees the whole patch and the loss counts all of it.
     """
 
     def __init__(
@@ -74,11 +84,20 @@ class CVAE3D(pl.LightningModule):
         likelihood: Likelihood = "poisson",
         beta: float = 1.0,
         learning_rate: float = 1e-3,
+        hole: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
         if likelihood not in ("poisson", "gaussian"):
             raise ValueError(f"likelihood must be 'poisson' or 'gaussian', got {likelihood!r}")
+        if hole is not None:
+            hole = (int(hole[0]), int(hole[1]))
+            if not (1 <= hole[0] <= patch_size[0] - 2 and 1 <= hole[1] <= patch_size[1] - 2):
+                raise ValueError(f"the hidden centre {hole} must leave a ring of at least one pixel in a patch of "
+                                 f"{tuple(patch_size)}")
         self.save_hyperparameters()
+        #: (rows, columns) of the hidden centre within a patch, or None
+        self.hole = None if hole is None else tuple(
+            slice((side - h) // 2, (side - h) // 2 + h) for side, h in zip(patch_size, hole, strict=True))
         self.padded_shape = (_padded(n_channels, 8), _padded(patch_size[0], 4), _padded(patch_size[1], 4))
         w1, w2, w3 = widths
         self.encoder = nn.Sequential(
@@ -112,24 +131,47 @@ class CVAE3D(pl.LightningModule):
             raise ValueError(f"patch of shape {(e, y, x)} is larger than the model's {self.padded_shape}")
         return F.pad(tensor, (0, px, 0, py, 0, pe), mode="replicate") if pe or py or px else tensor
 
+    def _hide(self, features: torch.Tensor) -> torch.Tensor:
+        """The input with the hidden centre (``hole``) set to zero."""
+        if self.hole is None:
+            return features
+        features = features.clone()
+        features[..., self.hole[0], self.hole[1]] = 0.0
+        return features
+
     def encode(self, shape: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Posterior mean and log-variance of the latent for normalised spectra (N, 1, E, y, x)."""
-        features = self.encoder(self._pad(torch.log1p(shape)))
+        """Posterior mean and log-variance of the latent for normalised spectra (N, 1, E, y, x); with a
+        ``hole``, from the patch without its centre."""
+        features = self.encoder(self._pad(self._hide(torch.log1p(shape))))
         mean, log_variance = self.to_latent(features.flatten(1)).chunk(2, dim=1)
         return mean, log_variance.clamp(-12.0, 8.0)
 
-    def decode(self, latent: torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:
-        """Decoder output cropped to ``size`` = (E, y, x): (N, 1 or 2, E, y, x)."""
+    def decode(self, latent: torch.Tensor, size: tuple[int, int, int], base: torch.Tensor | None = None
+               ) -> torch.Tensor:
+        """Decoder output cropped to ``size`` = (E, y, x): (N, 1 or 2, E, y, x), added to ``base`` (N, 1, E, 1, 1)
+        or, when None, to the bulk's mean shape."""
         features = self.from_latent(latent).view(-1, *self.bottleneck_shape)
         out = self.decoder(features)
         e, y, x = size
         out = out[:, :, :e, :y, :x]
-        return torch.cat([out[:, :1] + self.bulk_shape[:e].view(1, 1, e, 1, 1), out[:, 1:]], dim=1)
+        base = self.bulk_shape[:e].view(1, 1, e, 1, 1) if base is None else base
+        return torch.cat([out[:, :1] + base, out[:, 1:]], dim=1)
+
+    def ring_shape(self, shape: torch.Tensor) -> torch.Tensor | None:
+        """With a ``hole``: the mean normalised spectrum of the ring around it (N, 1, E, 1, 1), in the
+        decoder's units (log for the Poisson model); the decoder adds its output to it, so the network
+        learns how the centre differs from its neighbours. None without a hole."""
+        if self.hole is None:
+            return None
+        ring = torch.ones(shape.shape[-2:], dtype=torch.bool, device=shape.device)
+        ring[self.hole[0], self.hole[1]] = False
+        mean = shape[..., ring].mean(dim=-1)[..., None, None]
+        return torch.log(mean.clamp_min(1e-6)) if self.hparams.likelihood == "poisson" else mean
 
     def forward(self, shape: torch.Tensor, sample: bool = False):
         mean, log_variance = self.encode(shape)
         latent = mean + torch.randn_like(mean) * torch.exp(0.5 * log_variance) if sample else mean
-        return self.decode(latent, tuple(shape.shape[-3:])), mean, log_variance
+        return self.decode(latent, tuple(shape.shape[-3:]), self.ring_shape(shape)), mean, log_variance
 
     # -- the likelihood ---------------------------------------------------------------------------
     def voxel_nll(self, counts: torch.Tensor, scale: torch.Tensor, decoded: torch.Tensor) -> torch.Tensor:
@@ -149,9 +191,12 @@ class CVAE3D(pl.LightningModule):
     def loss(self, counts: torch.Tensor, scale: torch.Tensor, sample: bool = True) -> dict[str, torch.Tensor]:
         shape = counts / scale.clamp_min(1e-12)
         decoded, mean, log_variance = self(shape, sample=sample)
-        nll = self.voxel_nll(counts, scale, decoded).sum(dim=(1, 2, 3, 4))
+        voxel_nll = self.voxel_nll(counts, scale, decoded)
+        if self.hole is not None:  # the blind spot: judged on the pixels it did not see
+            voxel_nll = voxel_nll[..., self.hole[0], self.hole[1]]
+        nll = voxel_nll.sum(dim=(1, 2, 3, 4))
         kl = -0.5 * (1 + log_variance - mean**2 - torch.exp(log_variance)).sum(dim=1)
-        voxels = counts[0].numel()
+        voxels = voxel_nll[0].numel()
         total = (nll + self.hparams.beta * kl).mean() / voxels
         return {"loss": total, "nll": nll.mean() / voxels, "kl": kl.mean()}
 
