@@ -175,7 +175,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             parameters["max_epochs"] = args.epochs
         if args.max_time is not None:
             parameters["max_time"] = args.max_time
-    parameters.update(context=args.context, scoring=args.scoring, fdr=args.fdr, spatial=not args.no_spatial)
+    parameters.update(context=args.context, scoring=args.scoring, fdr=args.fdr, spatial=not args.no_spatial,
+                      empirical_null=not args.no_empirical_null)
     if args.energy_range:
         parameters["energy_range"] = tuple(args.energy_range)
     try:
@@ -460,6 +461,9 @@ def build_parser() -> argparse.ArgumentParser:
     fdr_default = _api_default(PCADetector, "fdr")
     train.add_argument("--fdr", type=float, default=fdr_default,
                        help=f"flag at this false-discovery rate, 0-1 (default {fdr_default:g})")
+    train.add_argument("--no-empirical-null", action="store_true",
+                       help="take the p-values as the training bulk calibrates them (default: re-standardise each "
+                       "map's p-values to its own null, median and MAD)")
     train.add_argument("--no-spatial", action="store_true",
                        help="judge every pixel alone (default: pool each pixel's evidence with its neighbourhood's)")
     train.add_argument("--max-time", type=float, metavar="SECONDS",

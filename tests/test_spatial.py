@@ -2,10 +2,11 @@
 
 import numpy as np
 import pytest
+from scipy import stats
 
 import eels_ad
 from eels_ad.detect import PCADetector
-from eels_ad.detect.spatial import fdr_flags, pixel_pvalues, pool_evidence, spatial_flags
+from eels_ad.detect.spatial import empirical_null, fdr_flags, pixel_pvalues, pool_evidence, spatial_flags
 from eels_ad.evaluate import detection_metrics
 
 
@@ -181,3 +182,45 @@ def test_neighbour_context_sees_a_local_shift_through_an_energy_drift():
     assert auc["neighbours"] > 0.97 and auc["neighbours"] > auc["pixel"] + 0.1, auc
     model = PCADetector(context="neighbours").fit(bulk)
     assert model.reconstruct(test["counts"]).shape == test["counts"].shape
+
+
+def test_the_empirical_null_takes_out_a_nuisance_the_calibration_did_not_see():
+    rng = np.random.default_rng(5)
+    # a nuisance narrows and shifts every bulk pixel's normal score; 2 % of pixels are far out
+    z = rng.normal(-0.2, 0.85, 20_000)
+    z[:400] += 6.0
+    adjusted, centre, spread = empirical_null(stats.norm.sf(z))
+    assert abs(centre - (-0.2)) < 0.05 and abs(spread - 0.85) < 0.05
+    bulk = adjusted[400:]
+    # uniform again; the 2 % far out move the median up by ~0.025 sigma: a little conservative, as documented
+    assert 0.038 < np.mean(bulk < 0.05) <= 0.052 and 0.0004 < np.mean(bulk < 0.001) < 0.0016
+    assert np.mean(adjusted[:400] < 1e-4) > 0.9  # the far-out pixels stay far out
+    # p-values already uniform are left nearly as they are
+    p = rng.uniform(size=20_000)
+    same, centre, spread = empirical_null(p)
+    assert abs(centre) < 0.03 and abs(spread - 1) < 0.03
+    np.testing.assert_allclose(stats.norm.isf(same), stats.norm.isf(p), atol=0.1)
+    # NaN (vacuum) stays NaN and is left out; too few pixels: unchanged
+    with_nan = np.where(np.arange(p.size) % 10 == 0, np.nan, p)
+    assert np.isnan(empirical_null(with_nan)[0][::10]).all()
+    few = p[:50]
+    np.testing.assert_array_equal(empirical_null(few)[0], few)
+
+
+def test_the_empirical_null_calibrates_bulk_cubes_under_another_drift():
+    def cube(seed):
+        return eels_ad.simulate_fe_l23((48, 48), dose=20, drift=1.0, anomaly_fraction=0.0, seed=seed)["counts"]
+
+    detector = PCADetector(scoring="shift", context="neighbours", spatial=False).fit(cube(100))
+    errors = {False: [], True: []}  # |log(share of p < 0.05 / 0.05)| of bulk-only cubes, each its own drift
+    for seed in range(7, 15):
+        scores = detector.score(cube(seed))
+        for empirical in (False, True):
+            detector.empirical_null = empirical
+            share = np.mean(detector.pvalues(scores).values < 0.05)
+            errors[empirical].append(abs(np.log(max(share, 1e-3) / 0.05)))
+    # measured: 0.98 as calibrated on the training cube (shares 0.007-0.092), 0.25 on each map's own null
+    # (0.048-0.090: a centre and a spread, not the tail's shape)
+    assert np.mean(errors[True]) < 0.45 and np.mean(errors[True]) < 0.5 * np.mean(errors[False]), errors
+    with pytest.raises(ValueError, match="empirical_null must be True or False"):
+        PCADetector(empirical_null="yes").fit(cube(100))

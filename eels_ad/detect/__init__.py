@@ -14,7 +14,7 @@ from ._base import BaseDetector, NotFittedError, SpectrumDetector, detector_clas
 from ._scores import SCORES, edge_shift, edge_shift_z, one_minus_correlation, pearson_residual, poisson_deviance
 from .pca import PCADetector
 from .sklearn import SklearnDetector
-from .spatial import fdr_flags, pixel_pvalues, pool_evidence, spatial_flags
+from .spatial import empirical_null, fdr_flags, pixel_pvalues, pool_evidence, spatial_flags
 from .threshold import bimodality, choose_threshold, false_alarm_threshold, gmm_threshold, otsu_threshold
 
 #: the detectors of ``eels-ad train --model``: the model name and its class name
@@ -34,6 +34,7 @@ __all__ = [
     "detector_class",
     "edge_shift",
     "edge_shift_z",
+    "empirical_null",
     "false_alarm_threshold",
     "fdr_flags",
     "gmm_threshold",

@@ -28,7 +28,7 @@ import xarray as xr
 
 from ..datacube import as_mask, is_lazy, read_rows, row_blocks, validate
 from ._scores import SCORES, score_spectra
-from .spatial import check_level, fdr_flags, normal_scores, pixel_pvalues, pool_evidence, spatial_flags
+from .spatial import check_level, empirical_null, fdr_flags, normal_scores, pixel_pvalues, pool_evidence, spatial_flags
 from .threshold import THRESHOLD_METHODS, choose_threshold
 
 FORMAT_VERSION = 2
@@ -102,8 +102,9 @@ class BaseDetector(abc.ABC):
             raise ValueError(f"threshold must be one of {THRESHOLD_METHODS} or a number, got {threshold!r}")
         check_level(params.get("false_alarm_rate", 0.001), "false_alarm_rate")
         check_level(params.get("fdr", 0.05), "fdr")
-        if not isinstance(params.get("spatial", False), (bool, np.bool_)):
-            raise ValueError(f"spatial must be True or False, got {params['spatial']!r}")
+        for name in ("spatial", "empirical_null"):
+            if not isinstance(params.get(name, False), (bool, np.bool_)):
+                raise ValueError(f"{name} must be True or False, got {params[name]!r}")
 
     # -- the hooks ----------------------------------------------------------------------------
     @abc.abstractmethod
@@ -235,10 +236,13 @@ class BaseDetector(abc.ABC):
         attrs = {"score": str(self.get_params().get("scoring", "model")), "detector": type(self).__name__}
         if not spatial:
             return xr.DataArray(raw, dims=("y", "x"), coords=coords, name="score", attrs=attrs)
-        pvalues = pixel_pvalues(raw, self.calibration_scores_)
-        if vacuum is not None:
-            pvalues = np.where(vacuum, np.nan, pvalues)
+        pvalues, centre, spread = self._pixel_pvalues(raw, vacuum)
+        if self.get_params().get("empirical_null", False):
+            attrs.update(null_centre=centre, null_spread=spread)
         pooled = pool_evidence(pvalues, mask=None if vacuum is None else ~vacuum)
+        if self.get_params().get("empirical_null", False):  # the pooled map's own null too (spatial structure)
+            pooled, centre, spread = empirical_null(pooled)
+            attrs.update(pooled_null_centre=centre, pooled_null_spread=spread)
         evidence = normal_scores(pooled)
         coords["pixel_score"] = (("y", "x"), raw)
         coords["pvalue"] = (("y", "x"), pvalues)
@@ -252,6 +256,16 @@ class BaseDetector(abc.ABC):
         model = self._reconstruct_array(cube)
         return xr.DataArray(model, dims=("y", "x", "energy"), coords=cube.transpose("y", "x", "energy").coords,
                             name="reconstruction", attrs={"units": "counts", "detector": type(self).__name__})
+
+    def _pixel_pvalues(self, raw: np.ndarray, vacuum: np.ndarray | None) -> tuple[np.ndarray, float, float]:
+        """Per-pixel p-values of raw scores against the calibration scores (vacuum NaN), re-standardised to
+        the map's own null with ``empirical_null=True``; with that null's centre and spread (sigma)."""
+        pvalues = pixel_pvalues(raw, self.calibration_scores_)
+        if vacuum is not None:
+            pvalues = np.where(vacuum, np.nan, pvalues)
+        if self.get_params().get("empirical_null", False):
+            return empirical_null(pvalues)
+        return pvalues, 0.0, 1.0
 
     def _spatial_scores(self, scores: xr.DataArray) -> bool:
         return scores.attrs.get("spatial") == "pooled" and "pvalue" in scores.coords
@@ -287,8 +301,10 @@ class BaseDetector(abc.ABC):
     def pvalues(self, scores: xr.DataArray) -> xr.DataArray:
         """Calibrated p-values of a score map from :meth:`score`: pooled ones when the map is pooled.
 
-        Per pixel they come from the held-out bulk scores (:func:`~eels_ad.detect.spatial.pixel_pvalues`);
-        uniform under the null when the bulk of the scored cube is like the training bulk. Vacuum is NaN.
+        Per pixel they come from the held-out bulk scores (:func:`~eels_ad.detect.spatial.pixel_pvalues`),
+        uniform under the null when the bulk of the scored cube is like the training bulk; with
+        ``empirical_null=True`` (the default where a detector has it) they are then re-standardised to the
+        map's own null (:func:`~eels_ad.detect.spatial.empirical_null`). Vacuum is NaN.
         """
         self._check_fitted()
         if self._spatial_scores(scores):
@@ -296,9 +312,8 @@ class BaseDetector(abc.ABC):
 
             values = special.ndtr(-scores.values)
         else:
-            values = pixel_pvalues(scores.values, self.calibration_scores_)
-            if "vacuum" in scores.coords:
-                values = np.where(np.asarray(scores["vacuum"].values, dtype=bool), np.nan, values)
+            vacuum = np.asarray(scores["vacuum"].values, dtype=bool) if "vacuum" in scores.coords else None
+            values = self._pixel_pvalues(scores.values, vacuum)[0]
         return xr.DataArray(values, dims=("y", "x"), coords=scores.coords, name="pvalue")
 
     def _fdr_flags(self, scores: xr.DataArray) -> tuple[np.ndarray, float]:

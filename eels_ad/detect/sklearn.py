@@ -24,7 +24,7 @@ class SklearnDetector(SpectrumDetector):
     ----------
     estimator
         E.g. ``sklearn.ensemble.IsolationForest(random_state=0)``; it is fitted in place.
-    energy_range, threshold, fdr, false_alarm_rate, spatial, chunk_pixels
+    energy_range, threshold, fdr, false_alarm_rate, spatial, empirical_null, chunk_pixels
         As for :class:`~eels_ad.detect.PCADetector`.
 
     Examples
@@ -42,6 +42,7 @@ class SklearnDetector(SpectrumDetector):
         fdr: float = 0.05,
         false_alarm_rate: float = 0.001,
         spatial: bool = True,
+        empirical_null: bool = True,
         chunk_pixels: int = 1024,
     ) -> None:
         self.estimator = estimator
@@ -50,6 +51,7 @@ class SklearnDetector(SpectrumDetector):
         self.fdr = fdr
         self.false_alarm_rate = false_alarm_rate
         self.spatial = spatial
+        self.empirical_null = empirical_null
         self.chunk_pixels = chunk_pixels
 
     @staticmethod

@@ -113,7 +113,7 @@ class CVAEDetector(BaseDetector):
         Passed to the Lightning ``Trainer`` (``"auto"``: a GPU when there is one, else the CPU;
         ``precision=None``: 16-bit mixed on a GPU, 32-bit on the CPU). Several GPUs: e.g.
         ``devices=4, strategy="ddp"``.
-    energy_range, scoring, score_range, threshold, fdr, false_alarm_rate, spatial
+    energy_range, scoring, score_range, threshold, fdr, false_alarm_rate, spatial, empirical_null
         As for :class:`~eels_ad.detect.PCADetector`; ``scoring`` can also be ``"nll"``, the model's
         own mean negative log-likelihood per channel. The held-out strip's scores calibrate the
         p-values of ``threshold="fdr"`` and of the spatial step.
@@ -151,6 +151,9 @@ class CVAEDetector(BaseDetector):
     _SCORINGS = (*SCORES, "nll")
     #: patches per batch when scoring (and, with ``context="neighbours"``, about the patches of a band of rows)
     SCORE_BATCH = 256
+    #: memory layout of the network at inference: channels-last, which oneDNN's 3D convolutions prefer on the
+    #: CPU (``benchmarks/cvae.py --speed-only`` measures it against the contiguous layout)
+    MEMORY_FORMAT = torch.channels_last_3d
 
     def __init__(
         self,
@@ -182,6 +185,7 @@ class CVAEDetector(BaseDetector):
         fdr: float = 0.05,
         false_alarm_rate: float = 0.001,
         spatial: bool = True,
+        empirical_null: bool = True,
         seed: int = 0,
         progress: bool = True,
         checkpoint_dir: str | None = None,
@@ -193,6 +197,7 @@ class CVAEDetector(BaseDetector):
         self.fdr = fdr
         self.false_alarm_rate = false_alarm_rate
         self.spatial = spatial
+        self.empirical_null = empirical_null
         self.patch_size = patch_size
         self.stride = stride
         self.context = context
@@ -333,15 +338,16 @@ class CVAEDetector(BaseDetector):
         """Yield (corners, counts, expected counts, voxel NLL or None) per batch of patches, as numpy
         (the model already on ``device``).
 
-        The network runs in the channels-last memory layout, which oneDNN's 3D convolutions prefer on the
-        CPU (1.5x faster here, the same numbers to float round-off); the model is put back afterwards.
+        The network runs in the memory layout :attr:`MEMORY_FORMAT` (channels-last: oneDNN's 3D
+        convolutions are faster in it on the CPU, the same numbers to float round-off); the model is put
+        back in the contiguous layout afterwards.
         """
-        model = self.model_.to(memory_format=torch.channels_last_3d)
+        model = self.model_.to(memory_format=self.MEMORY_FORMAT)
         try:
             for start in range(0, len(patches), batch_size):
                 block = patches[start:start + batch_size].to(device)
                 scale = scales[start:start + batch_size].to(device)
-                shape = (block / scale.clamp_min(1e-12)).contiguous(memory_format=torch.channels_last_3d)
+                shape = (block / scale.clamp_min(1e-12)).contiguous(memory_format=self.MEMORY_FORMAT)
                 decoded, _, _ = model(shape, sample=False)
                 expected = model.expected_counts(scale, decoded)
                 voxel_nll = model.voxel_nll(block, scale, decoded) if nll else None
