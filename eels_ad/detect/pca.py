@@ -64,7 +64,8 @@ class PCADetector(SpectrumDetector):
         give the null's centre and spread, stored in the pooled map's attrs (``null_centre``,
         ``null_spread``); the pooled p-values likewise (``pooled_null_centre``, ``pooled_null_spread``),
         as a nuisance with spatial structure pools into false regions. It corrects the centre and spread
-        of a nuisance the calibration did not see, not the shape of its tail: under an uncorrected drift with another pattern than in training
+        of a nuisance the calibration did not see, not the shape of its tail: under an uncorrected drift
+        with another pattern than in training
         (``context="neighbours"``, 8 bulk-only 48 x 48 cubes), the share of p < 0.05 went from 0.007-0.092
         to 0.048-0.090, and the per-pixel flags of three 64 x 64 cells from F1 0.00-0.45 to 0.79-0.99.
         It assumes most pixels are bulk (a share ``f`` of anomalies makes it slightly conservative).
