@@ -369,8 +369,8 @@ def _batch_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar (the log file is still written)")
     parser.add_argument("--chunk-rows", type=_positive_int, metavar="ROWS",
                         help="read inputs lazily (.nc/.hspy/.zspy/.emd/.dm3/.dm4), ROWS rows at a time, so that cubes "
-                        "larger than memory are processed chunk by chunk (with --raw: preparation reads the cube "
-                        "into memory)")
+                        "larger than memory are processed chunk by chunk (the preparation too: spikes are "
+                        "repaired chunk by chunk)")
 
 
 def build_parser() -> argparse.ArgumentParser:

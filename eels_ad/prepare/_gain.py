@@ -7,12 +7,14 @@ from dataclasses import dataclass
 import numpy as np
 import xarray as xr
 
-from ..datacube import validate
+from ..datacube import is_lazy, read_rows, row_blocks, validate
 
 # the median of a chi-squared variable with one degree of freedom
 _CHI2_1_MEDIAN = 0.454936423119572
 # an estimated gain this close to 1 is taken as 1: the counts are electron counts already
 _UNIT_GAIN_RANGE = (0.8, 1.25)
+#: chunks of rows, spread over the image, that estimate the gain of a lazy cube
+GAIN_SAMPLE_CHUNKS = 4
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,9 @@ def estimate_gain(cube: xr.DataArray, *, min_counts: float = 20.0) -> GainEstima
     estimate a little too high; spectra correlated across pixels (none in a scanned SI) would make it
     too low.
 
+    A lazy cube is sampled: :data:`GAIN_SAMPLE_CHUNKS` chunks of rows spread evenly over the image,
+    each read once, their pairs pooled (pairs across the gaps between chunks are not formed).
+
     Parameters
     ----------
     cube
@@ -68,18 +73,24 @@ def estimate_gain(cube: xr.DataArray, *, min_counts: float = 20.0) -> GainEstima
     1.0
     """
     cube = validate(cube, negative="clip")
-    values = np.asarray(cube.values, dtype=np.float64)
-    ny, nx, n_channels = values.shape
+    ny, nx, n_channels = cube.shape
     if ny * nx < 2:
         raise ValueError(f"estimating the gain needs at least 2 pixels, the cube has {ny} x {nx}")
-    first = _pair_estimate(values, 1)
+    if is_lazy(cube):
+        blocks = list(row_blocks(cube, 1))  # the cube's own chunks of rows
+        chosen = np.unique(np.linspace(0, len(blocks) - 1, min(GAIN_SAMPLE_CHUNKS, len(blocks))).round().astype(int))
+        parts = [read_rows(cube, blocks[i], np.float64) for i in chosen]
+    else:
+        parts = [np.asarray(cube.values, dtype=np.float64)]
+    first = _pair_estimate(parts, 1)
     # how many channels to sum so that a bin holds ~min_counts electrons (a first estimate says how many that is)
-    electrons = float(np.median(values)) / max(first.gain, 1e-12)
+    electrons = float(np.median(np.concatenate([part.ravel() for part in parts]))) / max(first.gain, 1e-12)
     channels_per_bin = int(np.clip(np.ceil(min_counts / max(electrons, 1e-9)), 1, max(n_channels // 4, 1)))
-    return first if channels_per_bin == 1 else _pair_estimate(values, channels_per_bin)
+    return first if channels_per_bin == 1 else _pair_estimate(parts, channels_per_bin)
 
 
-def _pair_estimate(values: np.ndarray, channels_per_bin: int) -> GainEstimate:
+def _pair_ratios(values: np.ndarray, channels_per_bin: int) -> list[np.ndarray]:
+    """The ratios of every pair of neighbouring pixels (right and lower) of one block of rows."""
     ny, nx, n_channels = values.shape
     usable = n_channels // channels_per_bin * channels_per_bin
     binned = values[..., :usable].reshape(ny, nx, -1, channels_per_bin).sum(-1)
@@ -95,6 +106,11 @@ def _pair_estimate(values: np.ndarray, channels_per_bin: int) -> GainEstimate:
         denominator = a + s * s * b
         keep = denominator > 0
         ratios.append(((a - s * b) ** 2)[keep] / denominator[keep])
+    return ratios
+
+
+def _pair_estimate(parts: list[np.ndarray], channels_per_bin: int) -> GainEstimate:
+    ratios = [ratio for part in parts for ratio in _pair_ratios(part, channels_per_bin)]
     samples = np.concatenate(ratios) if ratios else np.zeros(0)
     if samples.size < 10:
         raise ValueError(f"too few counts to estimate the gain ({samples.size} usable voxel pairs); "

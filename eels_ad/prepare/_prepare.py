@@ -37,6 +37,8 @@ def prepare(cube: xr.DataArray, *, gain: float | str = "auto", spikes: bool = Tr
     spike_threshold
         For :func:`~eels_ad.prepare.find_spikes`.
 
+    A lazy cube (``eels_ad.load(path, lazy=True)``) stays lazy: see :func:`load_prepared`.
+
     Returns
     -------
     xarray.DataArray
@@ -81,10 +83,11 @@ def load_prepared(source: str | os.PathLike, preparation: dict[str, Any] | None 
                   chunks: dict[str, int] | None = None) -> xr.DataArray:
     """:func:`eels_ad.load` a file, then :func:`prepare` it with the options ``preparation``.
 
-    ``preparation=None`` keeps the counts as recorded, and a file read with ``chunks`` stays lazy (every
-    later stage reads it a chunk at a time); a preparation (spike repair looks at each voxel's
-    neighbours in the whole image) reads the cube into memory. Batch jobs and reports reopen their
-    sources this way, with the options stored in their results.
+    ``preparation=None`` keeps the counts as recorded. A file read with ``chunks`` stays lazy, prepared
+    or not: :func:`prepare` of a lazy cube reads it three times (the total; the spikes, counted; the
+    vacuum mask) plus a sample of chunks for the gain, and the spike repair then runs chunk by chunk
+    (each with one row of its neighbours') whenever a later stage reads the cube. Batch jobs and reports
+    reopen their sources this way, with the options stored in their results.
     """
     from ..io import load
 

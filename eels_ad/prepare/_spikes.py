@@ -6,7 +6,7 @@ import numpy as np
 import xarray as xr
 from scipy import ndimage
 
-from ..datacube import validate
+from ..datacube import is_lazy, validate
 
 
 def _spatial_estimate(values: np.ndarray, totals: np.ndarray) -> np.ndarray:
@@ -51,35 +51,44 @@ def find_spikes(cube: xr.DataArray, *, gain: float = 1.0, threshold: float = 8.0
     energy_width
         Half-width, in channels, of the spectral neighbourhood.
     chunk_rows
-        Rows processed at a time (memory: about 10 x one chunk).
+        Rows processed at a time (memory: about 10 x one chunk). A lazy cube goes by its own chunks.
 
     Returns
     -------
     xarray.DataArray
-        Boolean (y, x, energy), True at the spikes.
+        Boolean (y, x, energy), True at the spikes; lazy (computed chunk by chunk when read) for a lazy
+        cube.
     """
     cube = validate(cube, negative="allow")
     if not gain > 0:
         raise ValueError(f"gain must be > 0 counts per electron, got {gain}")
     if energy_width < 1:
         raise ValueError(f"energy_width must be >= 1 channel, got {energy_width}")
-    electrons = np.asarray(cube.values, dtype=np.float64) / gain
-    electrons = np.maximum(electrons, 0.0)
-    totals = electrons.sum(-1)
-    spikes = np.zeros(electrons.shape, dtype=bool)
-    ny = electrons.shape[0]
+    attrs = {"long_name": "X-ray spike (repaired)", "threshold": threshold, "gain": gain}
+
+    def spikes_of(block: np.ndarray) -> np.ndarray:
+        """The spikes of a block of rows, judged with the rows it holds (context rows included)."""
+        electrons = np.maximum(np.asarray(block, dtype=np.float64) / gain, 0.0)
+        spatial = _spatial_estimate(electrons, electrons.sum(-1))
+        spectral = ndimage.median_filter(electrons, size=(1, 1, 2 * energy_width + 1), mode="nearest")
+        z_spatial = (electrons - spatial) / np.sqrt(spatial + 1.0)
+        z_spectral = (electrons - spectral) / np.sqrt(spectral + 1.0)
+        return (z_spatial > threshold) & (z_spectral > threshold) & (electrons > ratio * np.maximum(spectral, 1.0))
+
+    if is_lazy(cube):  # chunk by chunk, each with one row of its neighbours' on either side
+        data = cube.data.rechunk({1: -1, 2: -1})
+        mask = data.map_overlap(spikes_of, depth={0: 1, 1: 0, 2: 0}, boundary="none", dtype=bool,
+                                meta=np.array((), dtype=bool))
+        return xr.DataArray(mask, dims=cube.dims, coords=cube.coords, name="spike", attrs=attrs)
+    values = np.asarray(cube.values)
+    spikes = np.zeros(values.shape, dtype=bool)
+    ny = values.shape[0]
     for start in range(0, ny, chunk_rows):
         # one row of context on each side, so that chunk edges see the same neighbours
         lo, hi = max(start - 1, 0), min(start + chunk_rows + 1, ny)
-        block = electrons[lo:hi]
-        spatial = _spatial_estimate(block, totals[lo:hi])
-        spectral = ndimage.median_filter(block, size=(1, 1, 2 * energy_width + 1), mode="nearest")
-        z_spatial = (block - spatial) / np.sqrt(spatial + 1.0)
-        z_spectral = (block - spectral) / np.sqrt(spectral + 1.0)
-        found = (z_spatial > threshold) & (z_spectral > threshold) & (block > ratio * np.maximum(spectral, 1.0))
+        found = spikes_of(values[lo:hi])
         spikes[start:min(start + chunk_rows, ny)] = found[start - lo:start - lo + min(chunk_rows, ny - start)]
-    return xr.DataArray(spikes, dims=cube.dims, coords=cube.coords, name="spike",
-                        attrs={"long_name": "X-ray spike (repaired)", "threshold": threshold, "gain": gain})
+    return xr.DataArray(spikes, dims=cube.dims, coords=cube.coords, name="spike", attrs=attrs)
 
 
 def remove_spikes(cube: xr.DataArray, spikes: xr.DataArray | None = None, **options) -> xr.DataArray:
@@ -98,7 +107,8 @@ def remove_spikes(cube: xr.DataArray, spikes: xr.DataArray | None = None, **opti
     -------
     xarray.DataArray
         A copy with the spikes repaired (integer counts stay integers), the boolean (y, x, energy)
-        coordinate ``spike`` and ``attrs["n_spikes"]``.
+        coordinate ``spike`` and ``attrs["n_spikes"]``. For a lazy cube both stay lazy: the repair runs
+        chunk by chunk whenever a stage reads the cube, and counting the spikes is one pass.
 
     Examples
     --------
@@ -112,19 +122,36 @@ def remove_spikes(cube: xr.DataArray, spikes: xr.DataArray | None = None, **opti
     """
     cube = validate(cube, negative="allow")
     spikes = find_spikes(cube, **options) if spikes is None else spikes
+    if spikes.shape != cube.shape:
+        raise ValueError(f"the spike mask has shape {spikes.shape} but the cube has {cube.shape}")
+    integer = np.issubdtype(cube.dtype, np.integer)
+
+    def repaired_of(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """A block of rows with its spikes replaced by the spatial estimate (context rows included)."""
+        values = np.array(values, copy=True)
+        if mask.any():
+            clipped = np.maximum(values.astype(np.float64), 0)
+            estimate = _spatial_estimate(clipped, clipped.sum(-1))[mask]
+            values[mask] = (np.round(estimate) if integer else estimate).astype(values.dtype)
+        return values
+
+    if is_lazy(cube):  # chunk by chunk: read and repaired whenever a stage reads the cube
+        import dask.array as da
+
+        data = cube.data.rechunk({1: -1, 2: -1})
+        mask = da.asarray(spikes.data if hasattr(spikes.data, "dask") else np.asarray(spikes.values, dtype=bool))
+        mask = mask.astype(bool).rechunk(data.chunks)
+        values = da.map_overlap(repaired_of, data, mask, depth={0: 1, 1: 0, 2: 0}, boundary="none",
+                                dtype=data.dtype, meta=np.array((), dtype=data.dtype))
+        repaired = cube.copy(data=values)
+        repaired.coords["spike"] = (cube.dims, mask, {"long_name": "X-ray spike (repaired)"})
+        repaired.attrs["n_spikes"] = int(mask.sum().compute())  # one pass
+        return repaired
     mask = np.asarray(spikes.values, dtype=bool)
-    if mask.shape != cube.shape:
-        raise ValueError(f"the spike mask has shape {mask.shape} but the cube has {cube.shape}")
     values = np.array(cube.values, copy=True)
-    if mask.any():
-        totals = np.maximum(values.astype(np.float64), 0).sum(-1)
-        rows = np.unique(np.nonzero(mask)[0])
-        for row in rows:  # the estimate only where it is needed
-            lo, hi = max(row - 1, 0), min(row + 2, values.shape[0])
-            estimate = _spatial_estimate(np.maximum(values[lo:hi].astype(np.float64), 0), totals[lo:hi])[row - lo]
-            where = mask[row]
-            replacement = np.round(estimate[where]) if np.issubdtype(values.dtype, np.integer) else estimate[where]
-            values[row][where] = replacement.astype(values.dtype)
+    for row in np.unique(np.nonzero(mask)[0]):  # the estimate only where it is needed
+        lo, hi = max(row - 1, 0), min(row + 2, values.shape[0])
+        values[row] = repaired_of(values[lo:hi], mask[lo:hi])[row - lo]
     repaired = cube.copy(data=values)
     repaired.coords["spike"] = (cube.dims, mask, {"long_name": "X-ray spike (repaired)"})
     repaired.attrs["n_spikes"] = int(mask.sum())
