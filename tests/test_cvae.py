@@ -302,3 +302,20 @@ def test_neighbour_context_bad_settings_are_named(small_cubes):
         CVAEDetector(context="neighbours", hole_size=7, **TINY).fit(bulk)
     with pytest.raises(ValueError, match="hole_size must be a positive int"):
         CVAEDetector(context="neighbours", hole_size=0, **TINY).fit(bulk)
+
+
+@pytest.mark.parametrize("patch,hole", [((8, 8), (4, 4)), ((8, 6), (4, 2)), ((7, 8), (3, 2))])
+def test_the_hidden_centre_decodes_alone_as_in_the_whole_patch(patch, hole):
+    torch.manual_seed(0)
+    model = CVAE3D(n_channels=40, patch_size=patch, latent_dim=3, widths=(4, 4, 8), hole=hole).eval()
+    shape = torch.rand(3, 1, 40, *patch) + 0.5
+    with torch.no_grad():
+        whole, _, _ = model(shape)
+        centre, _, _ = model(shape, hole_only=True)
+    assert centre.shape == (3, 1, 40, *hole)
+    torch.testing.assert_close(centre, model.crop_hole(whole), rtol=1e-5, atol=1e-6)
+    # the hole's own pixels are not seen: changing them changes nothing decoded
+    changed = shape.clone()
+    changed[..., model.hole[0], model.hole[1]] *= 3.0
+    with torch.no_grad():
+        torch.testing.assert_close(model(changed, hole_only=True)[0], centre)

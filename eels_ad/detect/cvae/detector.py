@@ -345,9 +345,9 @@ class CVAEDetector(BaseDetector):
         self.model_.to("cpu")
 
     def _run_patches(self, patches: torch.Tensor, scales: torch.Tensor, corners: list, device: torch.device,
-                     batch_size: int, nll: bool):
+                     batch_size: int, nll: bool, hole_only: bool = False):
         """Yield (corners, counts, expected counts, voxel NLL or None) per batch of patches, as numpy
-        (the model already on ``device``).
+        (the model already on ``device``); ``hole_only``: of each patch's hidden centre only.
 
         The network runs in the memory layout :attr:`MEMORY_FORMAT` (channels-last: oneDNN's 3D
         convolutions are faster in it on the CPU, the same numbers to float round-off); the model is put
@@ -359,7 +359,9 @@ class CVAEDetector(BaseDetector):
                 block = patches[start:start + batch_size].to(device)
                 scale = scales[start:start + batch_size].to(device)
                 shape = (block / scale.clamp_min(1e-12)).contiguous(memory_format=self.MEMORY_FORMAT)
-                decoded, _, _ = model(shape, sample=False)
+                decoded, _, _ = model(shape, sample=False, hole_only=hole_only)
+                if hole_only:
+                    block, scale = model.crop_hole(block), model.crop_hole(scale)
                 expected = model.expected_counts(scale, decoded)
                 voxel_nll = model.voxel_nll(block, scale, decoded) if nll else None
                 yield (corners[start:start + batch_size], block.cpu().numpy()[:, 0],
@@ -421,14 +423,14 @@ class CVAEDetector(BaseDetector):
                 rows = last - first
                 predicted = np.empty((rows * hole[0], cols_of * hole[1], band.shape[-1]), np.float32)
                 voxel = np.empty(predicted.shape[:2]) if nll else None
-                centre = (slice(before[0], before[0] + hole[0]), slice(before[1], before[1] + hole[1]))
-                outputs = self._run_patches(*extract_patches(band, patch, hole), device, self.SCORE_BATCH, nll)
-                for corners, _, expected, voxel_nll in outputs:
+                outputs = self._run_patches(*extract_patches(band, patch, hole), device, self.SCORE_BATCH, nll,
+                                            hole_only=True)
+                for corners, _, expected, voxel_nll in outputs:  # (N, E, hy, hx): the hidden centres
                     for index, (y, x) in enumerate(corners):
                         target = (slice(y, y + hole[0]), slice(x, x + hole[1]))
-                        predicted[target] = np.moveaxis(expected[index][:, centre[0], centre[1]], 0, -1)
+                        predicted[target] = np.moveaxis(expected[index], 0, -1)
                         if nll:
-                            voxel[target] = voxel_nll[index][channels][:, centre[0], centre[1]].mean(axis=0)
+                            voxel[target] = voxel_nll[index][channels].mean(axis=0)
                 cube_rows = slice(first * hole[0], min(ny, last * hole[0]))
                 height = cube_rows.stop - cube_rows.start
                 counts = band[before[0]:before[0] + height, before[1]:before[1] + nx]
