@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from eels_ad.detect import PCADetector, SklearnDetector, otsu_threshold
-from eels_ad.evaluate import detection_metrics, evaluation_grid
+from eels_ad.evaluate import default_flag_metrics, detection_metrics, evaluation_grid
 from eels_ad.simulate import roll_l3_window, simulate_fe_l23
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -57,7 +57,7 @@ def paper_protocol(detectors: dict, shape: tuple[int, int], seeds: list[int]) ->
                 channels = int(round(shift_ev / float(clean.eels.dispersion)))
                 test = roll_l3_window(clean, channels, anomaly_fraction=0.014, seed=seed)
                 scores = detector.score(test["counts"])
-                metrics = detection_metrics(scores, test["anomaly"], threshold=detector.threshold_for(scores))
+                metrics = default_flag_metrics(detector, scores, test["anomaly"])
                 otsu = detection_metrics(scores, test["anomaly"], threshold=otsu_threshold(scores))["f1"]
                 rows.append({"detector": name, "seed": seed, "shift_eV": shift_ev, "shift_channels": channels,
                              **metrics, "f1_otsu": otsu})

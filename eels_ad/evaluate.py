@@ -76,6 +76,25 @@ def detection_metrics(
     return result
 
 
+def default_flag_metrics(detector: Any, scores: xr.DataArray, truth: xr.DataArray | np.ndarray) -> dict[str, float]:
+    """:func:`detection_metrics` of a detector's own flags (``flag(scores)``), or of ``threshold_for`` when
+    it has no ``flag``."""
+    if hasattr(detector, "flag"):
+        return detection_metrics(scores, truth, detector.flag(scores))
+    return detection_metrics(scores, truth, threshold=detector.threshold_for(scores))
+
+
+def _false_alarm_level(detector: Any, scores: xr.DataArray, rate: float) -> float:
+    """The score at a false-alarm rate: of the bulk's scores, or in sigma on a pooled map."""
+    if isinstance(scores, xr.DataArray) and scores.attrs.get("spatial") == "pooled":
+        from scipy import stats
+
+        return float(stats.norm.isf(rate))
+    from .detect.threshold import false_alarm_threshold
+
+    return false_alarm_threshold(detector.calibration_scores_, rate)
+
+
 def evaluation_grid(
     detectors: dict[str, Callable[[], Any]],
     *,
@@ -97,8 +116,9 @@ def evaluation_grid(
     Parameters
     ----------
     detectors
-        Name -> a callable returning a fresh, unfitted detector (anything with ``fit``, ``score``,
-        ``threshold_for``).
+        Name -> a callable returning a fresh, unfitted detector (anything with ``fit``, ``score`` and
+        ``flag`` or ``threshold_for``). ``f1`` etc. are of the detector's own flags (``flag``: region-aware
+        FDR flags on a pooled map are not a threshold of it).
     shifts, fractions, layouts, doses, seeds, shape
         The grid; see :func:`eels_ad.simulate.simulate_fe_l23`.
     progress
@@ -117,7 +137,7 @@ def evaluation_grid(
 
     from tqdm.auto import tqdm
 
-    from .detect.threshold import bimodality, false_alarm_threshold, gmm_threshold, otsu_threshold
+    from .detect.threshold import bimodality, gmm_threshold, otsu_threshold
     from .simulate import simulate_fe_l23
 
     rows = []
@@ -142,16 +162,14 @@ def evaluation_grid(
                     tic = time.perf_counter()
                     scores = detector.score(test["counts"])
                     score_seconds = time.perf_counter() - tic
-                    threshold = detector.threshold_for(scores)
-                    metrics = detection_metrics(scores, test["anomaly"], threshold=threshold)
-                    bulk = detector.calibration_scores_
+                    metrics = default_flag_metrics(detector, scores, test["anomaly"])
                     row = {
                         "detector": name, "dose": dose, "seed": seed, "shift_eV": shift,
                         "fraction": fraction, "layout": layout, **metrics,
                         "f1_otsu": detection_metrics(scores, test["anomaly"], threshold=otsu_threshold(scores))["f1"],
                         "f1_gmm": detection_metrics(scores, test["anomaly"], threshold=gmm_threshold(scores))["f1"],
                         "f1_fpr": detection_metrics(
-                            scores, test["anomaly"], threshold=false_alarm_threshold(bulk, 0.001))["f1"],
+                            scores, test["anomaly"], threshold=_false_alarm_level(detector, scores, 0.001))["f1"],
                         "ashman_d": bimodality(scores)["ashman_d"],
                         "fit_seconds": fit_seconds, "score_seconds": score_seconds,
                     }

@@ -273,3 +273,24 @@ def test_edge_shift_recovers_known_shifts_with_honest_errors():
         assert np.std(estimate) == pytest.approx(np.mean(error), rel=0.35)  # the error bars are the spread
     one_step, _ = edge_shift(spectra[moved], model)
     assert np.mean(one_step) * 0.25 < 0.9 * 2.0  # one step underestimates large shifts: iterate
+
+
+def test_the_evaluation_grid_scores_a_detector_by_its_own_flags():
+    from eels_ad.evaluate import detection_metrics, evaluation_grid
+
+    made = []
+
+    def make():
+        made.append(PCADetector())
+        return made[-1]
+
+    grid = evaluation_grid({"pca": make}, shifts=(2.0,), fractions=(0.02,), layouts=("pixels",), doses=(200.0,),
+                           seeds=(0,), shape=(32, 32), progress=False)
+    test = eels_ad.simulate_fe_l23((32, 32), shift=2.0, anomaly_fraction=0.02, layout="pixels", dose=200.0, seed=0)
+    detector = made[0]
+    scores = detector.score(test["counts"])
+    flags = detector.flag(scores)  # region-aware FDR flags on the pooled map: not a threshold of it
+    row = grid.iloc[0]
+    assert row["n_flagged"] == int(flags.sum())
+    assert row["f1"] == pytest.approx(detection_metrics(scores, test["anomaly"], flags)["f1"])
+    assert row["f1"] > 0.9
