@@ -94,8 +94,8 @@ class CVAEDetector(BaseDetector):
         step 4.
     latent_dim, widths
         Latent size and the channels of the three 3D convolutions (default (4, 8, 16), with the energy-only
-        last convolution of layout 3: per-pixel ROC AUC within 0.001 of layout 2's (8, 16, 32) on the 9
-        cells of the spatial benchmark with shift scoring, scoring about 2x faster).
+        last convolution of layout 3: per-pixel ROC AUC within 0.001 of layout 2's (8, 16, 32) on the 12
+        shift cells of the spatial benchmark (both contexts), scoring about 2x faster).
     likelihood
         ``"poisson"``: Poisson NLL of the raw counts (default); ``"gaussian"``: Gaussian NLL of the
         normalised spectra with a learned per-voxel variance.
