@@ -153,11 +153,14 @@ class CVAEDetector(BaseDetector):
     """
 
     _SCORINGS = (*SCORES, "nll")
-    #: patches per batch when scoring (and, with ``context="neighbours"``, about the patches of a band of rows)
-    SCORE_BATCH = 256
-    #: memory layout of the network at inference: channels-last, which oneDNN's 3D convolutions prefer on the
-    #: CPU (``benchmarks/cvae.py --speed-only`` measures it against the contiguous layout)
-    MEMORY_FORMAT = torch.channels_last_3d
+    #: patches per batch when scoring (and, with ``context="neighbours"``, about the patches of a band of rows);
+    #: small batches stay in the CPU's cache
+    SCORE_BATCH = 64
+    #: memory layout of the network at inference. Measured side by side on 2 CPU cores (64 x 64 x 320, best of 3,
+    #: spectra/s; pixel / neighbour context): contiguous 25,400 / 15,100 and channels-last 23,500 / 12,800 in
+    #: batches of 64; in batches of 256 19,600 / 10,300 and 21,400 / 10,500. ``torch.channels_last_3d`` is the
+    #: other choice (``benchmarks/cvae.py --speed-only`` times both)
+    MEMORY_FORMAT = torch.contiguous_format
 
     def __init__(
         self,
@@ -349,9 +352,8 @@ class CVAEDetector(BaseDetector):
         """Yield (corners, counts, expected counts, voxel NLL or None) per batch of patches, as numpy
         (the model already on ``device``); ``hole_only``: of each patch's hidden centre only.
 
-        The network runs in the memory layout :attr:`MEMORY_FORMAT` (channels-last: oneDNN's 3D
-        convolutions are faster in it on the CPU, the same numbers to float round-off); the model is put
-        back in the contiguous layout afterwards.
+        The network runs in the memory layout :attr:`MEMORY_FORMAT` (the same numbers to float round-off
+        in either); the model is put back in the contiguous layout afterwards.
         """
         model = self.model_.to(memory_format=self.MEMORY_FORMAT)
         try:
