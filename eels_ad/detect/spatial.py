@@ -177,7 +177,7 @@ def empirical_null(pvalues: np.ndarray | xr.DataArray) -> tuple[np.ndarray, floa
     >>> round(centre, 1), round(spread, 1), bool(abs(np.mean(adjusted < 0.05) - 0.05) < 0.01)
     (0.3, 0.8, True)
     """
-    from scipy import special
+    from scipy import special, stats
 
     values = np.asarray(pvalues, dtype=float)
     z = normal_scores(values)
@@ -185,7 +185,7 @@ def empirical_null(pvalues: np.ndarray | xr.DataArray) -> tuple[np.ndarray, floa
     if finite.sum() < MIN_EMPIRICAL_NULL_PIXELS:
         return values, 0.0, 1.0
     centre = float(np.median(z[finite]))
-    spread = float(1.4826 * np.median(np.abs(z[finite] - centre)))
+    spread = float(stats.median_abs_deviation(z[finite], scale="normal"))
     if not spread > 0:
         return values, 0.0, 1.0
     adjusted = np.clip(special.ndtr(-(z - centre) / spread), np.finfo(float).tiny, 1.0)

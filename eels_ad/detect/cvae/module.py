@@ -50,6 +50,15 @@ def gaussian_nll(target: torch.Tensor, mean: torch.Tensor, log_variance: torch.T
 ARCHITECTURE = 3
 
 
+def hole_slices(patch_size: tuple[int, int], hole: tuple[int, int]) -> tuple[slice, slice]:
+    """(rows, columns) of a patch's hidden centre of ``hole`` pixels; it must leave a ring of at least one pixel."""
+    patch, hole = tuple(int(p) for p in patch_size), tuple(int(h) for h in hole)
+    if not all(1 <= h <= p - 2 for p, h in zip(patch, hole, strict=True)):
+        raise ValueError(f"hole_size {hole} must leave a ring of at least one pixel around it in a patch of "
+                         f"{patch} (patch_size)")
+    return tuple(slice((p - h) // 2, (p - h) // 2 + h) for p, h in zip(patch, hole, strict=True))
+
+
 class CVAE3D(pl.LightningModule):
     """3D convolutional variational autoencoder with a Poisson or Gaussian likelihood.
 
@@ -89,15 +98,9 @@ class CVAE3D(pl.LightningModule):
         super().__init__()
         if likelihood not in ("poisson", "gaussian"):
             raise ValueError(f"likelihood must be 'poisson' or 'gaussian', got {likelihood!r}")
-        if hole is not None:
-            hole = (int(hole[0]), int(hole[1]))
-            if not (1 <= hole[0] <= patch_size[0] - 2 and 1 <= hole[1] <= patch_size[1] - 2):
-                raise ValueError(f"the hidden centre {hole} must leave a ring of at least one pixel in a patch of "
-                                 f"{tuple(patch_size)}")
         self.save_hyperparameters()
         #: (rows, columns) of the hidden centre within a patch, or None
-        self.hole = None if hole is None else tuple(
-            slice((side - h) // 2, (side - h) // 2 + h) for side, h in zip(patch_size, hole, strict=True))
+        self.hole = None if hole is None else hole_slices(patch_size, hole)
         # the hole at half resolution, when it lies on even pixel boundaries (see decode)
         self._half_hole = None if hole is None or any(
             edge.start % 2 or edge.stop % 2 for edge in self.hole) else tuple(
