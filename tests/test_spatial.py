@@ -6,7 +6,15 @@ from scipy import stats
 
 import eels_ad
 from eels_ad.detect import PCADetector
-from eels_ad.detect.spatial import empirical_null, fdr_flags, pixel_pvalues, pool_evidence, spatial_flags
+from eels_ad.detect.spatial import (
+    empirical_null,
+    fdr_flags,
+    pixel_pvalues,
+    pool_evidence,
+    ring,
+    ring_prediction,
+    spatial_flags,
+)
 from eels_ad.evaluate import detection_metrics
 
 
@@ -182,6 +190,47 @@ def test_neighbour_context_sees_a_local_shift_through_an_energy_drift():
     assert auc["neighbours"] > 0.97 and auc["neighbours"] > auc["pixel"] + 0.1, auc
     model = PCADetector(context="neighbours").fit(bulk)
     assert model.reconstruct(test["counts"]).shape == test["counts"].shape
+
+
+def test_ring_prediction_is_the_ring_mean_inside_and_a_plane_at_the_edges():
+    from scipy import ndimage
+
+    yy, xx = np.mgrid[:24, :30].astype(float)
+    plane = np.stack([2.0 + 0.3 * yy - 0.1 * xx, -yy], axis=-1)
+    predicted = ring_prediction(plane, 2.5, 5.0)
+    np.testing.assert_allclose(predicted, plane, atol=1e-9)  # corners too: the plane extrapolates
+    weights = ring(2.5, 5.0).astype(float)
+    mirrored = ndimage.correlate(plane[..., 0], weights / weights.sum(), mode="mirror")
+    assert abs(mirrored[0, 15] - plane[0, 15, 0]) > 0.5  # a mirrored ring's mean sits inside the image
+    noise = np.random.default_rng(0).normal(size=(24, 30))
+    inner = ndimage.correlate(noise, weights / weights.sum())[5:-5, 5:-5]
+    np.testing.assert_allclose(ring_prediction(noise, 2.5, 5.0)[5:-5, 5:-5], inner, atol=1e-12)
+    # pixels that are not valid take no part; a pixel with no valid ring pixel gets NaN
+    valid = np.ones((24, 30), dtype=bool)
+    valid[:, 20:] = False
+    masked = ring_prediction(np.where(valid, plane[..., 0], 1e6), 2.5, 5.0, valid=valid)
+    np.testing.assert_allclose(masked[:, :24], plane[:, :24, 0], atol=1e-9)
+    assert np.isnan(masked[:, 26:]).all()
+    # a ring on one line (a single row) cannot fix a plane: its mean
+    row = np.arange(12.0)[None, :]
+    assert np.isfinite(ring_prediction(row, 2.5, 5.0)).all()
+    with pytest.raises(ValueError, match="shape"):
+        ring_prediction(np.zeros(5), 2.5, 5.0)
+
+
+def test_the_neighbour_context_does_not_flag_an_edge_where_the_drift_is_steep():
+    def cube(seed):
+        return eels_ad.simulate_fe_l23((64, 64), dose=20, drift=1.0, anomaly_fraction=0.0, seed=seed)
+
+    detector = PCADetector(scoring="shift", context="neighbours").fit(cube(100)["counts"])
+    sim = cube(1004)  # its drift is steepest at the top rows
+    drift = sim["drift"].values
+    assert abs(drift[:3].mean() - drift[5:8].mean()) > 0.1  # eV: a gradient at the edge
+    scores = detector.score(sim["counts"])
+    z = stats.norm.isf(scores["pvalue"].values)
+    # measured with the ring mirrored at the edge: the top rows 74 flags, their mean z 2.6
+    assert abs(z[:2].mean() - z[8:-8].mean()) < 0.5, (z[:2].mean(), z[8:-8].mean())
+    assert int(detector.flag(scores).sum()) <= 2
 
 
 def test_the_empirical_null_takes_out_a_nuisance_the_calibration_did_not_see():

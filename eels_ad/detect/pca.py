@@ -9,7 +9,7 @@ import numpy as np
 
 from ._base import CONTEXTS, SpectrumDetector, _as_slice
 from ._scores import score_spectra
-from .spatial import ring
+from .spatial import ring_prediction
 from .threshold import ThresholdMethod
 
 #: inner and outer radius (pixels) of the ring of neighbours that predicts a hidden pixel
@@ -73,7 +73,9 @@ class PCADetector(SpectrumDetector):
     context
         ``"pixel"`` (default): each spectrum is reconstructed from its own projection on the components.
         ``"neighbours"``: from the mean component scores of the pixels 3 to 5 pixels away, the pixel
-        itself hidden, rescaled to its counts: what the neighbourhood predicts. A smooth nuisance (an
+        itself hidden, rescaled to its counts: what the neighbourhood predicts (at the image's edges a
+        plane through the ring's scores, extrapolated to the pixel, rather than a mean that would sit
+        inside the image; vacuum pixels take no part). A smooth nuisance (an
         uncorrected energy drift, thickness) is then predicted, while a local change (a chemical shift
         of a few pixels) is not explained away by components that learned the drift.
     max_components, auto_margin
@@ -348,17 +350,20 @@ class PCADetector(SpectrumDetector):
         return projected
 
     def _neighbour_coefficients(self, cube) -> np.ndarray:
-        """(y, x, components): the mean component scores of each pixel's ring of neighbours (mirrored at edges)."""
-        from scipy import ndimage
+        """(y, x, components): each pixel's component scores predicted from its ring of neighbours.
 
+        The ring's mean inside the image; at edges and corners a local plane through the ring's scores
+        (:func:`~eels_ad.detect.spatial.ring_prediction`), so that a gradient is not read as a change.
+        Vacuum pixels do not predict others.
+        """
         ny, nx = cube.sizes["y"], cube.sizes["x"]
         coefficients = np.empty((ny, nx, self.n_components_))
         for block, _, spectra in self._pixel_chunks(cube):
             coefficients[block] = self._coefficients(spectra).reshape(-1, nx, self.n_components_)
-        weights = ring(*NEIGHBOUR_RING).astype(float)
-        weights /= weights.sum()
-        return np.stack([ndimage.correlate(coefficients[..., k], weights, mode="mirror")
-                         for k in range(self.n_components_)], axis=-1)
+        valid = ~np.asarray(cube["vacuum"].values, dtype=bool) if "vacuum" in cube.coords else None
+        predicted = ring_prediction(coefficients, *NEIGHBOUR_RING, valid=valid)
+        # a pixel whose whole ring is vacuum keeps its own scores (it is itself vacuum or an island)
+        return np.where(np.isfinite(predicted), predicted, coefficients)
 
     def _predicted_spectra(self, spectra: np.ndarray, coefficients: np.ndarray) -> np.ndarray:
         """Spectra from component scores (per unit pixel weight), rescaled to each spectrum's counts."""
