@@ -75,7 +75,29 @@ def test_pooled_pvalues_and_fdr_are_calibrated_under_the_null():
     # under the complete null every flag is false: BH flags anything in about 5 % of the maps
     any_flag = [fdr_flags(m, 0.05)[0].any() for m in rng.uniform(size=(1500, 16, 16))]
     assert 0.03 <= np.mean(any_flag) <= 0.07
-    assert np.mean([spatial_flags(m, q, 0.05)[0].any() for m, q in zip(maps, pooled, strict=True)]) <= 0.08
+    # the region-aware rule too: its peaks are tested, not its pixels (measured 0.035 on 600 maps; the pixel-wise
+    # rule on the pooled map it replaced flagged 0.00-0.01 of bulk-only cubes)
+    null_maps = rng.uniform(size=(600, 32, 32))
+    rate = np.mean([spatial_flags(m, pool_evidence(m), 0.05)[0].any() for m in null_maps])
+    assert 0.02 <= rate <= 0.07, rate
+
+
+def test_the_simulated_null_calibrates_the_pooled_map_and_its_peaks():
+    from eels_ad.detect.spatial import local_maxima, normal_scores, pooled_null
+
+    null = pooled_null()
+    assert null is pooled_null()  # once per process
+    rng = np.random.default_rng(11)
+    pooled = np.stack([pool_evidence(m, correlated=False) for m in rng.uniform(size=(60, 64, 64))])
+    z = normal_scores(pooled)
+    # marginally uniform: normal scores with median 0 and spread 1 (Sidak's had -0.5 and 1.33)
+    assert abs(np.median(z)) < 0.05 and abs(stats.median_abs_deviation(z.ravel(), scale="normal") - 1) < 0.05
+    for level in (1e-2, 1e-3):
+        assert 0.7 * level < np.mean(pooled < level) < 1.2 * level
+    peaks = np.concatenate([null.peak_pvalues(m[local_maxima(m)]) for m in z])
+    for level in (1e-2, 1e-3):  # the peaks' p-values: valid, near nominal
+        assert 0.6 * level < np.mean(peaks < level) < 1.2 * level
+    assert 0.05 < null.peaks_per_pixel < 0.12
 
 
 def test_line_windows_find_a_faint_boundary():
@@ -199,6 +221,9 @@ def test_ring_prediction_is_the_ring_mean_inside_and_a_plane_at_the_edges():
     plane = np.stack([2.0 + 0.3 * yy - 0.1 * xx, -yy], axis=-1)
     predicted = ring_prediction(plane, 2.5, 5.0)
     np.testing.assert_allclose(predicted, plane, atol=1e-9)  # corners too: the plane extrapolates
+    np.testing.assert_allclose(ring_prediction(plane, 2.5, 5.0, slope_outer=9.0), plane, atol=1e-9)
+    with pytest.raises(ValueError, match="slope_outer"):
+        ring_prediction(plane, 2.5, 5.0, slope_outer=3.0)
     weights = ring(2.5, 5.0).astype(float)
     mirrored = ndimage.correlate(plane[..., 0], weights / weights.sum(), mode="mirror")
     assert abs(mirrored[0, 15] - plane[0, 15, 0]) > 0.5  # a mirrored ring's mean sits inside the image
@@ -230,7 +255,7 @@ def test_the_neighbour_context_does_not_flag_an_edge_where_the_drift_is_steep():
     z = stats.norm.isf(scores["pvalue"].values)
     # measured with the ring mirrored at the edge: the top rows 74 flags, their mean z 2.6
     assert abs(z[:2].mean() - z[8:-8].mean()) < 0.5, (z[:2].mean(), z[8:-8].mean())
-    assert int(detector.flag(scores).sum()) <= 2
+    assert not detector.flag(scores).values[:2].any()
 
 
 def test_the_empirical_null_takes_out_a_nuisance_the_calibration_did_not_see():

@@ -14,7 +14,15 @@ from ._base import BaseDetector, NotFittedError, SpectrumDetector, detector_clas
 from ._scores import SCORES, edge_shift, edge_shift_z, one_minus_correlation, pearson_residual, poisson_deviance
 from .pca import PCADetector
 from .sklearn import SklearnDetector
-from .spatial import empirical_null, fdr_flags, pixel_pvalues, pool_evidence, spatial_flags
+from .spatial import (
+    empirical_null,
+    fdr_flags,
+    pixel_pvalues,
+    pool_evidence,
+    pooled_null,
+    ring_prediction,
+    spatial_flags,
+)
 from .threshold import bimodality, choose_threshold, false_alarm_threshold, gmm_threshold, otsu_threshold
 
 #: the detectors of ``eels-ad train --model``: the model name and its class name
@@ -45,6 +53,8 @@ __all__ = [
     "pixel_pvalues",
     "poisson_deviance",
     "pool_evidence",
+    "pooled_null",
+    "ring_prediction",
     "spatial_flags",
 ]
 

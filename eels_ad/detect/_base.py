@@ -189,6 +189,7 @@ class BaseDetector(abc.ABC):
         """
         self._check_params()
         cube = validate(cube)
+        self.__dict__.pop("calibration_scores_", None)  # a new fit is calibrated afresh, never by the last one
         mask_values = None if mask is None else np.asarray(as_mask(mask, cube).values)
         if mask_values is not None and not mask_values.any():
             raise ValueError("the training mask selects no pixel")
@@ -439,11 +440,14 @@ class SpectrumDetector(BaseDetector):
         """(pixels, channels) bulk model of (pixels, channels) spectra."""
 
     def _pixel_chunks(
-        self, cube: xr.DataArray, mask: np.ndarray | None = None
+        self, cube: xr.DataArray, mask: np.ndarray | None = None, rows_wanted: np.ndarray | None = None
     ) -> Iterator[tuple[slice, np.ndarray, np.ndarray]]:
-        """Yield (row slice, flat mask of the rows' pixels, spectra): ~chunk_pixels pixels, or whole lazy chunks."""
+        """Yield (row slice, flat mask of the rows' pixels, spectra): ~chunk_pixels pixels, or whole lazy chunks;
+        with ``rows_wanted`` (bool per row) only the blocks that hold a wanted row are read."""
         cube = cube.transpose("y", "x", "energy")
         for block in row_blocks(cube, self.chunk_pixels):
+            if rows_wanted is not None and not rows_wanted[block].any():
+                continue
             spectra = read_rows(cube, block, np.float64).reshape(-1, cube.sizes["energy"])
             keep = np.ones(spectra.shape[0], dtype=bool) if mask is None else mask[block].ravel()
             yield block, keep, spectra

@@ -14,6 +14,9 @@ from .threshold import ThresholdMethod
 
 #: inner and outer radius (pixels) of the ring of neighbours that predicts a hidden pixel
 NEIGHBOUR_RING: tuple[float, float] = (2.5, 5.0)
+#: with ``context="neighbours"``, pixels whose first-pass p-value falls below this are left out of the
+#: rings that predict the others, and the pixels whose rings held them are scored again
+RING_EXCLUSION_PVALUE: float = 1e-3
 
 
 class PCADetector(SpectrumDetector):
@@ -349,21 +352,71 @@ class PCADetector(SpectrumDetector):
         projected += self.mean_
         return projected
 
-    def _neighbour_coefficients(self, cube) -> np.ndarray:
-        """(y, x, components): each pixel's component scores predicted from its ring of neighbours.
-
-        The ring's mean inside the image; at edges and corners a local plane through the ring's scores
-        (:func:`~eels_ad.detect.spatial.ring_prediction`), so that a gradient is not read as a change.
-        Vacuum pixels do not predict others.
-        """
+    def _own_coefficients(self, cube) -> np.ndarray:
+        """(y, x, components): each pixel's own component scores (one pass over the cube)."""
         ny, nx = cube.sizes["y"], cube.sizes["x"]
         coefficients = np.empty((ny, nx, self.n_components_))
         for block, _, spectra in self._pixel_chunks(cube):
             coefficients[block] = self._coefficients(spectra).reshape(-1, nx, self.n_components_)
-        valid = ~np.asarray(cube["vacuum"].values, dtype=bool) if "vacuum" in cube.coords else None
+        return coefficients
+
+    def _neighbour_coefficients(self, cube, coefficients: np.ndarray | None = None,
+                                exclude: np.ndarray | None = None) -> np.ndarray:
+        """(y, x, components): each pixel's component scores predicted from its ring of neighbours.
+
+        The ring's mean inside the image; at edges and corners a local plane through the ring's scores
+        (:func:`~eels_ad.detect.spatial.ring_prediction`), so that a gradient is not read as a change.
+        Vacuum pixels, and ``exclude`` (y, x) where given, do not predict others.
+        """
+        if coefficients is None:
+            coefficients = self._own_coefficients(cube)
+        valid = ~np.asarray(cube["vacuum"].values, dtype=bool) if "vacuum" in cube.coords else \
+            np.ones(coefficients.shape[:2], dtype=bool)
+        if exclude is not None:
+            valid = valid & ~exclude
         predicted = ring_prediction(coefficients, *NEIGHBOUR_RING, valid=valid)
-        # a pixel whose whole ring is vacuum keeps its own scores (it is itself vacuum or an island)
+        # a pixel whose whole ring is left out keeps its own scores (it is itself vacuum or an island)
         return np.where(np.isfinite(predicted), predicted, coefficients)
+
+    def _score_array(self, cube) -> np.ndarray:
+        """Scores chunk by chunk; with ``context="neighbours"`` in two steps once fitted.
+
+        A ring that holds anomalous pixels predicts its centre wrongly: the bulk pixels beside a shifted
+        blob look shifted the other way (a halo of false flags) and the blob's own edge pixels are
+        half explained by the blob. So the pixels whose p-value falls below :data:`RING_EXCLUSION_PVALUE`
+        are left out of the rings, and the pixels whose rings held any of them are scored again
+        (their rows are read once more).
+        """
+        if self.context != "neighbours":
+            return super()._score_array(cube)
+        cube = cube.transpose("y", "x", "energy")
+        nx = cube.sizes["x"]
+        channels = _as_slice(self._score_channels(cube["energy"].values))
+        own = self._own_coefficients(cube)
+        context = self._neighbour_coefficients(cube, own)
+        scores = np.empty((cube.sizes["y"], nx))
+        for block, _, spectra in self._pixel_chunks(cube):
+            scores[block] = self._block_scores(spectra, context[block], channels).reshape(-1, nx)
+        if getattr(self, "calibration_scores_", None) is None:  # fitting: these scores are the calibration
+            return scores
+        vacuum = np.asarray(cube["vacuum"].values, dtype=bool) if "vacuum" in cube.coords else None
+        suspect = self._pixel_pvalues(scores, vacuum)[0] < RING_EXCLUSION_PVALUE
+        if not suspect.any():
+            return scores
+        refined = self._neighbour_coefficients(cube, own, exclude=suspect)
+        changed = np.any(refined != context, axis=-1)
+        for block, _, spectra in self._pixel_chunks(cube, rows_wanted=changed.any(axis=1)):
+            again = changed[block].ravel()
+            block_scores = scores[block].ravel()
+            block_scores[again] = self._block_scores(spectra[again], refined[block].reshape(-1, refined.shape[-1])
+                                                     [again], channels)
+            scores[block] = block_scores.reshape(-1, nx)
+        return scores
+
+    def _block_scores(self, spectra: np.ndarray, coefficients: np.ndarray, channels) -> np.ndarray:
+        """Scores of (pixels, channels) spectra against their predictions from the component scores given."""
+        model = self._predicted_spectra(spectra, coefficients.reshape(spectra.shape[0], -1))
+        return score_spectra(spectra[:, channels], model[:, channels], self.scoring)
 
     def _predicted_spectra(self, spectra: np.ndarray, coefficients: np.ndarray) -> np.ndarray:
         """Spectra from component scores (per unit pixel weight), rescaled to each spectrum's counts."""

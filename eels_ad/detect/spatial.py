@@ -10,15 +10,18 @@ every per-pixel detector judges each spectrum alone. This module works on any de
    the local median of z (evidence relative to the neighbourhood, not the image: a smooth nuisance such
    as an uncorrected energy drift raises every score of a region alike), and combines the z of the
    pixels in discs of several radii centred on each pixel (Stouffer's sum ``sum z / sqrt(n)``), keeping
-   the largest. Radius 0 is the pixel alone, so a lone strong pixel stays detectable. Under the null each
-   disc's statistic is standard normal; the maximum over ``K`` radii gets Sidak's correction (about the
-   Bonferroni factor ``K``, which is exact in the far tail where the flags are decided: the nested discs are
-   not perfectly correlated).
-3. :func:`fdr_flags` flags by the Benjamini-Hochberg rule at a false-discovery rate (valid under the
-   positive dependence that pooling makes).
+   the largest. Radius 0 is the pixel alone, so a lone strong pixel stays detectable. The largest of
+   several nested windows is not standard normal: its p-value comes from simulated null maps pooled the
+   same way (:func:`pooled_null`, seeded, once per process).
+3. :func:`fdr_flags` flags by the Benjamini-Hochberg rule at a false-discovery rate; on pooled maps
+   :func:`spatial_flags` tests the map's peaks (topological FDR), since neighbouring pooled p-values
+   share their pixels.
 
 References
 ----------
+Chumbley, J., Worsley, K., Flandin, G. & Friston, K. (2010). Topological FDR for neuroimaging.
+NeuroImage 49, 3057-3064.
+
 Benjamini, Y. & Hochberg, Y. (1995). Controlling the false discovery rate: a practical and powerful
 approach to multiple testing. J. R. Stat. Soc. B 57, 289-300.
 
@@ -29,6 +32,7 @@ Pickands, J. (1975). Statistical inference using extreme order statistics. Ann. 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import numpy as np
@@ -111,29 +115,46 @@ def pixel_pvalues(
     >>> bool(abs(np.mean(p < 0.05) - 0.05) < 0.01), bool(pixel_pvalues(np.array([5.0]), bulk)[0] < 1e-6)
     (True, True)
     """
-    from scipy import stats
+    return _UpperTail(calibration_scores, tail_fraction=tail_fraction, outlier_mads=outlier_mads).sf(scores)
 
-    if not 0 < tail_fraction < 1:
-        raise ValueError(f"tail_fraction must lie in (0, 1), got {tail_fraction}")
-    bulk = _bulk_tail(calibration_scores, outlier_mads)
-    values = np.asarray(scores, dtype=float)
-    n = bulk.size
-    exceed = n - np.searchsorted(bulk, values, side="left")  # bulk scores >= each score
-    # a score below every bulk score would get p = 1 and a normal score of -infinity: the least is half a rank
-    pvalues = np.minimum((1.0 + exceed) / (n + 1.0), (n + 0.5) / (n + 1.0))
-    start = int(np.floor(n * (1 - tail_fraction)))
-    threshold = bulk[start]
-    excess = bulk[start:] - threshold
-    in_tail = values > threshold
-    if excess.size >= 10 and np.ptp(excess) > 0 and in_tail.any():
-        anchor = excess.size / (n + 1.0)  # the conformal p-value at the tail's start, less its own +1
-        shape, _, scale = stats.genpareto.fit(excess, floc=0)
-        if shape < SHAPE_FLOOR:  # lighter than the floor allows: the floor's tail, with the same mean excess
-            shape, scale = SHAPE_FLOOR, float(np.mean(excess)) * (1 - SHAPE_FLOOR)
-        log_tail = stats.genpareto.logsf(values[in_tail] - threshold, shape, scale=scale)
-        # the tail model alone above its threshold (the minimum of two estimates would be anti-conservative)
-        pvalues[in_tail] = np.maximum(anchor * np.exp(log_tail), np.finfo(float).tiny)
-    return np.where(np.isnan(values), np.nan, pvalues)
+
+class _UpperTail:
+    """The upper-tail p-value of scores against a sample of null scores (see :func:`pixel_pvalues`):
+    conformal below the ``1 - tail_fraction`` quantile, a generalised Pareto tail above it, fitted once."""
+
+    def __init__(self, sample: np.ndarray, *, tail_fraction: float = 0.025, outlier_mads: float | None = None):
+        from scipy import stats
+
+        if not 0 < tail_fraction < 1:
+            raise ValueError(f"tail_fraction must lie in (0, 1), got {tail_fraction}")
+        self.bulk = _bulk_tail(sample, outlier_mads)
+        n = self.bulk.size
+        start = int(np.floor(n * (1 - tail_fraction)))
+        self.threshold = self.bulk[start]
+        excess = self.bulk[start:] - self.threshold
+        self.tail = None
+        if excess.size >= 10 and np.ptp(excess) > 0:
+            shape, _, scale = stats.genpareto.fit(excess, floc=0)
+            if shape < SHAPE_FLOOR:  # lighter than the floor allows: the floor's tail, with the same mean excess
+                shape, scale = SHAPE_FLOOR, float(np.mean(excess)) * (1 - SHAPE_FLOOR)
+            # the conformal p-value at the tail's start, less its own +1
+            self.tail = (excess.size / (n + 1.0), shape, scale)
+
+    def sf(self, scores: np.ndarray | xr.DataArray) -> np.ndarray:
+        from scipy import stats
+
+        values = np.asarray(scores, dtype=float)
+        n = self.bulk.size
+        exceed = n - np.searchsorted(self.bulk, values, side="left")  # null scores >= each score
+        # a score below every null score would get p = 1 and a normal score of -infinity: the least is half a rank
+        pvalues = np.minimum((1.0 + exceed) / (n + 1.0), (n + 0.5) / (n + 1.0))
+        in_tail = values > self.threshold
+        if self.tail is not None and in_tail.any():
+            anchor, shape, scale = self.tail
+            log_tail = stats.genpareto.logsf(values[in_tail] - self.threshold, shape, scale=scale)
+            # the tail model alone above its threshold (the minimum of two estimates would be anti-conservative)
+            pvalues[in_tail] = np.maximum(anchor * np.exp(log_tail), np.finfo(float).tiny)
+        return np.where(np.isnan(values), np.nan, pvalues)
 
 
 #: fewest pixels whose p-values estimate a map's own null (``empirical_null``); below it they are kept as they are
@@ -216,17 +237,23 @@ def ring(inner: float, outer: float) -> np.ndarray:
 
 
 def ring_prediction(
-    values: np.ndarray, inner: float, outer: float, *, valid: np.ndarray | None = None
+    values: np.ndarray, inner: float, outer: float, *, valid: np.ndarray | None = None,
+    slope_outer: float | None = None,
 ) -> np.ndarray:
-    """Each pixel's values predicted from its ring of neighbours, the pixel itself hidden: a local plane.
+    """Each pixel's values predicted from its ring of neighbours, the pixel itself hidden.
 
-    A plane ``a + b dy + c dx`` is fitted (least squares) to the pixels between ``inner`` and
-    ``outer`` pixels away, and its value at the centre, ``a``, is the prediction. Inside the image the
-    ring is symmetric and ``a`` is the ring's mean. At an edge or a corner the ring is cut, and its
-    mean would sit inside the image: under a smooth gradient (an energy drift, a thickness ramp) that
-    is biased by the gradient times the ring's offset (measured: an uncorrected +-1 eV drift made
-    the top rows of a 64 x 64 map a line of false flags, mean z 2.6, when the ring was mirrored at the
-    edge). The plane extrapolates the gradient instead, at the cost of a noisier prediction there.
+    Inside the image the prediction is the mean of the pixels between ``inner`` and ``outer`` pixels
+    away. At an edge or a corner the ring is cut, and its mean sits inside the image: under a smooth
+    gradient (an energy drift, a thickness ramp) that is biased by the gradient times the ring's offset
+    (measured: an uncorrected +-1 eV drift made the top rows of a 64 x 64 map a line of false flags,
+    mean z 2.6, when the ring was mirrored at the edge). So the ring's mean is moved back to the pixel
+    along the local gradient, ``mean - b dy_mean - c dx_mean``, with the gradient ``(b, c)`` of a plane
+    fitted (least squares) to the ring out to ``slope_outer``: the plane's value at the pixel. Inside the
+    image the offsets are 0 and the gradient plays no part. Measured on 40 bulk-only 64 x 64 cubes (PCA,
+    shift score): without drift the pixels within 3 of an edge have the interior's spread (sd 1.000 /
+    1.004 in normal scores); under a +-1 eV drift their tail is heavier (P(z > 3) 0.0024 against
+    0.0007): the drift's curvature, which no plane follows; a wider ring for the gradient (``slope_outer``
+    10) did not help (0.0022).
 
     Parameters
     ----------
@@ -236,12 +263,14 @@ def ring_prediction(
         Radii of the ring, pixels.
     valid
         (y, x) bool, the pixels that may predict others (e.g. not vacuum); default all.
+    slope_outer
+        Outer radius of the ring whose plane gives the gradient; default ``outer``.
 
     Returns
     -------
     ndarray
-        The prediction, the shape of ``values``. Where the valid ring pixels do not span a plane
-        (fewer than 3, or on one line) their mean; where none is valid, NaN.
+        The prediction, the shape of ``values``. Where the valid pixels of the wider ring do not span a
+        plane (fewer than 3, or on one line) the ring's mean; where no ring pixel is valid, NaN.
 
     Examples
     --------
@@ -250,40 +279,46 @@ def ring_prediction(
     >>> bool(np.allclose(ring_prediction(plane, 2.5, 5.0), plane))     # edges and corners included
     True
     """
-    from scipy import ndimage
+    from scipy import signal
 
     data = np.asarray(values, dtype=float)
     flat = data[..., None] if data.ndim == 2 else data
     if flat.ndim != 3:
         raise ValueError(f"ring_prediction takes (y, x) or (y, x, k) values, got shape {data.shape}")
+    slope_outer = float(outer) if slope_outer is None else float(slope_outer)
+    if slope_outer < outer:
+        raise ValueError(f"slope_outer must be at least outer = {outer}, got {slope_outer}")
     inside = np.ones(flat.shape[:2]) if valid is None else np.asarray(valid, dtype=float)
-    footprint = ring(inner, outer).astype(float)
-    r = footprint.shape[0] // 2
-    dy, dx = np.mgrid[-r:r + 1, -r:r + 1].astype(float)
-    basis = (footprint, footprint * dy, footprint * dx)
+    masked = np.where(inside[..., None] > 0, flat, 0.0)
+
+    def moments(footprint: np.ndarray) -> tuple[np.ndarray, ...]:
+        r = footprint.shape[0] // 2
+        dy, dx = np.mgrid[-r:r + 1, -r:r + 1].astype(float)
+        return footprint, footprint * dy, footprint * dx, footprint * dy * dy, footprint * dy * dx, \
+            footprint * dx * dx
 
     def window_sum(image: np.ndarray, weights: np.ndarray) -> np.ndarray:
-        return ndimage.correlate(image, weights, mode="constant", cval=0.0)
+        # a correlation: the kernel flipped for the convolution (FFT: the wide ring has hundreds of taps)
+        return signal.fftconvolve(image, weights[::-1, ::-1], mode="same", axes=(0, 1))
 
-    # the normal equations of the weighted plane fit, one 3 x 3 system per pixel
-    gram = np.empty(flat.shape[:2] + (3, 3))
-    for i, left in enumerate(basis):
-        for j, right in enumerate(basis[i:], start=i):
-            gram[..., i, j] = gram[..., j, i] = window_sum(inside, left * right / np.maximum(footprint, 1e-300))
-    masked = np.where(inside[..., None] > 0, flat, 0.0)
-    rhs = np.stack([np.stack([window_sum(masked[..., k], weights) for weights in basis], axis=-1)
-                    for k in range(flat.shape[2])], axis=-1)  # (y, x, 3, k)
-    count = gram[..., 0, 0]
+    near = moments(ring(inner, outer).astype(float))
+    count, offset_y, offset_x = (window_sum(inside, w) for w in near[:3])
+    total = window_sum(masked, near[0][..., None])
+    wide = moments(ring(inner, slope_outer).astype(float))
+    n, sy, sx, syy, sxy, sxx = (window_sum(inside, w) for w in wide)
+    zy, zx = (window_sum(masked, w[..., None]) for w in wide[1:3])
+    zsum = window_sum(masked, wide[0][..., None])
     with np.errstate(invalid="ignore", divide="ignore"):
-        mean = rhs[..., 0, :] / count[..., None]
-        # a cut ring spans a plane unless it is (nearly) one line: judged by the conditioning of the system
-        scale = np.maximum(count, 1.0)[..., None, None]
-        determinant = np.linalg.det(gram / scale)
-    planar = (count >= 3) & (np.abs(determinant) > 1e-6)
-    prediction = np.where(count[..., None] > 0, mean, np.nan)
-    if planar.any():
-        solved = np.linalg.solve(gram[planar], rhs[planar])  # (n, 3, k)
-        prediction[planar] = solved[:, 0, :]
+        # the plane's gradient from the centred normal equations of the wide ring
+        cyy, cxy, cxx = syy - sy * sy / n, sxy - sy * sx / n, sxx - sx * sx / n
+        determinant = cyy * cxx - cxy * cxy
+        planar = (np.round(n) >= 3) & (determinant > 1e-6 * np.maximum(n, 1.0) ** 2)
+        ry = zy - (sy / n)[..., None] * zsum
+        rx = zx - (sx / n)[..., None] * zsum
+        slope_y = np.where(planar[..., None], (cxx[..., None] * ry - cxy[..., None] * rx) / determinant[..., None], 0)
+        slope_x = np.where(planar[..., None], (cyy[..., None] * rx - cxy[..., None] * ry) / determinant[..., None], 0)
+        prediction = (total - slope_y * offset_y[..., None] - slope_x * offset_x[..., None]) / count[..., None]
+    prediction = np.where((np.round(count) > 0)[..., None], prediction, np.nan)
     return prediction.reshape(data.shape)
 
 
@@ -333,8 +368,12 @@ def pool_evidence(
     Returns
     -------
     ndarray
-        (y, x) p-values of the pooled statistic, ``1 - (1 - Phi(-T))**K`` (Sidak) with ``T`` the largest
-        window statistic and ``K`` the number of windows (radii, plus 4 segments).
+        (y, x) p-values of the pooled statistic ``T``, the largest window statistic, under the null of
+        independent uniform per-pixel p-values: the share of simulated null maps' ``T`` at least as large
+        (:func:`pooled_null`), beyond them a normal tail ``a Phi(-T / s)`` fitted to theirs. (Sidak's
+        correction for the ``K`` windows, used before, had a median normal score of -0.5 and a spread of
+        1.33 on null maps, and was anti-conservative far out: the local median adds to each window's
+        variance.)
 
     Examples
     --------
@@ -347,8 +386,6 @@ def pool_evidence(
     >>> bool(pooled[20, 30] < 1e-8 < p[disc].min())
     True
     """
-    from scipy import ndimage, special
-
     radii = _check_radii(radii)
     values = np.asarray(pvalues, dtype=float)
     if values.ndim != 2:
@@ -358,19 +395,35 @@ def pool_evidence(
         return np.full(values.shape, np.nan)
     if np.any((values[valid] <= 0) | (values[valid] > 1)):
         raise ValueError("p-values must lie in (0, 1]")
+    _check_windows(radii, line_length, background_radius)
     z = np.where(valid, normal_scores(np.where(valid, values, 0.5)), 0.0)
+    best = _pool_statistic(z, valid, radii, line_length, background_radius, correlated)
+    pooled = pooled_null(radii, line_length, background_radius).marginal.sf(best)
+    return np.where(valid, np.clip(pooled, np.finfo(float).tiny, 1.0), np.nan)
+
+
+def _check_windows(radii: tuple[float, ...], line_length: int, background_radius: float | None) -> None:
+    if not (isinstance(line_length, (int, np.integer)) and line_length >= 0):
+        raise ValueError(f"line_length must be a whole number of pixels >= 0, got {line_length!r}")
     if background_radius is not None:
         inner = max(max(radii), line_length // 2) + 2
         if background_radius <= inner:
             raise ValueError(f"background_radius must exceed the largest window + 2 = {inner} pixels, "
                              f"got {background_radius}")
+
+
+def _pool_statistic(z: np.ndarray, valid: np.ndarray, radii: tuple[float, ...], line_length: int,
+                    background_radius: float | None, correlated: bool) -> np.ndarray:
+    """The largest window statistic at each pixel (-inf where no window holds a valid pixel)."""
+    from scipy import ndimage
+
+    if background_radius is not None:
+        inner = max(max(radii), line_length // 2) + 2
         z = np.where(valid, z - _local_median(z, valid, inner, background_radius), 0.0)
-    if not (isinstance(line_length, (int, np.integer)) and line_length >= 0):
-        raise ValueError(f"line_length must be a whole number of pixels >= 0, got {line_length!r}")
     windows = [_disc(radius) for radius in radii] + (_segments(int(line_length)) if line_length > 1 else [])
     weight = valid.astype(float)
     correlation = _spatial_correlation(z, valid, max(w.shape[0] for w in windows) - 1) if correlated else None
-    best = np.full(values.shape, -np.inf)
+    best = np.full(z.shape, -np.inf)
     for window in windows:
         footprint = window.astype(float)
         total = ndimage.correlate(z, footprint, mode="constant", cval=0.0)
@@ -380,11 +433,118 @@ def pool_evidence(
         with np.errstate(invalid="ignore", divide="ignore"):
             statistic = np.where(count > 0, total / np.sqrt(np.maximum(count * inflation, 1e-12)), -np.inf)
         best = np.maximum(best, statistic)
-    # Sidak's combination of the K discs: about K * Phi(-T) in the tail, valid under their positive correlation,
-    # and below 1 everywhere (so the bulk keeps its order on a map)
-    with np.errstate(divide="ignore"):  # best = -inf only where no pixel takes part (NaN below)
-        pooled = -np.expm1(len(windows) * np.log1p(-special.ndtr(-best)))
-    return np.where(valid, np.clip(pooled, np.finfo(float).tiny, 1.0), np.nan)
+    return best
+
+
+#: side (pixels) and number of the simulated null maps that calibrate the pooled statistic and its peaks
+NULL_MAP_SIZE: int = 128
+NULL_MAPS: int = 40
+
+
+class PooledNull:
+    """The null distributions of the pooled statistic, simulated: its value at a pixel, and its peaks' heights.
+
+    Attributes
+    ----------
+    marginal
+        Upper tail of the pooled statistic ``T`` at a pixel when every per-pixel p-value is an
+        independent uniform: ``marginal.sf(T)`` is the pooled p-value of :func:`pool_evidence`.
+    peak_heights
+        Sorted normal scores of the pooled p-values at the local maxima (3 x 3) of the null maps.
+    peaks_per_pixel
+        Local maxima per pixel of a null map.
+    """
+
+    def __init__(self, marginal: _NormalTail, peak_heights: np.ndarray, peaks_per_pixel: float):
+        self.marginal, self.peak_heights, self.peaks_per_pixel = marginal, np.sort(peak_heights), peaks_per_pixel
+
+    #: fewest null peaks above a height for their share to be its p-value; beyond, the bound below
+    MIN_EXCEEDANCES = 50
+
+    def peak_pvalues(self, heights: np.ndarray) -> np.ndarray:
+        """p-values of peaks of a pooled map, given as normal scores ``z`` of their pooled p-values.
+
+        The share of null peaks at least as high while at least :attr:`MIN_EXCEEDANCES` are; higher up,
+        ``Phi(-z) / peaks_per_pixel`` (no more peaks than pixels exceed ``z``: an upper bound, measured
+        at 1.1-1.2 x the simulated share between 1e-4 and 3e-5), kept no larger than the share where it
+        takes over, so that p falls as ``z`` rises.
+        """
+        from scipy import special
+
+        z = np.asarray(heights, dtype=float)
+        n = self.peak_heights.size
+        exceed = n - np.searchsorted(self.peak_heights, z, side="left")
+        pvalues = np.minimum((1.0 + exceed) / (n + 1.0), 1.0)
+        start = self.peak_heights[n - self.MIN_EXCEEDANCES]
+        far = z > start
+        if far.any():
+            bound = special.ndtr(-z[far]) / self.peaks_per_pixel
+            pvalues[far] = np.maximum(np.minimum(bound, self.MIN_EXCEEDANCES / (n + 1.0)), np.finfo(float).tiny)
+        return np.where(np.isnan(z), np.nan, pvalues)
+
+
+class _NormalTail(_UpperTail):
+    """:class:`_UpperTail` whose tail beyond the simulated values is ``a Phi(-t / s)``: the tail of a maximum of
+    normal sums (a few windows, each normal with a spread ``s`` a little over 1 after the local median),
+    fitted through the ``1 - tail_fraction`` quantile and the 50th-largest value. Conformal below that."""
+
+    def __init__(self, sample: np.ndarray, *, tail_fraction: float = 0.025, exceedances: int = 50):
+        from scipy import optimize, special
+
+        super().__init__(sample, tail_fraction=tail_fraction)
+        n = self.bulk.size
+        t0, t1 = self.bulk[int(np.floor(n * (1 - tail_fraction)))], self.bulk[n - exceedances]
+        q0, q1 = tail_fraction, exceedances / (n + 1.0)
+
+        def mismatch(spread: float) -> float:
+            return (np.log(q0 / q1) - special.log_ndtr(-t0 / spread) + special.log_ndtr(-t1 / spread))
+
+        spread = optimize.brentq(mismatch, 0.3, 5.0) if mismatch(0.3) * mismatch(5.0) < 0 else 1.0
+        self.threshold, self.tail = t1, None
+        self.normal = (np.log(q1) - special.log_ndtr(-t1 / spread), spread)
+
+    def sf(self, scores: np.ndarray | xr.DataArray) -> np.ndarray:
+        from scipy import special
+
+        values = np.asarray(scores, dtype=float)
+        pvalues = super().sf(values)
+        in_tail = values > self.threshold
+        if in_tail.any():
+            log_scale, spread = self.normal
+            pvalues[in_tail] = np.maximum(np.exp(log_scale + special.log_ndtr(-values[in_tail] / spread)),
+                                          np.finfo(float).tiny)
+        return pvalues
+
+
+def local_maxima(values: np.ndarray) -> np.ndarray:
+    """(y, x) bool: finite pixels not below any of their 8 neighbours (NaN and -inf never count)."""
+    from scipy import ndimage
+
+    finite = np.isfinite(values)
+    filled = np.where(finite, values, -np.inf)
+    return finite & (filled >= ndimage.maximum_filter(filled, size=3, mode="constant", cval=-np.inf))
+
+
+@functools.lru_cache(maxsize=8)
+def pooled_null(radii: Sequence[float] = DEFAULT_RADII, line_length: int = DEFAULT_LINE_LENGTH,
+                background_radius: float | None = DEFAULT_BACKGROUND_RADIUS) -> PooledNull:
+    """The null of :func:`pool_evidence` with these windows, from :data:`NULL_MAPS` seeded simulated maps.
+
+    Each map is :data:`NULL_MAP_SIZE` pixels square of independent standard normal scores (uniform
+    p-values), pooled exactly as a real map is (the local median, the windows, the largest statistic).
+    The same windows give the same null in every run (seed 0), computed once per process (about a second).
+    The maximum over nested windows is far from Sidak's independent case (measured: Sidak's
+    p-values had a median normal score of -0.5 and a spread of 1.33 on null maps).
+    """
+    radii = _check_radii(radii)
+    _check_windows(radii, line_length, background_radius)
+    rng = np.random.default_rng(0)
+    valid = np.ones((NULL_MAP_SIZE, NULL_MAP_SIZE), dtype=bool)
+    maps = [_pool_statistic(rng.standard_normal(valid.shape), valid, radii, line_length, background_radius, False)
+            for _ in range(NULL_MAPS)]
+    marginal = _NormalTail(np.concatenate([m.ravel() for m in maps]))
+    heights = [normal_scores(marginal.sf(m[local_maxima(m)])) for m in maps]
+    return PooledNull(marginal, np.concatenate(heights), sum(h.size for h in heights) / (NULL_MAPS * valid.size))
 
 
 def _spatial_correlation(z: np.ndarray, valid: np.ndarray, reach: int) -> np.ndarray:
@@ -466,37 +626,56 @@ def fdr_flags(pvalues: np.ndarray | xr.DataArray, level: float = 0.05) -> tuple[
     return flags, float(values[flags].max()) if flags.any() else 0.0
 
 
+#: pooled p-value that bounds a selected peak's region (the cluster-forming level of topological FDR)
+REGION_LEVEL: float = 0.001
+
+
 def spatial_flags(
     pvalues: np.ndarray | xr.DataArray,
     pooled: np.ndarray | xr.DataArray,
     level: float = 0.05,
     *,
     radius: float = 2.0,
+    radii: Sequence[float] = DEFAULT_RADII,
+    line_length: int = DEFAULT_LINE_LENGTH,
+    background_radius: float | None = DEFAULT_BACKGROUND_RADIUS,
 ) -> tuple[np.ndarray, float]:
     """Flags at a false-discovery rate from per-pixel and pooled p-values, without bleeding into the bulk.
 
-    Pooled evidence finds regions that no pixel alone would reveal, but it also lifts the bulk pixels
-    beside a strong region. So: the Benjamini-Hochberg rule on the ``pooled`` p-values selects the
-    regions (pixels within ``radius`` of each other); in a region where some pixels already pass the rule on their own
-    ``pvalues`` (strong evidence), those pixels are the flags; each rule runs at ``level / 2``, so that
-    their union keeps the false-discovery rate; elsewhere a selected pixel is kept when
-    its own normal score ``z`` reaches half the mean ``z`` of the selected pixels within ``radius`` (the
-    Bayes cut between "like its region" and "like the bulk" at even odds).
+    Pooled evidence finds regions that no pixel alone would reveal, but neighbouring pooled p-values
+    share most of their pixels: a pixel-wise rule on them counts one chance clump many times over and
+    its false-discovery rate on a bulk-only map is far below its nominal level (measured 0.00-0.01 of
+    bulk-only cubes flagged at 5 %). So regions are found by their *peaks* (topological FDR, Chumbley &
+    Friston): the local maxima of the pooled map are tested against the heights of the peaks of
+    simulated null maps (:func:`pooled_null`), the Benjamini-Hochberg rule selects peaks, and a region
+    is every pixel whose pooled evidence reaches the lowest selected peak. Pixels that pass the rule on
+    their own ``pvalues`` are flagged too (strong evidence); each rule runs at ``level / 2``, so that
+    their union keeps the false-discovery rate. In a region with such strong pixels, those are its
+    flags; elsewhere a region's pixel is kept when its own normal score ``z`` reaches half the mean
+    ``z`` of the region's pixels within ``radius`` (the Bayes cut between "like its region" and "like
+    the bulk" at even odds).
 
     Parameters
     ----------
     pvalues, pooled
         (y, x) per-pixel p-values and the pooled ones (:func:`pool_evidence`); NaN takes no part.
     level
-        The false-discovery rate of both rules, in (0, 1).
+        The false-discovery rate, in (0, 1).
     radius
         Pixels around a pixel whose evidence sets its region's mean.
+    radii, line_length, background_radius
+        The windows ``pooled`` was made with (:func:`pool_evidence`): they set the null of its peaks.
 
     Returns
     -------
     flags : ndarray of bool
     cut : float
-        The pooled p-value cut of the region rule (0 when no region is selected).
+        The pooled p-value at and below which pixels form regions (0 when no peak is selected).
+
+    References
+    ----------
+    J. Chumbley, K. Worsley, G. Flandin, K. Friston, "Topological FDR for neuroimaging",
+    *NeuroImage* 49, 3057 (2010).
 
     Examples
     --------
@@ -509,15 +688,27 @@ def spatial_flags(
     >>> bool((flags & blob).sum() >= blob.sum() - 3), bool((flags & ~blob).sum() <= 2)
     (True, True)
     """
-    from scipy import ndimage
+    from scipy import ndimage, special
 
     values = np.asarray(pvalues, dtype=float)
     check_level(level, "fdr")
     # two rules, each at half the level: under the complete null their union flags as often as one rule at `level`
-    regions, cut = fdr_flags(pooled, level / 2)
     strong, _ = fdr_flags(values, level / 2)
-    if not regions.any():
-        return strong, cut
+    evidence = normal_scores(np.asarray(pooled, dtype=float))
+    peaks = local_maxima(evidence)
+    null = pooled_null(_check_radii(radii), line_length, background_radius)
+    selected, _ = fdr_flags(null.peak_pvalues(evidence[peaks]), level / 2)
+    if not selected.any():
+        return strong, 0.0
+    lowest = float(evidence[peaks][selected].min())
+    # each selected peak's region: the pixels around it whose pooled evidence stays above REGION_LEVEL
+    floor = min(float(special.ndtri(1 - REGION_LEVEL)), lowest)
+    above, _ = ndimage.label(np.isfinite(evidence) & (evidence >= floor), structure=np.ones((3, 3)))
+    chosen = np.zeros(above.max() + 1, dtype=bool)
+    chosen[above[peaks][selected]] = True
+    chosen[0] = False
+    regions = chosen[above]
+    cut = float(special.ndtr(-floor))
     z = normal_scores(np.nan_to_num(values, nan=1.0))
     footprint = _disc(radius).astype(float)
     total = ndimage.correlate(np.where(regions, z, 0.0), footprint, mode="constant", cval=0.0)
