@@ -27,7 +27,7 @@ import numpy as np
 import xarray as xr
 
 from ..datacube import as_mask, is_lazy, read_rows, row_blocks, validate
-from ._scores import SCORES, score_spectra
+from ._scores import SCORES, TAIL_FAMILIES, score_spectra
 from .spatial import check_level, empirical_null, fdr_flags, normal_scores, pixel_pvalues, pool_evidence, spatial_flags
 from .threshold import THRESHOLD_METHODS, choose_threshold
 
@@ -261,7 +261,8 @@ class BaseDetector(abc.ABC):
     def _pixel_pvalues(self, raw: np.ndarray, vacuum: np.ndarray | None) -> tuple[np.ndarray, float, float]:
         """Per-pixel p-values of raw scores against the calibration scores (vacuum NaN), re-standardised to
         the map's own null with ``empirical_null=True``; with that null's centre and spread (sigma)."""
-        pvalues = pixel_pvalues(raw, self.calibration_scores_)
+        family = TAIL_FAMILIES.get(str(self.get_params().get("scoring", "")))
+        pvalues = pixel_pvalues(raw, self.calibration_scores_, family=family)
         if vacuum is not None:
             pvalues = np.where(vacuum, np.nan, pvalues)
         if self.get_params().get("empirical_null", False):

@@ -108,6 +108,10 @@ def _moved(model: np.ndarray, shift: np.ndarray) -> np.ndarray:
             + np.take_along_axis(model, high, axis=-1) * weight)
 
 
+#: the null family of each score's tail, where theory gives one (:func:`~eels_ad.detect.spatial.pixel_pvalues`):
+#: the shift score is ``|z|`` of a normal score test; a mean deviance over channels is a scaled chi-square
+TAIL_FAMILIES: dict[str, str] = {"shift": "half-normal", "deviance": "gamma"}
+
 SCORE_FUNCTIONS = {
     "deviance": poisson_deviance,
     "residual": pearson_residual,

@@ -33,7 +33,7 @@ Pickands, J. (1975). Statistical inference using extreme order statistics. Ann. 
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import xarray as xr
@@ -74,6 +74,7 @@ def pixel_pvalues(
     *,
     tail_fraction: float = 0.025,
     outlier_mads: float | None = None,
+    family: str | None = None,
 ) -> np.ndarray:
     """Upper-tail p-values of scores against the scores of held-out bulk spectra.
 
@@ -100,6 +101,16 @@ def pixel_pvalues(
         Leave out bulk scores more than this many normal-consistent MADs above their median first.
         None (default) keeps all: a few anomalies among the bulk scores only make the p-values
         conservative, while trimming a heavy but genuine tail made them 4-47x anti-conservative.
+    family
+        The scores' theoretical null family, one of :data:`TAIL_FAMILIES` (``"half-normal"``: ``|z|`` of
+        a normal score, scaled by the bulk's median; ``"gamma"``: a scaled chi-square such as a mean
+        deviance, by the bulk's moments), or None. Where the Pareto fit finds the tail lighter than the
+        exponential and the family explains the exceedances at least as well as the exponential
+        (likelihood), the tail decays as the family's from the threshold on; else as above. Measured on
+        4,000 bulk scores (as above, 8 draws): half-normal 1.03 / 0.99 / 0.88 / 0.81 (0.05 at 1e-5
+        without); scaled chi-square(320) 0.98 / 0.90 / 0.78 / 0.66 (0.28); a wrong family that the
+        likelihood check lets through: Student-t(20) as half-normal 1.07 / 0.93 / 0.80 / 0.96 (up to 3.7
+        in one draw of 8), lognormal as gamma 1.03 / 1.06 / 0.91 / 0.82 (up to 2.1).
 
     Returns
     -------
@@ -115,16 +126,20 @@ def pixel_pvalues(
     >>> bool(abs(np.mean(p < 0.05) - 0.05) < 0.01), bool(pixel_pvalues(np.array([5.0]), bulk)[0] < 1e-6)
     (True, True)
     """
-    return _UpperTail(calibration_scores, tail_fraction=tail_fraction, outlier_mads=outlier_mads).sf(scores)
+    return _UpperTail(calibration_scores, tail_fraction=tail_fraction, outlier_mads=outlier_mads,
+                      family=family).sf(scores)
 
 
 class _UpperTail:
     """The upper-tail p-value of scores against a sample of null scores (see :func:`pixel_pvalues`):
     conformal below the ``1 - tail_fraction`` quantile, a generalised Pareto tail above it, fitted once."""
 
-    def __init__(self, sample: np.ndarray, *, tail_fraction: float = 0.025, outlier_mads: float | None = None):
+    def __init__(self, sample: np.ndarray, *, tail_fraction: float = 0.025, outlier_mads: float | None = None,
+                 family: str | None = None):
         from scipy import stats
 
+        if family is not None and family not in TAIL_FAMILIES:
+            raise ValueError(f"family must be one of {TAIL_FAMILIES} or None, got {family!r}")
         if not 0 < tail_fraction < 1:
             raise ValueError(f"tail_fraction must lie in (0, 1), got {tail_fraction}")
         self.bulk = _bulk_tail(sample, outlier_mads)
@@ -132,13 +147,41 @@ class _UpperTail:
         start = int(np.floor(n * (1 - tail_fraction)))
         self.threshold = self.bulk[start]
         excess = self.bulk[start:] - self.threshold
-        self.tail = None
+        self.tail = self.light = None
         if excess.size >= 10 and np.ptp(excess) > 0:
             shape, _, scale = stats.genpareto.fit(excess, floc=0)
+            if family is not None and shape < FAMILY_SHAPE:  # not clearly heavier than the exponential
+                self.light = self._family_tail(family)
+                if not self._family_fits(excess, float(np.mean(excess))):
+                    self.light = None
             if shape < SHAPE_FLOOR:  # lighter than the floor allows: the floor's tail, with the same mean excess
                 shape, scale = SHAPE_FLOOR, float(np.mean(excess)) * (1 - SHAPE_FLOOR)
             # the conformal p-value at the tail's start, less its own +1
             self.tail = (excess.size / (n + 1.0), shape, scale)
+
+    def _family_tail(self, family: str) -> Callable[[np.ndarray], np.ndarray]:
+        """The log survival function of the family fitted to the whole null sample (scale, or moments)."""
+        from scipy import special, stats
+
+        if family == "half-normal":  # |z| of a normal score: its scale from the median (0.674 sigma)
+            spread = max(float(np.median(np.abs(self.bulk))) / stats.halfnorm.ppf(0.5), 1e-12)
+            return lambda x: special.log_ndtr(-np.asarray(x) / spread) + np.log(2.0)
+        mean, variance = float(np.mean(self.bulk)), float(np.var(self.bulk))
+        if not (mean > 0 and variance > 0):
+            return lambda x: -(np.asarray(x) - self.threshold) / max(float(np.std(self.bulk)), 1e-12)
+        shape, scale = mean * mean / variance, variance / mean  # a scaled chi-square: the moments' gamma
+        return lambda x: stats.gamma.logsf(np.asarray(x), shape, scale=scale)
+
+    def _family_fits(self, excess: np.ndarray, mean_excess: float) -> bool:
+        """Whether the family's tail explains the exceedances about as well as the exponential fitted to them:
+        a log-likelihood no more than :data:`FAMILY_MARGIN` below (the exponential's rate is fitted to the
+        exceedances themselves, the family's scale to the whole sample)."""
+        step = 1e-4 * max(float(np.ptp(self.bulk)), 1e-12)  # the density by a small difference of log sf
+        x = self.threshold + excess
+        log_density = np.log(np.maximum(-np.expm1(self.light(x + step) - self.light(x)), 1e-300) / step) \
+            + self.light(x) - self.light(np.array([self.threshold]))[0]
+        exponential = -np.log(mean_excess) - excess / mean_excess
+        return bool(np.sum(log_density) >= np.sum(exponential) - FAMILY_MARGIN)
 
     def sf(self, scores: np.ndarray | xr.DataArray) -> np.ndarray:
         from scipy import stats
@@ -151,10 +194,22 @@ class _UpperTail:
         in_tail = values > self.threshold
         if self.tail is not None and in_tail.any():
             anchor, shape, scale = self.tail
-            log_tail = stats.genpareto.logsf(values[in_tail] - self.threshold, shape, scale=scale)
+            if self.light is not None:  # the family's decay, from its value at the threshold
+                log_tail = self.light(values[in_tail]) - self.light(np.array([self.threshold]))[0]
+            else:
+                log_tail = stats.genpareto.logsf(values[in_tail] - self.threshold, shape, scale=scale)
             # the tail model alone above its threshold (the minimum of two estimates would be anti-conservative)
             pvalues[in_tail] = np.maximum(anchor * np.exp(log_tail), np.finfo(float).tiny)
         return np.where(np.isnan(values), np.nan, pvalues)
+
+
+#: the theoretical null families of scores whose tail is lighter than the exponential (see :func:`pixel_pvalues`)
+TAIL_FAMILIES: tuple[str, ...] = ("half-normal", "gamma")
+#: a family is tried where the Pareto fit's shape is below this (a tail not clearly heavier than the exponential: the
+#: shape of 100 exceedances of a half-normal came out >= 0 in 2 of 4 draws)
+FAMILY_SHAPE: float = 0.1
+#: log-likelihood by which the exponential may beat a family on the exceedances before the family is refused
+FAMILY_MARGIN: float = 0.0
 
 
 #: fewest pixels whose p-values estimate a map's own null (``empirical_null``); below it they are kept as they are
