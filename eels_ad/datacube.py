@@ -8,7 +8,7 @@ size-1 spatial dims, so every function in eels-ad sees one shape of data.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -264,6 +264,26 @@ def row_blocks(cube: xr.DataArray, max_pixels: int) -> Iterator[slice]:
         rows = max(chunk_rows, (rows // chunk_rows) * chunk_rows)
     for start in range(0, ny, rows):
         yield slice(start, min(start + rows, ny))
+
+
+def read_blocks(cube: xr.DataArray, blocks: Iterable[slice], dtype: Any = None) -> Iterator[tuple[slice, np.ndarray]]:
+    """(rows, values) of each block of rows in turn (:func:`read_rows`); for a lazy cube the next block is
+    read (decompressed) in a thread while the caller works on this one, so reading and computing overlap.
+    At most two blocks are held."""
+    blocks = list(blocks)
+    if not is_lazy(cube) or len(blocks) < 2:
+        for block in blocks:
+            yield block, read_rows(cube, block, dtype)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="eels-ad-read") as pool:
+        pending = pool.submit(read_rows, cube, blocks[0], dtype)
+        for index, block in enumerate(blocks):
+            values = pending.result()
+            if index + 1 < len(blocks):
+                pending = pool.submit(read_rows, cube, blocks[index + 1], dtype)
+            yield block, values
 
 
 def read_rows(cube: xr.DataArray, rows: slice, dtype: Any = None) -> np.ndarray:

@@ -101,10 +101,15 @@ def test_pooled_pvalues_and_fdr_are_calibrated_under_the_null():
 
 
 def test_the_simulated_null_calibrates_the_pooled_map_and_its_peaks():
-    from eels_ad.detect.spatial import local_maxima, normal_scores, pooled_null
+    from eels_ad.detect.spatial import PooledNull, local_maxima, normal_scores, pooled_null
 
     null = pooled_null()
     assert null is pooled_null()  # once per process
+    # the table shipped for the default windows is this simulation, saved (else: spatial.write_null_table())
+    fresh = PooledNull.simulate((0.0, 1.0, 2.0), 5, 8)
+    for table in ("marginal_table", "peak_table"):
+        np.testing.assert_allclose(getattr(null, table), getattr(fresh, table), rtol=1e-9, err_msg=table)
+    assert null.peaks_per_pixel == pytest.approx(fresh.peaks_per_pixel)
     rng = np.random.default_rng(11)
     pooled = np.stack([pool_evidence(m, correlated=False) for m in rng.uniform(size=(60, 64, 64))])
     z = normal_scores(pooled)

@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 import numpy as np
 import xarray as xr
 
-from ..datacube import as_mask, is_lazy, read_rows, row_blocks, validate
+from ..datacube import as_mask, is_lazy, read_blocks, read_rows, row_blocks, validate
 from ._scores import SCORES, TAIL_FAMILIES, score_spectra
 from .spatial import check_level, empirical_null, fdr_flags, normal_scores, pixel_pvalues, pool_evidence, spatial_flags
 from .threshold import THRESHOLD_METHODS, choose_threshold
@@ -206,14 +206,16 @@ class BaseDetector(abc.ABC):
         self.n_training_spectra_ = int(mask_values.sum()) if mask_values is not None else cube.eels.n_pixels
         calibration = self._fit(cube, mask_values, energy)
         self.energy_ = energy
-        # a detector may have scored its training spectra during the fit (no pass of its own then)
-        scores = getattr(self, "_training_scores", None)
-        self._training_scores = None
-        if scores is None:
+        # a detector may have scored a sample of its kept training spectra during the fit (no pass of its own then)
+        sampled = getattr(self, "_sample_scores", None)
+        self._sample_scores = None
+        if sampled is not None:
+            self.calibration_scores_ = np.asarray(sampled, dtype=float)
+        else:
             scores = self._score_array(cube).ravel()
             if mask_values is not None:
                 scores = scores[mask_values.ravel()]
-        self.calibration_scores_ = scores if calibration is None else scores[calibration]
+            self.calibration_scores_ = scores if calibration is None else scores[calibration]
         threshold = self.get_params().get("threshold", "auto")
         self.threshold_ = float(threshold) if isinstance(threshold, (int, float)) else None
         return self
@@ -446,10 +448,10 @@ class SpectrumDetector(BaseDetector):
         """Yield (row slice, flat mask of the rows' pixels, spectra): ~chunk_pixels pixels, or whole lazy chunks;
         with ``rows_wanted`` (bool per row) only the blocks that hold a wanted row are read."""
         cube = cube.transpose("y", "x", "energy")
-        for block in row_blocks(cube, self.chunk_pixels):
-            if rows_wanted is not None and not rows_wanted[block].any():
-                continue
-            spectra = read_rows(cube, block, np.float64).reshape(-1, cube.sizes["energy"])
+        blocks = [block for block in row_blocks(cube, self.chunk_pixels)
+                  if rows_wanted is None or rows_wanted[block].any()]
+        for block, values in read_blocks(cube, blocks, np.float64):  # the next block read while this one works
+            spectra = values.reshape(-1, cube.sizes["energy"])
             keep = np.ones(spectra.shape[0], dtype=bool) if mask is None else mask[block].ravel()
             yield block, keep, spectra
 

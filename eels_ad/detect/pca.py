@@ -175,39 +175,34 @@ class PCADetector(SpectrumDetector):
         self, chunks: Callable[[], Iterator[np.ndarray]], energy: np.ndarray, n_train: int,
         take: Callable[[np.ndarray], np.ndarray],
     ) -> np.ndarray | None:
-        """One pass for the moments (and, robust, a seeded sample of spectra); then one pass per trimming round.
+        """One pass for the moments and a seeded sample of spectra; robust: one pass per trimming round.
 
-        A round finds the outliers with the robust fit to the sample's component scores and holds the
-        spectra newly dropped, so the next components come from the moments less those spectra without
-        reading the cube again (trimming is monotone: a dropped spectrum stays out); the round that
-        changes nothing also scores the training spectra for calibration (``fit`` needs no pass of its own).
+        A round finds the outliers with the robust fit to the component scores of part of the sample and
+        holds the spectra newly dropped, so the next components come from the moments less those spectra
+        without reading the cube again (trimming is monotone: a dropped spectrum stays out). With the
+        pixel context the sample's kept spectra, scored by the final model, calibrate the p-values
+        (``fit`` needs no pass of its own): at most :attr:`CALIBRATION_SAMPLE` of them, all of a smaller
+        training set.
         """
-        self._training_scores = None
-        sample_index = None
-        if self.robust:
-            rng = np.random.default_rng(0)
-            size = min(self.MCD_SAMPLE, n_train)
-            sample_index = np.sort(rng.choice(n_train, size, replace=False))
+        self._sample_scores = None
+        rng = np.random.default_rng(0)
+        size = min(self.CALIBRATION_SAMPLE, n_train)
+        sample_index = np.sort(rng.choice(n_train, size, replace=False))
         moments, sample = self._moments_and_sample(chunks(), sample_index)
         self._components_from(moments, energy, n_train)
         self.n_trimmed_ = 0
-        if not self.robust:
-            return None
-        channels = _as_slice(self._score_channels(energy))
-        keep = np.ones(n_train, dtype=bool)
+        keep = np.ones(n_train, dtype=bool) if self.robust else None
         limit = 2 * max(self.chunk_pixels, 1)  # spectra held for the update; beyond, read again with take()
-        for round_ in range(4):
-            location, precision, cut = self._robust_fit(self._features(self._coefficients(sample)))
+        # the robust fit's spectra: a seeded part of the sample
+        judged = sample[np.sort(rng.permutation(size)[:min(self.MCD_SAMPLE, size)])]
+        for _ in range(self.TRIM_ROUNDS if self.robust else 0):
+            location, precision, cut = self._robust_fit(self._features(self._coefficients(judged)))
             new_keep = np.empty(n_train, dtype=bool)
-            # the first round nearly always drops outliers (its scores would be thrown away): score from the
-            # second on; a first round that changes nothing leaves the scoring to fit's own pass
-            scores = np.empty(n_train) if self.context == "pixel" and round_ > 0 else None
             held, held_index, n_held, start = [], [], 0, 0
             for spectra in chunks():
                 part = slice(start, start + spectra.shape[0])
                 start = part.stop
-                coefficients = self._coefficients(spectra)
-                centred = self._features(coefficients) - location
+                centred = self._features(self._coefficients(spectra)) - location
                 # trimming is monotone: a spectrum once dropped stays out (the components without it may no
                 # longer see it as an outlier, which would make the rounds oscillate)
                 new_keep[part] = keep[part] & (np.einsum("ij,jk,ik->i", centred, precision, centred) <= cut)
@@ -216,12 +211,8 @@ class PCADetector(SpectrumDetector):
                     held.append(spectra[changed])
                     n_held += changed.size
                 held_index.append(changed + part.start)
-                if scores is not None:
-                    model = self._predicted_spectra(spectra, coefficients)
-                    scores[part] = score_spectra(spectra[:, channels], model[:, channels], self.scoring)
             changed = np.concatenate(held_index)
             if changed.size == 0:
-                self._training_scores = scores
                 break
             spectra = np.concatenate(held) if n_held == changed.size else take(changed)
             sign = -np.ones(changed.size)  # dropped now: subtract them from the moments
@@ -229,10 +220,25 @@ class PCADetector(SpectrumDetector):
             keep = new_keep
             self._components_from(moments, energy, int(keep.sum()))
             self.n_trimmed_ = int((~keep).sum())
+        if self.context == "pixel":  # the kept sample's scores, a chunk at a time
+            kept = sample if keep is None else sample[keep[sample_index]]
+            channels = _as_slice(self._score_channels(energy))
+            step = max(self.chunk_pixels, 1)
+            parts = []
+            for first in range(0, kept.shape[0], step):
+                spectra = kept[first:first + step].astype(np.float64)
+                model = self._reconstruct_spectra(spectra)
+                parts.append(score_spectra(spectra[:, channels], model[:, channels], self.scoring))
+            self._sample_scores = np.concatenate(parts) if parts else np.empty(0)
         return keep
 
     #: spectra drawn (seeded) for the robust fit of the component scores (minimum covariance determinant)
-    MCD_SAMPLE = 1500
+    MCD_SAMPLE = 500
+    #: trimming rounds at most, each a pass over the cube (1: one step, as MCD's reweighting step)
+    TRIM_ROUNDS = 1
+    #: training spectra (seeded) held from the first pass, as float32: the robust fit's sample comes from them, and
+    #: with the pixel context their scores calibrate the p-values
+    CALIBRATION_SAMPLE = 4000
 
     def _features(self, coefficients: np.ndarray) -> np.ndarray:
         """The component scores that outliers are judged on: the first Poisson component (the mean spectrum
@@ -255,15 +261,18 @@ class PCADetector(SpectrumDetector):
 
     def _moments_and_sample(self, blocks, sample_index: np.ndarray | None):
         """:meth:`_moments` of all spectra, and the spectra at ``sample_index`` (training order), in one pass."""
-        moments, sample, start = None, [], 0
+        moments, sample, start, filled = None, None, 0, 0
         for spectra in blocks:
             part = self._moments([spectra])
             moments = part if moments is None else tuple(m + p for m, p in zip(moments, part, strict=True))
             if sample_index is not None:
+                if sample is None:  # filled in place (float32): never held twice
+                    sample = np.empty((sample_index.size, spectra.shape[1]), dtype=np.float32)
                 inside = sample_index[(sample_index >= start) & (sample_index < start + spectra.shape[0])]
-                sample.append(spectra[inside - start])
+                sample[filled:filled + inside.size] = spectra[inside - start]
+                filled += inside.size
             start += spectra.shape[0]
-        return moments, (np.concatenate(sample) if sample else None)
+        return moments, sample
 
     def _moments(self, blocks, sign: np.ndarray | None = None) -> tuple[np.ndarray, float, np.ndarray]:
         """(channel sums, total counts, cross-product matrix) of spectra, Poisson-scaled when normalising.
@@ -280,14 +289,20 @@ class PCADetector(SpectrumDetector):
                 scaled = spectra
             channel_sum = channel_sum + weights @ spectra
             total = total + float(weights @ spectra.sum(axis=1))
-            gram = gram + ((scaled if sign is None else scaled * weights[:, None]).T @ scaled)
+            part = (scaled if sign is None else scaled * weights[:, None]).T @ scaled
+            del scaled
+            if isinstance(gram, np.ndarray):
+                gram += part  # in place: the channels x channels matrix is not held twice
+            else:
+                gram = part
         return np.asarray(channel_sum, dtype=float), float(total), np.asarray(gram, dtype=float)
 
     def _coefficients(self, spectra: np.ndarray) -> np.ndarray:
         """Component scores of spectra, per unit pixel weight."""
-        weighted = (spectra - self.mean_) / self.channel_weights_
+        weighted = spectra - self.mean_  # in place from here: one array of the spectra's size
+        weighted /= self.channel_weights_
         if self.poisson_normalize:
-            weighted = weighted / np.sqrt(np.maximum(spectra.sum(axis=1, keepdims=True), 1e-12))
+            weighted /= np.sqrt(np.maximum(spectra.sum(axis=1, keepdims=True), 1e-12))
         return weighted @ self.components_.T
 
     def _components_from(self, moments: tuple[np.ndarray, float, np.ndarray], energy: np.ndarray,

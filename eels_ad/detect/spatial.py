@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 import xarray as xr
@@ -453,7 +454,7 @@ def pool_evidence(
     _check_windows(radii, line_length, background_radius)
     z = np.where(valid, normal_scores(np.where(valid, values, 0.5)), 0.0)
     best = _pool_statistic(z, valid, radii, line_length, background_radius, correlated)
-    pooled = pooled_null(radii, line_length, background_radius).marginal.sf(best)
+    pooled = pooled_null(radii, line_length, background_radius).marginal_sf(best)
     return np.where(valid, np.clip(pooled, np.finfo(float).tiny, 1.0), np.nan)
 
 
@@ -497,24 +498,65 @@ NULL_MAPS: int = 40
 
 
 class PooledNull:
-    """The null distributions of the pooled statistic, simulated: its value at a pixel, and its peaks' heights.
+    """The null distributions of the pooled statistic: its value at a pixel, and its peaks' heights, as tables.
+
+    Made by :meth:`simulate` (seeded null maps pooled as real maps are) or read from the table shipped
+    for the default windows (``eels_ad/data/pooled_null.npz``, the same simulation saved: a fresh
+    process need not simulate).
 
     Attributes
     ----------
-    marginal
-        Upper tail of the pooled statistic ``T`` at a pixel when every per-pixel p-value is an
-        independent uniform: ``marginal.sf(T)`` is the pooled p-value of :func:`pool_evidence`.
-    peak_heights
-        Sorted normal scores of the pooled p-values at the local maxima (3 x 3) of the null maps.
+    marginal_table
+        (2, n): ascending values of the pooled statistic ``T`` and the log of their p-values under the
+        null of independent uniform per-pixel p-values; beyond the last, ``marginal_tail``.
+    marginal_tail
+        ``(log a, s)`` of the normal tail ``a Phi(-T / s)`` beyond the table.
+    peak_table
+        (2, m): ascending heights of the local maxima (3 x 3) of null maps, in normal scores of the
+        pooled p-values, and the log of the share of null peaks at least as high.
     peaks_per_pixel
         Local maxima per pixel of a null map.
     """
 
-    def __init__(self, marginal: _NormalTail, peak_heights: np.ndarray, peaks_per_pixel: float):
-        self.marginal, self.peak_heights, self.peaks_per_pixel = marginal, np.sort(peak_heights), peaks_per_pixel
-
-    #: fewest null peaks above a height for their share to be its p-value; beyond, the bound below
+    #: fewest null peaks above a height for their share to be its p-value; beyond, the bound of peak_pvalues
     MIN_EXCEEDANCES = 50
+
+    def __init__(self, marginal_table: np.ndarray, marginal_tail: tuple[float, float], peak_table: np.ndarray,
+                 peaks_per_pixel: float):
+        self.marginal_table = np.asarray(marginal_table, dtype=float)
+        self.marginal_tail = (float(marginal_tail[0]), float(marginal_tail[1]))
+        self.peak_table = np.asarray(peak_table, dtype=float)
+        self.peaks_per_pixel = float(peaks_per_pixel)
+
+    @classmethod
+    def simulate(cls, radii: tuple[float, ...], line_length: int, background_radius: float | None) -> PooledNull:
+        """:data:`NULL_MAPS` maps of :data:`NULL_MAP_SIZE` pixels square, independent standard normal scores
+        (seed 0), pooled with these windows; their statistic's tail and their peaks, tabulated."""
+        rng = np.random.default_rng(0)
+        valid = np.ones((NULL_MAP_SIZE, NULL_MAP_SIZE), dtype=bool)
+        maps = [_pool_statistic(rng.standard_normal(valid.shape), valid, radii, line_length, background_radius,
+                                False) for _ in range(NULL_MAPS)]
+        marginal = _NormalTail(np.concatenate([m.ravel() for m in maps]), exceedances=cls.MIN_EXCEEDANCES)
+        values = _table_points(marginal.bulk, cls.MIN_EXCEEDANCES)
+        marginal_table = np.stack([values, np.log(marginal.sf(values))])
+        heights = np.sort(np.concatenate([normal_scores(marginal.sf(m[local_maxima(m)])) for m in maps]))
+        points = _table_points(heights, cls.MIN_EXCEEDANCES)
+        exceed = heights.size - np.searchsorted(heights, points, side="left")
+        peak_table = np.stack([points, np.log((1.0 + exceed) / (heights.size + 1.0))])
+        return cls(marginal_table, marginal.normal, peak_table, heights.size / (NULL_MAPS * valid.size))
+
+    def marginal_sf(self, statistic: np.ndarray) -> np.ndarray:
+        """p-values of pooled statistics ``T`` (NaN stays NaN; ``-inf``, no window, gets 1)."""
+        from scipy import special
+
+        values = np.asarray(statistic, dtype=float)
+        table, log_p = self.marginal_table
+        inside = np.exp(np.interp(values, table, log_p, left=log_p[0]))
+        log_scale, spread = self.marginal_tail
+        with np.errstate(invalid="ignore"):
+            far = np.exp(log_scale + special.log_ndtr(-values / spread))
+            pvalues = np.where(values > table[-1], far, inside)
+        return np.where(np.isnan(values), np.nan, np.clip(pvalues, np.finfo(float).tiny, 1.0))
 
     def peak_pvalues(self, heights: np.ndarray) -> np.ndarray:
         """p-values of peaks of a pooled map, given as normal scores ``z`` of their pooled p-values.
@@ -527,15 +569,31 @@ class PooledNull:
         from scipy import special
 
         z = np.asarray(heights, dtype=float)
-        n = self.peak_heights.size
-        exceed = n - np.searchsorted(self.peak_heights, z, side="left")
-        pvalues = np.minimum((1.0 + exceed) / (n + 1.0), 1.0)
-        start = self.peak_heights[n - self.MIN_EXCEEDANCES]
-        far = z > start
+        table, log_p = self.peak_table
+        pvalues = np.exp(np.interp(z, table, log_p, left=log_p[0]))
+        far = z > table[-1]
         if far.any():
             bound = special.ndtr(-z[far]) / self.peaks_per_pixel
-            pvalues[far] = np.maximum(np.minimum(bound, self.MIN_EXCEEDANCES / (n + 1.0)), np.finfo(float).tiny)
-        return np.where(np.isnan(z), np.nan, pvalues)
+            pvalues[far] = np.maximum(np.minimum(bound, np.exp(log_p[-1])), np.finfo(float).tiny)
+        return np.where(np.isnan(z), np.nan, np.minimum(pvalues, 1.0))
+
+    def save(self, path: str | Path, **settings: object) -> None:
+        """Write the tables (and the ``settings`` they were made with) to an ``.npz`` file."""
+        np.savez(path, marginal_table=self.marginal_table, marginal_tail=np.array(self.marginal_tail),
+                 peak_table=self.peak_table, peaks_per_pixel=self.peaks_per_pixel,
+                 **{key: np.asarray(value) for key, value in settings.items()})
+
+
+def _table_points(ordered: np.ndarray, exceedances: int, points: int = 800) -> np.ndarray:
+    """Values of a sorted sample at shares above them from 1 down to ``exceedances`` of the sample, log-spaced."""
+    n = ordered.size
+    shares = np.logspace(0, np.log10(exceedances / (n + 1.0)), points)
+    ranks = np.unique(np.clip(np.round(n - shares * (n + 1.0)).astype(int), 0, n - exceedances))
+    return np.unique(ordered[ranks])
+
+
+#: the table of the default windows' null (PooledNull.simulate saved), so that a fresh process need not simulate
+NULL_TABLE = Path(__file__).resolve().parent.parent / "data" / "pooled_null.npz"
 
 
 class _NormalTail(_UpperTail):
@@ -587,19 +645,40 @@ def pooled_null(radii: Sequence[float] = DEFAULT_RADII, line_length: int = DEFAU
 
     Each map is :data:`NULL_MAP_SIZE` pixels square of independent standard normal scores (uniform
     p-values), pooled exactly as a real map is (the local median, the windows, the largest statistic).
-    The same windows give the same null in every run (seed 0), computed once per process (about a second).
+    The same windows give the same null in every run (seed 0), computed once per process (about two seconds);
+    for the default windows it is read from the table shipped with eels-ad (:data:`NULL_TABLE`).
     The maximum over nested windows is far from Sidak's independent case (measured: Sidak's
     p-values had a median normal score of -0.5 and a spread of 1.33 on null maps).
     """
     radii = _check_radii(radii)
     _check_windows(radii, line_length, background_radius)
-    rng = np.random.default_rng(0)
-    valid = np.ones((NULL_MAP_SIZE, NULL_MAP_SIZE), dtype=bool)
-    maps = [_pool_statistic(rng.standard_normal(valid.shape), valid, radii, line_length, background_radius, False)
-            for _ in range(NULL_MAPS)]
-    marginal = _NormalTail(np.concatenate([m.ravel() for m in maps]))
-    heights = [normal_scores(marginal.sf(m[local_maxima(m)])) for m in maps]
-    return PooledNull(marginal, np.concatenate(heights), sum(h.size for h in heights) / (NULL_MAPS * valid.size))
+    settings = _null_settings(radii, line_length, background_radius)
+    if NULL_TABLE.exists():
+        with np.load(NULL_TABLE) as table:
+            if all(key in table.files and np.array_equal(table[key], value) for key, value in settings.items()):
+                return PooledNull(table["marginal_table"], tuple(table["marginal_tail"]), table["peak_table"],
+                                  float(table["peaks_per_pixel"]))
+    return PooledNull.simulate(radii, line_length, background_radius)
+
+
+def _null_settings(radii: tuple[float, ...], line_length: int, background_radius: float | None) -> dict:
+    """What a null table depends on (a table made otherwise is not used)."""
+    return {"radii": np.asarray(radii, dtype=float), "line_length": np.asarray(line_length),
+            "background_radius": np.asarray(np.nan if background_radius is None else background_radius),
+            "null_maps": np.asarray(NULL_MAPS), "null_map_size": np.asarray(NULL_MAP_SIZE),
+            "version": np.asarray(NULL_TABLE_VERSION)}
+
+
+#: raise when the pooling or the simulation changes (with a new table: ``write_null_table()``)
+NULL_TABLE_VERSION: int = 1
+
+
+def write_null_table(path: str | Path = NULL_TABLE) -> Path:
+    """Simulate the default windows' null and save it where :func:`pooled_null` reads it (for maintainers)."""
+    radii = _check_radii(DEFAULT_RADII)
+    null = PooledNull.simulate(radii, DEFAULT_LINE_LENGTH, DEFAULT_BACKGROUND_RADIUS)
+    null.save(path, **_null_settings(radii, DEFAULT_LINE_LENGTH, DEFAULT_BACKGROUND_RADIUS))
+    return Path(path)
 
 
 def _spatial_correlation(z: np.ndarray, valid: np.ndarray, reach: int) -> np.ndarray:
