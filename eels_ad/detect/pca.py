@@ -84,12 +84,14 @@ class PCADetector(SpectrumDetector):
     max_components, auto_margin
         For ``n_components="auto"``.
     robust
-        Train on a cube that may hold anomalies: after each fit, drop the training spectra whose
+        Train on a cube that may hold anomalies: after the fit, drop the training spectra whose
         component scores are outliers (robust Mahalanobis distance of a minimum covariance
-        determinant fit to a seeded sample of 1500 spectra, reweighted once, above the
-        ``robust_quantile`` of chi-squared) and fit again, up to 4 rounds, one pass over the cube each;
-        a dropped spectrum stays out. A few anomalous pixels otherwise get a component of their own and
-        are reconstructed well.
+        determinant fit to a seeded sample of 500 spectra, reweighted once, above the
+        ``robust_quantile`` of chi-squared) and fit again without them: one step (:attr:`TRIM_ROUNDS`),
+        one more pass over the cube, the moments less the dropped spectra. A few anomalous pixels
+        otherwise get a component of their own and are reconstructed well. (Measured on a 96 x 96 cube
+        with 3 % shifted blobs: the same AUC, F1 and bulk calibration as 4 rounds; MCD on 500 spectra
+        5x faster than on 1,500, the same flags.)
     robust_quantile
         For ``robust``.
     chunk_pixels
@@ -113,7 +115,9 @@ class PCADetector(SpectrumDetector):
     energy_ : ndarray
         The fitted energy axis in eV.
     calibration_scores_ : ndarray
-        Scores of the training spectra kept (after ``robust`` trimming): they calibrate the threshold.
+        Scores of training spectra kept (after ``robust`` trimming): they calibrate the threshold. With the
+        pixel context, a seeded sample of at most :attr:`CALIBRATION_SAMPLE` (held from the first pass, so
+        that calibrating needs no pass of its own); with the neighbour context, all of them.
     noise_edge_ : float
         With ``n_components="auto"``: the eigenvalue a component had to exceed.
 
