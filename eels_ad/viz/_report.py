@@ -228,7 +228,8 @@ def report(detection: xr.Dataset, cube: xr.DataArray | None = None, *, channels:
     if rule == "fdr" and level is not None:
         answer += f" at {100 * float(level):g} % false-discovery rate"
         rule_text = f"{100 * float(level):g} % false-discovery rate (Benjamini-Hochberg on calibrated p-values"
-        rule_text += ", pooled over neighbourhoods)" if scores.attrs.get("spatial") == "pooled" else ")"
+        rule_text += (", pooled over neighbourhoods; regions by their peaks)" if scores.attrs.get("spatial") == "pooled"
+                      else ")")
     else:
         answer += f" (threshold rule {rule!r}, level {float(threshold):.4g})" if threshold is not None else ""
         rule_text = f"{rule}, {float(threshold):.4g}" if threshold is not None else str(rule)
