@@ -295,6 +295,28 @@ def test_neighbour_context_follows_a_drift_the_training_never_saw():
     assert auc["neighbours"] > auc["pixel"] + 0.1, auc
 
 
+def test_neighbour_context_second_step_hides_shifted_blobs_from_their_neighbours(monkeypatch):
+    from scipy import ndimage
+
+    import eels_ad.detect.cvae.detector as cvae_module
+
+    kw = dict(dose=20, drift=1.0, shift=0.5)
+    bulk = eels_ad.simulate_fe_l23((64, 64), anomaly_fraction=0.0, seed=100, **kw)["counts"]
+    test = eels_ad.simulate_fe_l23((64, 64), anomaly_fraction=0.01, layout="clusters", seed=200, **kw)
+    truth = test["anomaly"].values
+    halo = ndimage.binary_dilation(truth, iterations=4) & ~truth
+    detector = CVAEDetector(context="neighbours", scoring="shift", spatial=False, progress=False, max_epochs=3,
+                            seed=0).fit(bulk)
+    two_steps = detector.score(test["counts"]).values
+    monkeypatch.setattr(cvae_module, "RING_EXCLUSION_PVALUE", 0.0)  # the first step alone
+    one_step = detector.score(test["counts"]).values
+    far = ~ndimage.binary_dilation(truth, iterations=10)
+    # measured: the blobs 5.74 -> 6.17, the bulk beside them 1.14 -> 1.04; far away nothing changes
+    assert two_steps[truth].mean() > one_step[truth].mean() + 0.2, (two_steps[truth].mean(), one_step[truth].mean())
+    assert two_steps[halo].mean() < one_step[halo].mean()
+    np.testing.assert_allclose(two_steps[far], one_step[far])  # only the patches that saw a suspect are run again
+
+
 def test_neighbour_context_bad_settings_are_named(small_cubes):
     bulk, _ = small_cubes
     with pytest.raises(ValueError, match="context must be one of"):

@@ -35,6 +35,9 @@ FORMAT_VERSION = 2
 #: how a spectrum's bulk model is found: from the pixel itself, or predicted from its neighbours, the pixel
 #: hidden (``context`` of the PCA and CVAE detectors)
 CONTEXTS: tuple[str, ...] = ("pixel", "neighbours")
+#: with ``context="neighbours"``, pixels whose first-pass p-value falls below this are left out of the
+#: neighbourhoods that predict the others, and the pixels whose neighbourhoods held them are scored again
+RING_EXCLUSION_PVALUE: float = 1e-3
 #: what a pooled score map carries beside the map: the per-pixel scores and their calibrated p-values
 SPATIAL_COORDS: tuple[str, ...] = ("pixel_score", "pvalue")
 # where the classes that are not imported with eels_ad.detect live (torch and Lightning load on demand)

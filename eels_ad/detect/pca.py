@@ -7,16 +7,13 @@ from typing import Any
 
 import numpy as np
 
-from ._base import CONTEXTS, SpectrumDetector, _as_slice
+from ._base import CONTEXTS, RING_EXCLUSION_PVALUE, SpectrumDetector, _as_slice
 from ._scores import score_spectra
 from .spatial import ring_prediction
 from .threshold import ThresholdMethod
 
 #: inner and outer radius (pixels) of the ring of neighbours that predicts a hidden pixel
 NEIGHBOUR_RING: tuple[float, float] = (2.5, 5.0)
-#: with ``context="neighbours"``, pixels whose first-pass p-value falls below this are left out of the
-#: rings that predict the others, and the pixels whose rings held them are scored again
-RING_EXCLUSION_PVALUE: float = 1e-3
 
 
 class PCADetector(SpectrumDetector):
