@@ -28,7 +28,7 @@ import xarray as xr
 
 from ..datacube import as_mask, is_lazy, read_blocks, read_rows, row_blocks, validate
 from ._scores import SCORES, TAIL_FAMILIES, score_spectra
-from .spatial import check_level, empirical_null, fdr_flags, normal_scores, pixel_pvalues, pool_evidence, spatial_flags
+from .spatial import UpperTail, check_level, empirical_null, fdr_flags, normal_scores, pool_evidence, spatial_flags
 from .threshold import THRESHOLD_METHODS, choose_threshold
 
 FORMAT_VERSION = 2
@@ -267,7 +267,11 @@ class BaseDetector(abc.ABC):
         """Per-pixel p-values of raw scores against the calibration scores (vacuum NaN), re-standardised to
         the map's own null with ``empirical_null=True``; with that null's centre and spread (sigma)."""
         family = TAIL_FAMILIES.get(str(self.get_params().get("scoring", "")))
-        pvalues = pixel_pvalues(raw, self.calibration_scores_, family=family)
+        cached = getattr(self, "_tail_cache", None)  # the tail fit once per calibration (tens of ms)
+        if cached is None or cached[0] is not self.calibration_scores_ or cached[1] != family:
+            cached = (self.calibration_scores_, family, UpperTail(self.calibration_scores_, family=family))
+            self._tail_cache = cached
+        pvalues = cached[2].sf(raw)
         if vacuum is not None:
             pvalues = np.where(vacuum, np.nan, pvalues)
         if self.get_params().get("empirical_null", False):

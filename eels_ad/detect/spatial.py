@@ -127,11 +127,11 @@ def pixel_pvalues(
     >>> bool(abs(np.mean(p < 0.05) - 0.05) < 0.01), bool(pixel_pvalues(np.array([5.0]), bulk)[0] < 1e-6)
     (True, True)
     """
-    return _UpperTail(calibration_scores, tail_fraction=tail_fraction, outlier_mads=outlier_mads,
+    return UpperTail(calibration_scores, tail_fraction=tail_fraction, outlier_mads=outlier_mads,
                       family=family).sf(scores)
 
 
-class _UpperTail:
+class UpperTail:
     """The upper-tail p-value of scores against a sample of null scores (see :func:`pixel_pvalues`):
     conformal below the ``1 - tail_fraction`` quantile, a generalised Pareto tail above it, fitted once."""
 
@@ -596,8 +596,8 @@ def _table_points(ordered: np.ndarray, exceedances: int, points: int = 800) -> n
 NULL_TABLE = Path(__file__).resolve().parent.parent / "data" / "pooled_null.npz"
 
 
-class _NormalTail(_UpperTail):
-    """:class:`_UpperTail` whose tail beyond the simulated values is ``a Phi(-t / s)``: the tail of a maximum of
+class _NormalTail(UpperTail):
+    """:class:`UpperTail` whose tail beyond the simulated values is ``a Phi(-t / s)``: the tail of a maximum of
     normal sums (a few windows, each normal with a spread ``s`` a little over 1 after the local median),
     fitted through the ``1 - tail_fraction`` quantile and the 50th-largest value. Conformal below that."""
 

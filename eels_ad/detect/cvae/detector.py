@@ -336,8 +336,8 @@ class CVAEDetector(BaseDetector):
         A ring that holds anomalous pixels predicts its centre wrongly: the pixels of a shifted blob are
         half explained by the blob around them. So the pixels whose p-value falls below
         :data:`~eels_ad.detect._base.RING_EXCLUSION_PVALUE` are replaced by what their own ring predicted,
-        and the hidden centres whose patches held any of them are predicted again (only those patches
-        are run); every pixel is still scored against its own counts.
+        and the hidden centres whose patches held at least :attr:`MIN_SUSPECTS_SEEN` of them are predicted
+        again (only those patches are run); every pixel is still scored against its own counts.
         """
         nll = self.scoring == "nll"
         ny, nx = cube.sizes["y"], cube.sizes["x"]
@@ -380,13 +380,16 @@ class CVAEDetector(BaseDetector):
         return score_spectra(counts.reshape(-1, e)[:, channels], predicted.reshape(-1, e)[:, channels]
                              .astype(np.float64), self.scoring).reshape(counts.shape[:2])
 
+    #: suspects a patch must hold (outside its centre) for its centre to be predicted again
+    MIN_SUSPECTS_SEEN = 2
+
     def _blocks_seeing(self, ys: np.ndarray, xs: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-        """(hidden centres down, across) bool: the centres whose patch holds any of the pixels (ys, xs) outside
-        the centre itself."""
+        """(hidden centres down, across) bool: the centres whose patch holds at least :attr:`MIN_SUSPECTS_SEEN`
+        of the pixels (ys, xs) outside the centre itself."""
         patch, hole = _pair(self.patch_size, "patch_size"), self._hole()
         before = [(p - h) // 2 for p, h in zip(patch, hole, strict=True)]
         counts = [-(-size // h) for size, h in zip(shape, hole, strict=True)]
-        blocks = np.zeros(counts, dtype=bool)
+        seen = np.zeros(counts, dtype=int)  # suspects in each centre's patch, outside the centre
         for y, x in zip(ys, xs, strict=True):
             spans = []
             for v, p, h, b, n in zip((y, x), patch, hole, before, counts, strict=True):
@@ -397,8 +400,10 @@ class CVAEDetector(BaseDetector):
             for by in spans[0]:
                 for bx in spans[1]:
                     if (by, bx) != own:
-                        blocks[by, bx] = True
-        return blocks
+                        seen[by, bx] += 1
+        # one suspect among a ring's pixels (48 for the default 8 x 8 patch, 4 x 4 centre) barely moves the
+        # prediction, and lone suspects would make nearly every patch run twice: from two on
+        return seen >= self.MIN_SUSPECTS_SEEN
 
     @torch.inference_mode()
     def _patch_outputs(self, cube: xr.DataArray, nll: bool = False):
