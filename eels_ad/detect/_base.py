@@ -27,7 +27,7 @@ import numpy as np
 import xarray as xr
 
 from ..datacube import as_mask, is_lazy, read_blocks, read_rows, row_blocks, validate
-from ._scores import SCORES, TAIL_FAMILIES, score_spectra
+from ._scores import SCORE_TAIL_FAMILY, SCORES, score_spectra
 from .spatial import UpperTail, check_level, empirical_null, fdr_flags, normal_scores, pool_evidence, spatial_flags
 from .threshold import THRESHOLD_METHODS, choose_threshold
 
@@ -266,7 +266,7 @@ class BaseDetector(abc.ABC):
     def _pixel_pvalues(self, raw: np.ndarray, vacuum: np.ndarray | None) -> tuple[np.ndarray, float, float]:
         """Per-pixel p-values of raw scores against the calibration scores (vacuum NaN), re-standardised to
         the map's own null with ``empirical_null=True``; with that null's centre and spread (sigma)."""
-        family = TAIL_FAMILIES.get(str(self.get_params().get("scoring", "")))
+        family = SCORE_TAIL_FAMILY.get(str(self.get_params().get("scoring", "")))
         cached = getattr(self, "_tail_cache", None)  # the tail fit once per calibration (tens of ms)
         if cached is None or cached[0] is not self.calibration_scores_ or cached[1] != family:
             cached = (self.calibration_scores_, family, UpperTail(self.calibration_scores_, family=family))

@@ -110,7 +110,7 @@ def _moved(model: np.ndarray, shift: np.ndarray) -> np.ndarray:
 
 #: the null family of each score's tail, where theory gives one (:func:`~eels_ad.detect.spatial.pixel_pvalues`):
 #: the shift score is ``|z|`` of a normal score test; a mean deviance over channels is a scaled chi-square
-TAIL_FAMILIES: dict[str, str] = {"shift": "half-normal", "deviance": "gamma"}
+SCORE_TAIL_FAMILY: dict[str, str] = {"shift": "half-normal", "deviance": "gamma"}
 
 SCORE_FUNCTIONS = {
     "deviance": poisson_deviance,

@@ -152,7 +152,9 @@ class UpperTail:
         if excess.size >= 10 and np.ptp(excess) > 0:
             shape, _, scale = stats.genpareto.fit(excess, floc=0)
             if family is not None and shape < FAMILY_SHAPE:  # not clearly heavier than the exponential
-                self.light = self._family_tail(family)
+                log_sf = self._family_tail(family)
+                at_threshold = float(log_sf(np.array([self.threshold]))[0])
+                self.light = lambda x: log_sf(x) - at_threshold  # the family's log decay from the threshold
                 if not self._family_fits(excess, float(np.mean(excess))):
                     self.light = None
             if shape < SHAPE_FLOOR:  # lighter than the floor allows: the floor's tail, with the same mean excess
@@ -180,7 +182,7 @@ class UpperTail:
         step = 1e-4 * max(float(np.ptp(self.bulk)), 1e-12)  # the density by a small difference of log sf
         x = self.threshold + excess
         log_density = np.log(np.maximum(-np.expm1(self.light(x + step) - self.light(x)), 1e-300) / step) \
-            + self.light(x) - self.light(np.array([self.threshold]))[0]
+            + self.light(x)
         exponential = -np.log(mean_excess) - excess / mean_excess
         return bool(np.sum(log_density) >= np.sum(exponential) - FAMILY_MARGIN)
 
@@ -196,7 +198,7 @@ class UpperTail:
         if self.tail is not None and in_tail.any():
             anchor, shape, scale = self.tail
             if self.light is not None:  # the family's decay, from its value at the threshold
-                log_tail = self.light(values[in_tail]) - self.light(np.array([self.threshold]))[0]
+                log_tail = self.light(values[in_tail])
             else:
                 log_tail = stats.genpareto.logsf(values[in_tail] - self.threshold, shape, scale=scale)
             # the tail model alone above its threshold (the minimum of two estimates would be anti-conservative)
@@ -781,8 +783,9 @@ def spatial_flags(
     its false-discovery rate on a bulk-only map is far below its nominal level (measured 0.00-0.01 of
     bulk-only cubes flagged at 5 %). So regions are found by their *peaks* (topological FDR, Chumbley &
     Friston): the local maxima of the pooled map are tested against the heights of the peaks of
-    simulated null maps (:func:`pooled_null`), the Benjamini-Hochberg rule selects peaks, and a region
-    is every pixel whose pooled evidence reaches the lowest selected peak. Pixels that pass the rule on
+    simulated null maps (:func:`pooled_null`), the Benjamini-Hochberg rule selects peaks, and each
+    selected peak's region is the connected pixels around it whose pooled p-value stays at or below
+    :data:`REGION_LEVEL` (or the lowest selected peak's, if that is higher). Pixels that pass the rule on
     their own ``pvalues`` are flagged too (strong evidence); each rule runs at ``level / 2``, so that
     their union keeps the false-discovery rate. In a region with such strong pixels, those are its
     flags; elsewhere a region's pixel is kept when its own normal score ``z`` reaches half the mean

@@ -13,7 +13,7 @@ import torch
 import xarray as xr
 
 from ..._lightning import quiet_lightning
-from ...datacube import DatacubeReadError, is_lazy, read_rows
+from ...datacube import DatacubeReadError, is_lazy
 from .._base import CONTEXTS, RING_EXCLUSION_PVALUE, BaseDetector
 from .._scores import SCORES, score_spectra
 from ..threshold import ThresholdMethod
@@ -345,7 +345,7 @@ class CVAEDetector(BaseDetector):
         calibrated = getattr(self, "calibration_scores_", None) is not None and not nll
         # the first step's predictions of the pixels that may turn out suspect (a lenient cut: p < ~0.01)
         lenient = np.quantile(self.calibration_scores_, 0.99) if calibrated else np.inf
-        held: dict[int, np.ndarray] = {}
+        held: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # flat index: (own counts, prediction)
         for rows, counts, predicted, voxel_nll in self._inpainted_bands(cube, nll=nll):
             if voxel_nll is not None:
                 scores[rows] = voxel_nll
@@ -353,7 +353,7 @@ class CVAEDetector(BaseDetector):
             band_scores = self._band_scores(counts, predicted, channels)
             scores[rows] = band_scores
             for y, x in zip(*np.nonzero(band_scores > lenient), strict=True):
-                held[(rows.start + y) * nx + x] = predicted[y, x]
+                held[(rows.start + y) * nx + x] = (counts[y, x], predicted[y, x])
         if not held:
             return scores
         vacuum = np.asarray(cube["vacuum"].values, dtype=bool) if "vacuum" in cube.coords else None
@@ -361,13 +361,15 @@ class CVAEDetector(BaseDetector):
         replaced = np.array([index for index in held if suspect[index]], dtype=np.int64)
         if replaced.size == 0:
             return scores
-        spectra = np.stack([held[index] for index in replaced])
+        spectra = np.stack([held[index][1] for index in replaced])
         blocks = self._blocks_seeing(replaced // nx, replaced % nx, (ny, nx))
         patched = _with_spectra(cube, replaced, spectra)
-        for rows, _, predicted, _ in self._inpainted_bands(patched, blocks=blocks):
+        for rows, counts, predicted, _ in self._inpainted_bands(patched, blocks=blocks):
             again = np.isfinite(predicted[..., 0])
             if again.any():
-                counts = read_rows(cube.transpose("y", "x", "energy"), rows, np.float64)
+                counts = counts.copy()  # the patched cube's: the replaced pixels get their own counts back
+                for index in replaced[(replaced // nx >= rows.start) & (replaced // nx < rows.stop)]:
+                    counts[index // nx - rows.start, index % nx] = held[index][0]
                 band_scores = self._band_scores(counts[again][None], predicted[again][None], channels)
                 block_scores = scores[rows]
                 block_scores[again] = band_scores[0]
