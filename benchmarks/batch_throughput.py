@@ -4,8 +4,9 @@ Jobs of a few seconds (PCA scoring of a 128 x 128 x 1024 cube, read from a compr
 back). The local pool starts its worker processes inside the timed run (spawned, each imports eels-ad
 once and keeps to its share of the cores); the Dask workers are started beforehand (`dask scheduler`,
 `dask worker --nthreads 1 --preload eels_ad.batch`) and warmed by one file, as they are on a cluster
-that serves many runs. Each configuration uses the whole machine: one worker gets every core for BLAS,
-two get one each.
+that serves many runs. Two comparisons: workers of the same size (one core each, as `dask worker
+--nthreads 1` with single-threaded BLAS: how the cluster scales with workers), and the whole machine either
+way (one worker gets every core for BLAS, two get one each: what a second worker adds on this machine).
 
 Writes benchmarks/results/batch_throughput.json. Usage: python benchmarks/batch_throughput.py [--files N]
 """
@@ -90,12 +91,13 @@ def main() -> None:
 
         timed("in-process", 1)
         timed("local pool (spawned in the run)", 2, workers=2)
-        for workers in (1, 2):
-            address, processes = start_cluster(scratch, workers, max(1, cores // workers))
+        for workers, blas in ((1, cores), (2, max(1, cores // 2)), (1, 1)):
+            label = "dask cluster (warm workers)" if blas * workers == cores else "dask cluster (warm workers, 1 core each)"
+            address, processes = start_cluster(scratch, workers, blas)
             try:
                 run(job, plan([warm], scratch / f"warm{workers}", suffix=".detect.nc"), scratch / f"warm{workers}",
                     scheduler=address, progress=False)
-                timed("dask cluster (warm workers)", workers, scheduler=address)  # noqa: B023
+                timed(label, workers, scheduler=address)  # noqa: B023
             finally:  # workers first, then the scheduler (a worker without one keeps trying to reconnect)
                 for process in reversed(processes):
                     process.terminate()
@@ -109,6 +111,8 @@ def main() -> None:
         "cores": cores, "runs": rows,
         "speed_up_local_pool_2_vs_in_process_1": by[("local pool (spawned in the run)", 2)] / by[("in-process", 1)],
         "speed_up_dask_2_vs_1": by[("dask cluster (warm workers)", 2)] / by[("dask cluster (warm workers)", 1)],
+        "speed_up_dask_2_vs_1_same_workers": (by[("dask cluster (warm workers)", 2)]
+                                              / by[("dask cluster (warm workers, 1 core each)", 1)]),
         "goal": "2 workers >= 1.7x the files per minute of 1",
     }
     print(json.dumps({k: v for k, v in summary.items() if k.startswith("speed")}, indent=1))

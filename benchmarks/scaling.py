@@ -89,7 +89,7 @@ def run_stage(stage: str, path: str, rows: int) -> dict:
     elif stage == "pca":
         from eels_ad.detect import PCADetector
 
-        detector = PCADetector(robust=True, chunk_pixels=rows * nx).fit(cube)
+        detector = PCADetector(robust=True).fit(cube)  # work blocks of 1024 spectra; chunks read whole
         out["fit_seconds"] = time.perf_counter() - started
         detector.score(cube)
         out["n_components"], out["n_trimmed"] = int(detector.n_components_), int(detector.n_trimmed_)
@@ -198,6 +198,7 @@ def main() -> None:
             rows = CHUNK_ROWS[shape[0]]
             row = {"shape": list(shape), "megavoxels": float(np.prod(shape)) / 1e6,
                    "gib_int32": float(np.prod(shape)) * 4 / 2**30, "file_mib": path.stat().st_size / 2**20,
+                   "chunk_mib": rows * shape[1] * shape[2] * 4 / 2**20,  # one stored chunk of rows (int32)
                    "write_seconds": time.perf_counter() - started, "stages": {}}
             baseline = None
             for stage in ["baseline", *stages]:

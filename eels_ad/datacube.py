@@ -286,6 +286,38 @@ def read_blocks(cube: xr.DataArray, blocks: Iterable[slice], dtype: Any = None) 
             yield block, values
 
 
+def iter_spectra(cube: xr.DataArray, work_pixels: int, *, rows_wanted: np.ndarray | None = None,
+                 dtype: Any = np.float64) -> Iterator[tuple[slice, np.ndarray]]:
+    """(rows, spectra) of whole rows of about ``work_pixels`` pixels in turn, spectra (pixels, channels) of ``dtype``.
+
+    A lazy cube is read one chunk of rows at a time in its stored type, the next chunk in a thread while
+    this one is worked on (:func:`read_blocks`), and converted one work block at a time: what is held is
+    two stored chunks and one work block, whatever the chunk's size. With ``rows_wanted`` (bool per row)
+    only the work blocks that hold a wanted row are yielded, and only the chunks that hold them read.
+    Spectra of an in-memory cube of ``dtype`` are views of it: do not write into them.
+
+    Examples
+    --------
+    >>> import eels_ad
+    >>> from eels_ad.datacube import iter_spectra
+    >>> cube = eels_ad.simulate_fe_l23((8, 4), seed=0)["counts"]
+    >>> [(rows.start, spectra.shape[0]) for rows, spectra in iter_spectra(cube, 12)]
+    [(0, 12), (3, 12), (6, 8)]
+    """
+    cube = cube.transpose("y", "x", "energy")
+    nx, ne = cube.sizes["x"], cube.sizes["energy"]
+    step = max(1, int(work_pixels) // max(nx, 1))
+    reads = [block for block in row_blocks(cube, work_pixels) if rows_wanted is None or rows_wanted[block].any()]
+    copy = True if is_lazy(cube) else None  # a work block never keeps a read chunk alive
+    for block, values in read_blocks(cube, reads):
+        for start in range(block.start, block.stop, step):
+            rows = slice(start, min(start + step, block.stop))
+            if rows_wanted is None or rows_wanted[rows].any():
+                part = values[rows.start - block.start:rows.stop - block.start]
+                yield rows, np.array(part, dtype=dtype, copy=copy).reshape(-1, ne)
+        del values  # before the chunk after next is read: two chunks held, not three
+
+
 def read_rows(cube: xr.DataArray, rows: slice, dtype: Any = None) -> np.ndarray:
     """The values of rows ``rows`` as a numpy array (read from the file for a lazy cube).
 
@@ -296,7 +328,7 @@ def read_rows(cube: xr.DataArray, rows: slice, dtype: Any = None) -> np.ndarray:
         the rows, so a batch run reports it and goes on.
     """
     try:
-        values = cube.isel(y=rows).values
+        values = _chunk_values(cube.isel(y=rows).data) if is_lazy(cube) else cube.isel(y=rows).values
     except (OSError, RuntimeError, KeyError, EOFError) as error:  # h5py / zarr / memmap read failures
         start, stop = _failing_chunk(cube, rows)
         source = cube.attrs.get("source_file", "the lazy datacube")
@@ -304,6 +336,18 @@ def read_rows(cube: xr.DataArray, rows: slice, dtype: Any = None) -> np.ndarray:
             source, f"rows {start}-{stop - 1} (of {cube.sizes['y']}) cannot be read: the file is "
             f"truncated or damaged there ({type(error).__name__}: {error})") from error
     return np.asarray(values, dtype=dtype)
+
+
+def _chunk_values(data: Any) -> np.ndarray:
+    """The values of a dask array; one chunk is read here (synchronously) without ``compute``'s final copy,
+    which would hold it twice."""
+    import dask
+    from dask.core import flatten
+
+    keys = list(flatten(data.__dask_keys__()))
+    if len(keys) != 1:
+        return np.asarray(data)
+    return np.asarray(dask.get(data.__dask_optimize__(data.__dask_graph__(), keys), keys[0]))
 
 
 def _failing_chunk(cube: xr.DataArray, rows: slice) -> tuple[int, int]:

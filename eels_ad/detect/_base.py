@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 import numpy as np
 import xarray as xr
 
-from ..datacube import as_mask, is_lazy, read_blocks, read_rows, row_blocks, validate
+from ..datacube import as_mask, is_lazy, iter_spectra, read_rows, row_blocks, validate
 from ._scores import SCORE_TAIL_FAMILY, SCORES, score_spectra
 from .spatial import UpperTail, check_level, empirical_null, fdr_flags, normal_scores, pool_evidence, spatial_flags
 from .threshold import THRESHOLD_METHODS, choose_threshold
@@ -153,7 +153,8 @@ class BaseDetector(abc.ABC):
         tolerance = self._ENERGY_TOLERANCE * step
         energy = cube["energy"].values
         inside = (energy >= fitted[0] - tolerance) & (energy <= fitted[-1] + tolerance)
-        selected = cube.isel(energy=np.flatnonzero(inside))
+        chosen = _as_slice(inside)  # one run of channels: a view of the cube, not a copy
+        selected = cube.isel(energy=chosen if isinstance(chosen, slice) else np.flatnonzero(inside))
         values = selected["energy"].values
         if values.size != fitted.size or np.max(np.abs(values - fitted)) > tolerance:
             cube_step = (energy[-1] - energy[0]) / max(energy.size - 1, 1)
@@ -452,13 +453,10 @@ class SpectrumDetector(BaseDetector):
     def _pixel_chunks(
         self, cube: xr.DataArray, mask: np.ndarray | None = None, rows_wanted: np.ndarray | None = None
     ) -> Iterator[tuple[slice, np.ndarray, np.ndarray]]:
-        """Yield (row slice, flat mask of the rows' pixels, spectra): ~chunk_pixels pixels, or whole lazy chunks;
-        with ``rows_wanted`` (bool per row) only the blocks that hold a wanted row are read."""
-        cube = cube.transpose("y", "x", "energy")
-        blocks = [block for block in row_blocks(cube, self.chunk_pixels)
-                  if rows_wanted is None or rows_wanted[block].any()]
-        for block, values in read_blocks(cube, blocks, np.float64):  # the next block read while this one works
-            spectra = values.reshape(-1, cube.sizes["energy"])
+        """Yield (row slice, flat mask of the rows' pixels, spectra) of ~chunk_pixels pixels (whole rows), a lazy
+        cube read a chunk at a time (:func:`~eels_ad.datacube.iter_spectra`); with ``rows_wanted`` (bool per
+        row) only the blocks that hold a wanted row."""
+        for block, spectra in iter_spectra(cube, self.chunk_pixels, rows_wanted=rows_wanted):
             keep = np.ones(spectra.shape[0], dtype=bool) if mask is None else mask[block].ravel()
             yield block, keep, spectra
 

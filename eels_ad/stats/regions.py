@@ -8,11 +8,11 @@ import numpy as np
 import xarray as xr
 
 from .._xp import Backend
-from ..datacube import as_mask, read_rows, row_blocks, validate
+from ..datacube import as_mask, iter_spectra, read_rows, row_blocks, validate
 from .negbin import Method, Test, group_moments, nb_test, nb_test_from_moments
 
-#: pixels per block of rows read at a time (whole chunks of a lazy cube)
-CHUNK_PIXELS = 8192
+#: pixels per work block (a lazy cube is read a chunk at a time, converted a work block at a time)
+CHUNK_PIXELS = 2048
 
 
 def _check_totals(totals: np.ndarray) -> None:
@@ -102,8 +102,8 @@ def compare_regions(
     if method == "mom" and test == "wald":
         # one pass over the rows, summing each region's moments: the cube is never held whole
         moments, log_totals = None, 0.0
-        for rows in row_blocks(source, CHUNK_PIXELS):
-            spectra = read_rows(source, rows, np.float64).reshape(-1, tested.size)
+        wanted = (in_a | in_b).any(axis=1)  # rows that hold neither region are not read
+        for rows, spectra in iter_spectra(source, CHUNK_PIXELS, rows_wanted=wanted):
             region_b = in_b[rows].ravel()
             chosen = in_a[rows].ravel() | region_b
             if not chosen.any():
