@@ -92,7 +92,7 @@ def main() -> None:
         timed("in-process", 1)
         timed("local pool (spawned in the run)", 2, workers=2)
         for workers, blas in ((1, cores), (2, max(1, cores // 2)), (1, 1)):
-            label = "dask cluster (warm workers)" if blas * workers == cores else "dask cluster (warm workers, 1 core each)"
+            label = "dask cluster (warm workers" + (")" if blas * workers == cores else ", 1 core each)")
             address, processes = start_cluster(scratch, workers, blas)
             try:
                 run(job, plan([warm], scratch / f"warm{workers}", suffix=".detect.nc"), scratch / f"warm{workers}",
