@@ -305,17 +305,108 @@ def iter_spectra(cube: xr.DataArray, work_pixels: int, *, rows_wanted: np.ndarra
     [(0, 12), (3, 12), (6, 8)]
     """
     cube = cube.transpose("y", "x", "energy")
-    nx, ne = cube.sizes["x"], cube.sizes["energy"]
-    step = max(1, int(work_pixels) // max(nx, 1))
     reads = [block for block in row_blocks(cube, work_pixels) if rows_wanted is None or rows_wanted[block].any()]
     copy = True if is_lazy(cube) else None  # a work block never keeps a read chunk alive
     for block, values in read_blocks(cube, reads):
-        for start in range(block.start, block.stop, step):
-            rows = slice(start, min(start + step, block.stop))
-            if rows_wanted is None or rows_wanted[rows].any():
-                part = values[rows.start - block.start:rows.stop - block.start]
-                yield rows, np.array(part, dtype=dtype, copy=copy).reshape(-1, ne)
+        yield from _work_blocks(values, block.start, work_pixels, rows_wanted, dtype, copy)
         del values  # before the chunk after next is read: two chunks held, not three
+
+
+def _work_blocks(values: np.ndarray, first_row: int, work_pixels: int, rows_wanted: np.ndarray | None, dtype: Any,
+                 copy: bool | None) -> Iterator[tuple[slice, np.ndarray]]:
+    """(rows, spectra) of the work blocks of ``values``, the (rows, x, energy) values from row ``first_row`` on."""
+    n_rows, nx, ne = values.shape
+    step = max(1, int(work_pixels) // max(nx, 1))
+    for start in range(0, n_rows, step):
+        rows = slice(first_row + start, first_row + min(start + step, n_rows))
+        if rows_wanted is None or rows_wanted[rows].any():
+            yield rows, np.array(values[start:start + step], dtype=dtype, copy=copy).reshape(-1, ne)
+
+
+def cluster_client() -> Any:
+    """The dask.distributed ``Client`` that chunk work on lazy cubes goes to, or None.
+
+    The current default client (``with Client(address):`` or ``Client(address)`` in a notebook), unless
+    this process is itself a dask worker (a job on a worker reads its chunks where it runs).
+    """
+    import sys
+
+    if "distributed" not in sys.modules:  # no client can exist before distributed is imported
+        return None
+    import distributed
+
+    try:
+        distributed.get_worker()
+        return None
+    except ValueError:
+        pass
+    try:
+        return distributed.default_client()
+    except ValueError:
+        return None
+
+
+def fold_rows(cube: xr.DataArray, func: Any, combine: Any, *, work_pixels: int,
+              rows_wanted: np.ndarray | None = None, row_data: np.ndarray | None = None,
+              dtype: Any = np.float64) -> Any:
+    """``combine`` of ``func(rows, spectra, row_data[rows])`` over the cube's work blocks (:func:`iter_spectra`).
+
+    ``combine(a, b)`` must be associative, ``a`` coming from rows above ``b`` (e.g. sums of moments,
+    lists of per-block results): it is applied in row order. Locally the blocks are worked on one after
+    another (two chunks held). A lazy cube while a dask.distributed client is current
+    (:func:`cluster_client`) is split over the cluster instead: one task per chunk of rows reads the chunk
+    on a worker and folds its work blocks there, and the chunks' results are combined pairwise on the
+    workers, so that only the final result comes back. ``func`` and ``row_data`` travel with the tasks.
+    Returns None where no block is wanted.
+    """
+    cube = cube.transpose("y", "x", "energy")
+    client = cluster_client() if is_lazy(cube) else None
+    if client is None:
+        result = None
+        for rows, spectra in iter_spectra(cube, work_pixels, rows_wanted=rows_wanted, dtype=dtype):
+            part = func(rows, spectra, None if row_data is None else row_data[rows])
+            result = part if result is None else combine(result, part)
+        return result
+    import dask
+
+    edges = np.cumsum((0, *cube.chunks[0]))
+    chunks = cube.data.to_delayed(optimize_graph=True)[:, 0, 0]
+    parts = []
+    for chunk, start, stop in zip(chunks, edges[:-1], edges[1:], strict=True):
+        wanted = None if rows_wanted is None else rows_wanted[start:stop]
+        if wanted is not None and not wanted.any():
+            continue
+        parts.append(dask.delayed(_fold_chunk, pure=True)(
+            chunk, int(start), func, combine, int(work_pixels), wanted,
+            None if row_data is None else row_data[start:stop], dtype))
+    if not parts:
+        return None
+    while len(parts) > 1:  # a tree of combines on the workers, in row order
+        pairs = [dask.delayed(combine, pure=True)(a, b) for a, b in zip(parts[0::2], parts[1::2], strict=False)]
+        parts = pairs + parts[2 * len(pairs):]
+    try:
+        return client.compute(parts[0]).result()
+    except (OSError, RuntimeError, KeyError, EOFError) as error:
+        start, stop = _failing_chunk(cube, slice(0, cube.sizes["y"]))
+        source = cube.attrs.get("source_file", "the lazy datacube")
+        raise DatacubeReadError(
+            source, f"rows {start}-{stop - 1} (of {cube.sizes['y']}) cannot be read on the cluster: the file is "
+            f"truncated or damaged there ({type(error).__name__}: {error})") from error
+
+
+def _fold_chunk(values: np.ndarray, first_row: int, func: Any, combine: Any, work_pixels: int,
+                rows_wanted: np.ndarray | None, row_data: np.ndarray | None, dtype: Any) -> Any:
+    """:func:`fold_rows` of one chunk of rows (a task on a worker); ``rows_wanted`` and ``row_data`` are the chunk's."""
+    wanted = None
+    if rows_wanted is not None:  # indexed by the cube's rows in _work_blocks
+        wanted = np.zeros(first_row + values.shape[0], dtype=bool)
+        wanted[first_row:] = rows_wanted
+    result = None
+    for rows, spectra in _work_blocks(values, first_row, work_pixels, wanted, dtype, None):
+        local = slice(rows.start - first_row, rows.stop - first_row)
+        part = func(rows, spectra, None if row_data is None else row_data[local])
+        result = part if result is None else combine(result, part)
+    return result
 
 
 def read_rows(cube: xr.DataArray, rows: slice, dtype: Any = None) -> np.ndarray:

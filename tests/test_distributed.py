@@ -174,3 +174,45 @@ def test_one_large_cube_split_over_the_cluster_by_tiles(tmp_path, cluster):
     tiles = [task for task in stream.data if str(task["key"]).startswith("('_trim-")]
     assert len(tiles) == 4  # 2 x 2 tiles of 12 pixels
     assert {task["worker"] for task in tiles} <= set(workers_seen)
+
+
+def test_one_large_cube_fitted_scored_and_compared_over_the_cluster_by_chunks(tmp_path, cluster):
+    """A robust PCA fit, PCA scores (both contexts) and compare_regions of a lazy cube: one task per chunk of
+    rows on the workers, the chunks' results combined there, the numbers of the local run."""
+    from distributed import Client, get_task_stream
+
+    from eels_ad.stats import compare_regions
+
+    address, _ = cluster
+    path = tmp_path / "cube.nc"
+    simulated = eels_ad.simulate_fe_l23((40, 24), seed=3, anomaly_fraction=0.03)
+    eels_ad.save(simulated["counts"], path)
+    bulk = eels_ad.simulate_fe_l23((32, 32), anomaly_fraction=0.0, seed=98)["counts"]
+    detectors = {context: PCADetector(n_components=3, context=context, chunk_pixels=96).fit(bulk)
+                 for context in ("pixel", "neighbours")}
+    flagged = simulated["anomaly"].values > 0
+    local = {context: d.score(eels_ad.load(path)) for context, d in detectors.items()}
+    local_table = compare_regions(eels_ad.load(path), ~flagged, flagged)
+    local_fit = PCADetector(robust=True, chunk_pixels=96).fit(eels_ad.load(path))
+    with Client(address, timeout=60) as client:
+        client.wait_for_workers(2, timeout=START_GUARD_S)
+        lazy = eels_ad.load(path, chunks={"y": 8})  # 5 chunks of rows
+        with get_task_stream(client) as stream:
+            remote = {context: d.score(lazy) for context, d in detectors.items()}
+            table = compare_regions(lazy, ~flagged, flagged)
+            fitted = PCADetector(robust=True, chunk_pixels=96).fit(lazy)  # moments and sample, then trimming
+        workers_seen = set(client.scheduler_info()["workers"])
+    for context in detectors:
+        np.testing.assert_allclose(remote[context].values, local[context].values, rtol=1e-10)
+        np.testing.assert_allclose(remote[context]["pixel_score"].values, local[context]["pixel_score"].values,
+                                   rtol=1e-10)
+    for column in ("log_fold_change", "pvalue"):
+        np.testing.assert_allclose(table[column].values, local_table[column].values, rtol=1e-10)
+    assert fitted.n_trimmed_ == local_fit.n_trimmed_ > 0
+    np.testing.assert_allclose(np.abs(fitted.components_), np.abs(local_fit.components_), atol=1e-9)
+    np.testing.assert_allclose(fitted.calibration_scores_, local_fit.calibration_scores_, rtol=1e-9)
+    folds = [task for task in stream.data if str(task["key"]).startswith("_fold_chunk")]
+    # pixel: 1 pass; neighbours: own coefficients, scores, and (anomalies present) a second step over some
+    # chunks; compare: 1 pass; robust fit: 2 passes. Each pass: one task per chunk of rows that holds wanted rows
+    assert len(folds) >= 5 * 6, len(folds)
+    assert {task["worker"] for task in folds} <= workers_seen and len({task["worker"] for task in folds}) == 2

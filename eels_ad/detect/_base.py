@@ -18,6 +18,7 @@ import abc
 import importlib
 import inspect
 import json
+import operator
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,7 +27,7 @@ from typing import Any, ClassVar
 import numpy as np
 import xarray as xr
 
-from ..datacube import as_mask, is_lazy, iter_spectra, read_rows, row_blocks, validate
+from ..datacube import as_mask, fold_rows, is_lazy, iter_spectra, read_rows, row_blocks, validate
 from ._scores import SCORE_TAIL_FAMILY, SCORES, score_spectra
 from .spatial import UpperTail, check_level, empirical_null, fdr_flags, normal_scores, pool_evidence, spatial_flags
 from .threshold import THRESHOLD_METHODS, choose_threshold
@@ -441,10 +442,10 @@ class SpectrumDetector(BaseDetector):
     reconstruction, so memory stays bounded by one chunk whatever the cube's size.
     """
 
-    @abc.abstractmethod
     def _fit_spectra(self, chunks: Callable[[], Iterator[np.ndarray]], energy: np.ndarray,
                      n_train: int, take: Callable[[np.ndarray], np.ndarray]) -> np.ndarray | None:
-        """Learn from the training spectra; see the class docstring."""
+        """Learn from the training spectra; see the class docstring (or override ``_fit`` instead)."""
+        raise NotImplementedError(f"{type(self).__name__} implements neither _fit_spectra nor _fit")
 
     @abc.abstractmethod
     def _reconstruct_spectra(self, spectra: np.ndarray) -> np.ndarray:
@@ -462,30 +463,31 @@ class SpectrumDetector(BaseDetector):
 
     def _fit(self, cube: xr.DataArray, mask: np.ndarray | None, energy: np.ndarray) -> np.ndarray | None:
         cube = cube.transpose("y", "x", "energy")
-        nx = cube.sizes["x"]
-        pixels = np.flatnonzero(mask.ravel()) if mask is not None else np.arange(cube.sizes["y"] * nx)
+        pixels = np.flatnonzero(mask.ravel()) if mask is not None else np.arange(cube.sizes["y"] * cube.sizes["x"])
 
         def take(indices: np.ndarray) -> np.ndarray:
-            """The training spectra at ``indices``, reading only the chunks of rows that hold them."""
-            wanted = pixels[np.asarray(indices, dtype=np.int64)]
-            rows = wanted // nx
-            parts, order = [], []
-            for block in row_blocks(cube, self.chunk_pixels):
-                inside = (rows >= block.start) & (rows < block.stop)
-                if inside.any():
-                    spectra = read_rows(cube, block, np.float64).reshape(-1, cube.sizes["energy"])
-                    parts.append(spectra[wanted[inside] - block.start * nx])
-                    order.append(np.flatnonzero(inside))
-            if not parts:
-                return np.empty((0, cube.sizes["energy"]))
-            taken = np.empty((wanted.size, cube.sizes["energy"]))
-            taken[np.concatenate(order)] = np.concatenate(parts)
-            return taken
+            return self._take_pixels(cube, pixels[np.asarray(indices, dtype=np.int64)])
 
         def chunks() -> Iterator[np.ndarray]:
-            return (s[keep] for _, keep, s in self._pixel_chunks(cube, mask))
+            return (s if mask is None else s[keep] for _, keep, s in self._pixel_chunks(cube, mask))
 
         return self._fit_spectra(chunks, energy, self.n_training_spectra_, take)
+
+    def _take_pixels(self, cube: xr.DataArray, wanted: np.ndarray) -> np.ndarray:
+        """The spectra of the flat pixel indices ``wanted``, reading only the chunks of rows that hold them."""
+        nx, ne = cube.sizes["x"], cube.sizes["energy"]
+        rows = wanted // nx
+        parts, order = [], []
+        for block in row_blocks(cube, self.chunk_pixels):
+            inside = (rows >= block.start) & (rows < block.stop)
+            if inside.any():
+                spectra = read_rows(cube, block, np.float64).reshape(-1, ne)
+                parts.append(spectra[wanted[inside] - block.start * nx])
+                order.append(np.flatnonzero(inside))
+        taken = np.empty((wanted.size, ne))
+        if parts:
+            taken[np.concatenate(order)] = np.concatenate(parts)
+        return taken
 
     def _model_context(self, cube: xr.DataArray) -> Any:
         """What the bulk model of a block of rows needs beyond its own spectra (None: nothing)."""
@@ -502,11 +504,35 @@ class SpectrumDetector(BaseDetector):
             yield block, spectra, self._rows_model(spectra, block, context)
 
     def _score_array(self, cube: xr.DataArray) -> np.ndarray:
-        channels = _as_slice(self._score_channels(cube["energy"].values))  # a view, not a copy, per chunk
-        scores = np.empty((cube.sizes["y"], cube.sizes["x"]))
-        for block, spectra, model in self._model_blocks(cube):
-            block_scores = score_spectra(spectra[:, channels], model[:, channels], self.scoring)
-            scores[block] = block_scores.reshape(-1, cube.sizes["x"])
+        return self._rows_scores(cube, self._model_context(cube))
+
+    def _rows_scores(self, cube: xr.DataArray, context: np.ndarray | None = None,
+                     rows_wanted: np.ndarray | None = None, scores: np.ndarray | None = None) -> np.ndarray:
+        """Scores of every pixel, work block by work block (over the cluster where one is current:
+        :func:`~eels_ad.datacube.fold_rows`), each spectrum against :meth:`_rows_model` given ``context``
+        (rows first, e.g. (y, x, components)). With ``rows_wanted`` only those rows' pixels whose context
+        is finite are scored again, into ``scores``."""
+        channels = _as_slice(self._score_channels(cube["energy"].values))  # a view, not a copy, per block
+        nx = cube.sizes["x"]
+
+        def block_scores(rows: slice, spectra: np.ndarray, row_context: np.ndarray | None) -> list:
+            chosen = slice(None)
+            if rows_wanted is not None:  # a second step: the pixels with a (finite) new context only
+                chosen = np.isfinite(row_context[..., 0]).ravel()
+                spectra = spectra[chosen]
+                row_context = row_context.reshape(-1, row_context.shape[-1])[chosen]
+            own_rows = slice(0, rows.stop - rows.start if row_context is None else len(row_context))
+            model = self._rows_model(spectra, own_rows, row_context)
+            return [(rows, chosen, score_spectra(spectra[:, channels], model[:, channels], self.scoring))]
+
+        if scores is None:
+            scores = np.empty((cube.sizes["y"], nx))
+        parts = fold_rows(cube, block_scores, operator.add, work_pixels=self.chunk_pixels,
+                          rows_wanted=rows_wanted, row_data=context)
+        for rows, chosen, block_scores_ in parts or []:
+            flat = scores[rows].ravel()
+            flat[chosen] = block_scores_
+            scores[rows] = flat.reshape(-1, nx)
         return scores
 
     def _reconstruct_array(self, cube: xr.DataArray) -> Any:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import operator
 from typing import Any
 
 import numpy as np
 
+from ..datacube import fold_rows
 from ._base import CONTEXTS, RING_EXCLUSION_PVALUE, SpectrumDetector, _as_slice
 from ._scores import score_spectra
 from .spatial import ring_prediction
@@ -14,6 +15,11 @@ from .threshold import ThresholdMethod
 
 #: inner and outer radius (pixels) of the ring of neighbours that predicts a hidden pixel
 NEIGHBOUR_RING: tuple[float, float] = (2.5, 5.0)
+
+
+def _add_moments_and_lists(a: tuple, b: tuple) -> tuple:
+    """The sum of two blocks' moments, and their lists of sample spectra joined (row order)."""
+    return tuple(x + y for x, y in zip(a[0], b[0], strict=True)), a[1] + b[1]
 
 
 class PCADetector(SpectrumDetector):
@@ -172,66 +178,86 @@ class PCADetector(SpectrumDetector):
         if self.context not in CONTEXTS:
             raise ValueError(f"context must be one of {CONTEXTS}, got {self.context!r}")
 
-    def _fit_spectra(
-        self, chunks: Callable[[], Iterator[np.ndarray]], energy: np.ndarray, n_train: int,
-        take: Callable[[np.ndarray], np.ndarray],
-    ) -> np.ndarray | None:
+    def _fit(self, cube, mask: np.ndarray | None, energy: np.ndarray) -> np.ndarray | None:
         """One pass for the moments and a seeded sample of spectra; robust: one pass per trimming round.
 
-        A round finds the outliers with the robust fit to the component scores of part of the sample and
-        holds the spectra newly dropped, so the next components come from the moments less those spectra
-        without reading the cube again (trimming is monotone: a dropped spectrum stays out). With the
-        pixel context the sample's kept spectra, scored by the final model, calibrate the p-values
-        (``fit`` needs no pass of its own): at most :attr:`CALIBRATION_SAMPLE` of them, all of a smaller
-        training set.
+        Each pass is a :func:`~eels_ad.datacube.fold_rows` over the cube's rows (split over the cluster
+        where a dask.distributed client is current). A round finds the outliers with the robust fit to
+        the component scores of part of the sample and returns the spectra newly dropped, so the next
+        components come from the moments less those spectra without reading the cube again (trimming
+        is monotone: a dropped spectrum stays out). With the pixel context the sample's kept spectra,
+        scored by the final model, calibrate the p-values (``fit`` needs no pass of its own): at most
+        :attr:`CALIBRATION_SAMPLE` of them, all of a smaller training set. Returns the mask of the
+        training spectra kept (robust), else None.
         """
+        cube = cube.transpose("y", "x", "energy")
+        ny, nx = cube.sizes["y"], cube.sizes["x"]
+        training = np.ones((ny, nx), dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
+        pixels = np.flatnonzero(training.ravel())  # the training spectra, in pixel order
+        n_train = pixels.size
         self._sample_scores = None
         rng = np.random.default_rng(0)
         size = min(self.CALIBRATION_SAMPLE, n_train)
-        sample_index = np.sort(rng.choice(n_train, size, replace=False))
-        moments, sample = self._moments_and_sample(chunks(), sample_index)
+        sample_pixels = pixels[np.sort(rng.choice(n_train, size, replace=False))]
+
+        def first_pass(rows: slice, spectra: np.ndarray, rows_training: np.ndarray):
+            kept = rows_training.ravel()
+            low = rows.start * nx
+            inside = sample_pixels[(sample_pixels >= low) & (sample_pixels < rows.stop * nx)]
+            return (self._moments([spectra if kept.all() else spectra[kept]]),
+                    [spectra[inside - low].astype(np.float32)])
+
+        moments, parts = fold_rows(cube, first_pass, _add_moments_and_lists, work_pixels=self.chunk_pixels,
+                                   rows_wanted=training.any(axis=1), row_data=training)
+        sample = np.concatenate(parts)
+        del parts
         self._components_from(moments, energy, n_train)
         self.n_trimmed_ = 0
-        keep = np.ones(n_train, dtype=bool) if self.robust else None
-        limit = 2 * max(self.chunk_pixels, 1)  # spectra held for the update; beyond, read again with take()
+        keep = training.copy()  # (y, x): training spectra not trimmed
+        limit = 2 * max(self.chunk_pixels, 1)  # spectra returned with a round; beyond, read again
         # the robust fit's spectra: a seeded part of the sample
         judged = sample[np.sort(rng.permutation(size)[:min(self.MCD_SAMPLE, size)])]
         for _ in range(self.TRIM_ROUNDS if self.robust else 0):
             location, precision, cut = self._robust_fit(self._features(self._coefficients(judged)))
-            new_keep = np.empty(n_train, dtype=bool)
-            held, held_index, n_held, start = [], [], 0, 0
-            for spectra in chunks():
-                part = slice(start, start + spectra.shape[0])
-                start = part.stop
-                centred = self._features(self._coefficients(spectra)) - location
+
+            def trim_pass(rows: slice, spectra: np.ndarray, rows_keep: np.ndarray, location=location,
+                          precision=precision, cut=cut):
+                kept = np.flatnonzero(rows_keep.ravel())
+                centred = self._features(self._coefficients(spectra[kept])) - location
                 # trimming is monotone: a spectrum once dropped stays out (the components without it may no
                 # longer see it as an outlier, which would make the rounds oscillate)
-                new_keep[part] = keep[part] & (np.einsum("ij,jk,ik->i", centred, precision, centred) <= cut)
-                changed = np.flatnonzero(new_keep[part] != keep[part])
-                if changed.size and n_held + changed.size <= limit:
-                    held.append(spectra[changed])
-                    n_held += changed.size
-                held_index.append(changed + part.start)
-            changed = np.concatenate(held_index)
-            if changed.size == 0:
+                dropped = kept[np.einsum("ij,jk,ik->i", centred, precision, centred) > cut]
+                return dropped + rows.start * nx, spectra[dropped]
+
+            def gather(a, b):
+                held = None if a[1] is None or b[1] is None or a[0].size + b[0].size > limit else \
+                    np.concatenate([a[1], b[1]])
+                return np.concatenate([a[0], b[0]]), held
+
+            dropped, held = fold_rows(cube, trim_pass, gather, work_pixels=self.chunk_pixels,
+                                      rows_wanted=keep.any(axis=1), row_data=keep)
+            if dropped.size == 0:
                 break
-            spectra = np.concatenate(held) if n_held == changed.size else take(changed)
-            sign = -np.ones(changed.size)  # dropped now: subtract them from the moments
-            moments = tuple(m + k for m, k in zip(moments, self._moments([spectra], sign), strict=True))
-            keep = new_keep
+            if held is None or held.shape[0] != dropped.size:
+                held = self._take_pixels(cube, dropped)
+            # dropped now: subtract them from the moments
+            moments = tuple(m + k for m, k in zip(moments, self._moments([held], -np.ones(dropped.size)),
+                                                     strict=True))
+            del held
+            keep.ravel()[dropped] = False
             self._components_from(moments, energy, int(keep.sum()))
-            self.n_trimmed_ = int((~keep).sum())
-        if self.context == "pixel":  # the kept sample's scores, a chunk at a time
-            kept = sample if keep is None else sample[keep[sample_index]]
+            self.n_trimmed_ = int(n_train - keep.sum())
+        if self.context == "pixel":  # the kept sample's scores, a work block at a time
+            kept = sample[keep.ravel()[sample_pixels]]
             channels = _as_slice(self._score_channels(energy))
             step = max(self.chunk_pixels, 1)
-            parts = []
+            scores = []
             for first in range(0, kept.shape[0], step):
                 spectra = kept[first:first + step].astype(np.float64)
                 model = self._reconstruct_spectra(spectra)
-                parts.append(score_spectra(spectra[:, channels], model[:, channels], self.scoring))
-            self._sample_scores = np.concatenate(parts) if parts else np.empty(0)
-        return keep
+                scores.append(score_spectra(spectra[:, channels], model[:, channels], self.scoring))
+            self._sample_scores = np.concatenate(scores) if scores else np.empty(0)
+        return keep.ravel()[pixels] if self.robust else None
 
     #: spectra drawn (seeded) for the robust fit of the component scores (minimum covariance determinant)
     MCD_SAMPLE = 500
@@ -259,21 +285,6 @@ class PCADetector(SpectrumDetector):
         # consistency of the covariance of a chi-squared-truncated normal sample
         scale = stats.chi2.cdf(stats.chi2.ppf(0.975, dims), dims + 2) / 0.975
         return location, np.linalg.pinv(covariance) * scale, float(stats.chi2.ppf(self.robust_quantile, dims))
-
-    def _moments_and_sample(self, blocks, sample_index: np.ndarray | None):
-        """:meth:`_moments` of all spectra, and the spectra at ``sample_index`` (training order), in one pass."""
-        moments, sample, start, filled = None, None, 0, 0
-        for spectra in blocks:
-            part = self._moments([spectra])
-            moments = part if moments is None else tuple(m + p for m, p in zip(moments, part, strict=True))
-            if sample_index is not None:
-                if sample is None:  # filled in place (float32): never held twice
-                    sample = np.empty((sample_index.size, spectra.shape[1]), dtype=np.float32)
-                inside = sample_index[(sample_index >= start) & (sample_index < start + spectra.shape[0])]
-                sample[filled:filled + inside.size] = spectra[inside - start]
-                filled += inside.size
-            start += spectra.shape[0]
-        return moments, sample
 
     def _moments(self, blocks, sign: np.ndarray | None = None) -> tuple[np.ndarray, float, np.ndarray]:
         """(channel sums, total counts, cross-product matrix) of spectra, Poisson-scaled when normalising.
@@ -372,8 +383,10 @@ class PCADetector(SpectrumDetector):
         """(y, x, components): each pixel's own component scores (one pass over the cube)."""
         ny, nx = cube.sizes["y"], cube.sizes["x"]
         coefficients = np.empty((ny, nx, self.n_components_))
-        for block, _, spectra in self._pixel_chunks(cube):
-            coefficients[block] = self._coefficients(spectra).reshape(-1, nx, self.n_components_)
+        parts = fold_rows(cube, lambda rows, spectra, _: [(rows, self._coefficients(spectra))], operator.add,
+                          work_pixels=self.chunk_pixels)
+        for rows, part in parts:
+            coefficients[rows] = part.reshape(-1, nx, self.n_components_)
         return coefficients
 
     def _neighbour_coefficients(self, cube, coefficients: np.ndarray | None = None,
@@ -406,13 +419,9 @@ class PCADetector(SpectrumDetector):
         if self.context != "neighbours":
             return super()._score_array(cube)
         cube = cube.transpose("y", "x", "energy")
-        nx = cube.sizes["x"]
-        channels = _as_slice(self._score_channels(cube["energy"].values))
         own = self._own_coefficients(cube)
         context = self._neighbour_coefficients(cube, own)
-        scores = np.empty((cube.sizes["y"], nx))
-        for block, _, spectra in self._pixel_chunks(cube):
-            scores[block] = self._block_scores(spectra, context[block], channels).reshape(-1, nx)
+        scores = self._rows_scores(cube, context)
         if getattr(self, "calibration_scores_", None) is None:  # fitting: these scores are the calibration
             return scores
         vacuum = np.asarray(cube["vacuum"].values, dtype=bool) if "vacuum" in cube.coords else None
@@ -421,18 +430,9 @@ class PCADetector(SpectrumDetector):
             return scores
         refined = self._neighbour_coefficients(cube, own, exclude=suspect)
         changed = np.any(refined != context, axis=-1)
-        for block, _, spectra in self._pixel_chunks(cube, rows_wanted=changed.any(axis=1)):
-            again = changed[block].ravel()
-            block_scores = scores[block].ravel()
-            block_scores[again] = self._block_scores(spectra[again], refined[block].reshape(-1, refined.shape[-1])
-                                                     [again], channels)
-            scores[block] = block_scores.reshape(-1, nx)
-        return scores
-
-    def _block_scores(self, spectra: np.ndarray, coefficients: np.ndarray, channels) -> np.ndarray:
-        """Scores of (pixels, channels) spectra against their predictions from the component scores given."""
-        model = self._predicted_spectra(spectra, coefficients.reshape(spectra.shape[0], -1))
-        return score_spectra(spectra[:, channels], model[:, channels], self.scoring)
+        # the changed pixels' new contexts (NaN elsewhere: not scored again)
+        again = np.where(changed[..., None], refined, np.nan)
+        return self._rows_scores(cube, again, rows_wanted=changed.any(axis=1), scores=scores)
 
     def _predicted_spectra(self, spectra: np.ndarray, coefficients: np.ndarray) -> np.ndarray:
         """Spectra from component scores (per unit pixel weight), rescaled to each spectrum's counts."""

@@ -8,11 +8,18 @@ import numpy as np
 import xarray as xr
 
 from .._xp import Backend
-from ..datacube import as_mask, iter_spectra, read_rows, row_blocks, validate
+from ..datacube import as_mask, fold_rows, read_rows, row_blocks, validate
 from .negbin import Method, Test, group_moments, nb_test, nb_test_from_moments
 
 #: pixels per work block (a lazy cube is read a chunk at a time, converted a work block at a time)
 CHUNK_PIXELS = 2048
+
+
+def _add_moments(a: tuple[dict | None, float], b: tuple[dict | None, float]) -> tuple[dict | None, float]:
+    """The sum of two blocks' (group moments, sum of log totals)."""
+    if a[0] is None or b[0] is None:
+        return (a[0] if b[0] is None else b[0]), a[1] + b[1]
+    return {k: a[0][k] + b[0][k] for k in a[0]}, a[1] + b[1]
 
 
 def _check_totals(totals: np.ndarray) -> None:
@@ -101,23 +108,25 @@ def compare_regions(
     normalising = np.isin(source["energy"].values, normalising_cube["energy"].values)
     if method == "mom" and test == "wald":
         # one pass over the rows, summing each region's moments: the cube is never held whole
-        moments, log_totals = None, 0.0
-        wanted = (in_a | in_b).any(axis=1)  # rows that hold neither region are not read
-        for rows, spectra in iter_spectra(source, CHUNK_PIXELS, rows_wanted=wanted):
-            region_b = in_b[rows].ravel()
-            chosen = in_a[rows].ravel() | region_b
+        def block_moments(rows: slice, spectra: np.ndarray, regions: np.ndarray) -> tuple[dict | None, float]:
+            region_b = regions[..., 1].ravel()
+            chosen = regions[..., 0].ravel() | region_b
             if not chosen.any():
-                continue
+                return None, 0.0
             spectra = spectra[chosen]
             counts = spectra[:, tested]
+            log_totals = 0.0
             if normalize == "total":
                 totals = spectra[:, normalising].sum(axis=1)
                 _check_totals(totals)
-                log_totals += float(np.log(totals).sum())
+                log_totals = float(np.log(totals).sum())
             else:
                 totals = np.ones(counts.shape[0])
-            part = group_moments(counts.T, region_b[chosen], totals)
-            moments = part if moments is None else {k: moments[k] + part[k] for k in moments}
+            return group_moments(counts.T, region_b[chosen], totals), log_totals
+
+        # rows that hold neither region are not read; over the cluster where one is current
+        moments, log_totals = fold_rows(source, block_moments, _add_moments, work_pixels=CHUNK_PIXELS,
+                                        rows_wanted=(in_a | in_b).any(axis=1), row_data=np.stack([in_a, in_b], -1))
         if normalize == "total":  # size factors are the totals over their geometric mean
             scale = np.exp(log_totals / moments["n"].sum())
             moments["sum_factor"] /= scale
