@@ -325,6 +325,7 @@ def run(
     scheduler: str | None = None,
     progress: bool = True,
     description: str = "files",
+    split_cubes: bool = False,
 ) -> list[FileResult]:
     """Run ``job(source, output)`` over ``pairs``, skipping complete outputs, and write the summary.
 
@@ -343,6 +344,10 @@ def run(
     scheduler
         Address of a Dask distributed scheduler (``tcp://host:8786``) or a ``distributed.Client``;
         the files are then processed by the cluster's workers.
+    split_cubes
+        With ``scheduler``: the files are processed here one after another, each cube (read lazily by the
+        job) split over the cluster's workers by chunks of rows (:func:`eels_ad.datacube.fold_rows`), instead
+        of one file per worker: for a few cubes too large for one worker to be quick.
     progress
         Show a progress bar (the log file is written either way).
 
@@ -379,7 +384,18 @@ def run(
             logger.info("done %s -> %s in %.2f s", result.input, result.output, result.seconds)
         bar.update()
 
-    if scheduler is not None:
+    if scheduler is not None and split_cubes:
+        client, owned = connect(scheduler)
+        logger.info("Dask cluster %s: %d workers; each cube split over them by chunks of rows",
+                    client.scheduler.address, len(client.scheduler_info()["workers"]))
+        try:
+            with client.as_current():  # the chunk work of the jobs run here goes to the cluster
+                for index in todo:
+                    record(index, guarded(*pairs[index]))
+        finally:
+            if owned:
+                client.close()
+    elif scheduler is not None:
         _run_on_cluster(guarded, pairs, todo, scheduler, record, logger)
     elif workers > 1 and len(todo) > 1:
         import multiprocessing

@@ -192,13 +192,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _run_batch(args: argparse.Namespace, job, suffix: str, description: str) -> int:
     from .batch import plan, run
 
+    if args.split_cubes and not args.scheduler:
+        return _error("--split-cubes splits cubes over a Dask cluster: give its address with --scheduler")
     try:
         pairs = plan(args.inputs, args.out, suffix=suffix, recursive=args.recursive)
     except (OSError, ValueError) as error:
         return _error(str(error))
     try:
         results = run(job, pairs, args.out, overwrite=args.overwrite, workers=args.workers,
-                      scheduler=args.scheduler, progress=not args.quiet, description=description)
+                      scheduler=args.scheduler, progress=not args.quiet, description=description,
+                      split_cubes=args.split_cubes)
     except ConnectionError as error:  # no scheduler at --scheduler, or one without workers
         return _error(str(error))
     return _report(results, args.out, args.quiet)
@@ -220,8 +223,11 @@ def _cmd_detect(args: argparse.Namespace) -> int:
 
 
 def _chunks(args: argparse.Namespace) -> dict[str, int] | None:
-    """Lazy reading of the inputs, ``--chunk-rows`` rows at a time (None: read into memory)."""
-    return {"y": args.chunk_rows} if args.chunk_rows else None
+    """Lazy reading of the inputs, ``--chunk-rows`` rows at a time (None: read into memory; {}: lazily in
+    chunks of the default size, as ``--split-cubes`` needs)."""
+    if args.chunk_rows:
+        return {"y": args.chunk_rows}
+    return {} if getattr(args, "split_cubes", False) else None
 
 
 def _number_or_auto(name: str, *, zero_allowed: bool):
@@ -273,6 +279,9 @@ def _cmd_quantify(args: argparse.Namespace) -> int:
 
     from .batch import low_loss_pairs, plan, quantify_job, run
 
+    if args.split_cubes:  # its maps read the cube row by row in the process that runs the job
+        return _error("quantify cannot split a cube over the cluster (--split-cubes); with --scheduler alone each "
+                      "file runs on one worker")
     if not args.max_shift > 0:
         return _error(f"--max-shift must be a positive number of eV, got {args.max_shift}")
     if args.references and not Path(args.references).is_file():
@@ -366,6 +375,9 @@ def _batch_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="redo inputs whose output exists")
     parser.add_argument("--workers", type=_positive_int, default=1, help="processes on this machine (default 1)")
     parser.add_argument("--scheduler", metavar="ADDRESS", help="run on a Dask distributed cluster (tcp://...)")
+    parser.add_argument("--split-cubes", action="store_true",
+                        help="with --scheduler: split each cube over the cluster's workers by chunks of rows (read "
+                        "lazily; files one after another) instead of one file per worker")
     parser.add_argument("--quiet", action="store_true", help="no progress bar (the log file is still written)")
     parser.add_argument("--chunk-rows", type=_positive_int, metavar="ROWS",
                         help="read inputs lazily (.nc/.hspy/.zspy/.emd/.dm3/.dm4), ROWS rows at a time, so that cubes "

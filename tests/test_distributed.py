@@ -216,3 +216,31 @@ def test_one_large_cube_fitted_scored_and_compared_over_the_cluster_by_chunks(tm
     # chunks; compare: 1 pass; robust fit: 2 passes. Each pass: one task per chunk of rows that holds wanted rows
     assert len(folds) >= 5 * 6, len(folds)
     assert {task["worker"] for task in folds} <= workers_seen and len({task["worker"] for task in folds}) == 2
+
+
+def test_detect_split_cubes_runs_each_cube_over_the_cluster_by_chunks(tmp_path, cluster):
+    """``eels-ad detect --scheduler ADDRESS --split-cubes``: the outputs of a local run, the chunks of rows
+    scored by the cluster's workers; without --scheduler it is a clear error."""
+    from distributed import Client, get_task_stream
+
+    address, _ = cluster
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for seed in range(2):
+        eels_ad.save(eels_ad.simulate_fe_l23((32, 24), seed=seed, anomaly_fraction=0.02), inputs / f"c{seed}.nc")
+    bulk = eels_ad.simulate_fe_l23((32, 32), anomaly_fraction=0.0, seed=97)["counts"]
+    model = PCADetector(n_components=3, chunk_pixels=96).fit(bulk).save(tmp_path / "pca.nc")
+    assert main(["detect", str(model), str(inputs), "--out", str(tmp_path / "local"), "--quiet", "--raw"]) == 0
+    assert main(["detect", str(model), str(inputs), "--out", str(tmp_path / "x"), "--quiet", "--split-cubes"]) == 1
+    with Client(address, timeout=60) as observer, get_task_stream(observer) as stream:
+        observer.wait_for_workers(2, timeout=START_GUARD_S)
+        code = main(["detect", str(model), str(inputs), "--out", str(tmp_path / "split"), "--quiet", "--raw",
+                     "--scheduler", address, "--split-cubes", "--chunk-rows", "8"])
+    assert code == 0
+    local, split = _scores(tmp_path / "local"), _scores(tmp_path / "split")
+    assert sorted(split) == sorted(local) == ["c0.detect.nc", "c1.detect.nc"]
+    for name in local:
+        np.testing.assert_allclose(split[name], local[name], rtol=1e-10)
+    folds = [task for task in stream.data if str(task["key"]).startswith("_fold_chunk")]
+    assert len(folds) == 2 * 4  # 2 cubes of 4 chunks of 8 rows, one scoring pass each
+    assert len({task["worker"] for task in folds}) == 2
