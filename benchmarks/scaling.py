@@ -9,7 +9,8 @@ cube is the baseline). The stages:
 - ``read``: one pass over every chunk (the time to beat);
 - ``gram``: the flops of the channels x channels cross-product of all spectra, timed on one chunk and
   scaled to the cube (the arithmetic PCA cannot avoid);
-- ``pca``: ``PCADetector(robust=True).fit(cube)`` then ``.score(cube)``;
+- ``pca``: ``PCADetector(robust=True).fit(cube)`` then ``.score(cube)`` (scikit-learn's and scipy's modules
+  imported beforehand: a cost per process, not per cube);
 - ``compare``: ``compare_regions`` (method of moments) of a 5 % region against the rest;
 - ``quantify``: ``edge_shift_map``;
 - ``cvae``: a 1-epoch CVAE's scoring (trained on a 32 x 32 corner; the scoring is what scales), to 256 x 256;
@@ -74,6 +75,9 @@ def run_stage(stage: str, path: str, rows: int) -> dict:
     cube = eels_ad.load(path, chunks={"y": rows})
     ny, nx, ne = cube.shape
     out: dict = {}
+    if stage == "pca":  # the modules the robust fit imports on first use: once per process, not per cube
+        import scipy.stats  # noqa: F401
+        import sklearn.covariance  # noqa: F401
     started = time.perf_counter()
     if stage == "read":
         for block in row_blocks(cube, rows * nx):
@@ -169,6 +173,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--rows-shape", help=argparse.SUPPRESS)
     parser.add_argument("--plot-only", action="store_true")
+    parser.add_argument("--only", help="rerun these sizes (e.g. 512x512x1024,512x512x2048) and --stages, merged into "
+                        "the existing results/scaling.json")
     args = parser.parse_args()
     if args.stage:  # a child process: one stage, its figures on stdout
         if args.stage == "write":
@@ -187,6 +193,11 @@ def main() -> None:
     sizes = [s for s in SIZES if np.prod(s) <= np.prod(largest)]
     stages = args.stages.split(",")
     summary: dict = {"chunk_rows": CHUNK_ROWS, "sizes": []}
+    previous: dict = {}
+    if args.only:
+        sizes = [tuple(int(v) for v in shape.split("x")) for shape in args.only.split(",")]
+        summary = json.loads((RESULTS / "scaling.json").read_text())
+        previous = {tuple(row["shape"]): row for row in summary["sizes"]}
     with tempfile.TemporaryDirectory() as scratch:
         for shape in sizes:
             path = Path(scratch) / f"cube_{'x'.join(map(str, shape))}.nc"
@@ -200,6 +211,8 @@ def main() -> None:
                    "gib_int32": float(np.prod(shape)) * 4 / 2**30, "file_mib": path.stat().st_size / 2**20,
                    "chunk_mib": rows * shape[1] * shape[2] * 4 / 2**20,  # one stored chunk of rows (int32)
                    "write_seconds": time.perf_counter() - started, "stages": {}}
+            if shape in previous:  # --only: the other stages' figures kept
+                row["stages"] = {k: v for k, v in previous[shape]["stages"].items() if k not in stages}
             baseline = None
             for stage in ["baseline", *stages]:
                 if stage in ("cvae", "denoise") and shape[0] * shape[1] > 256 * 256:
@@ -224,13 +237,14 @@ def main() -> None:
                 row["pca_over_read_plus_gram"] = row["stages"]["pca"]["seconds"] / (read + gram)
             if read and "compare" in row["stages"]:
                 row["compare_over_read"] = row["stages"]["compare"]["seconds"] / read
-            summary["sizes"].append(row)
+            summary["sizes"] = sorted([r for r in summary["sizes"] if tuple(r["shape"]) != shape] + [row],
+                                      key=lambda r: r["megavoxels"])
             RESULTS.mkdir(exist_ok=True)
             (RESULTS / "scaling.json").write_text(json.dumps(summary, indent=2) + "\n")
             path.unlink()
     # log-log slopes of time against size, per stage
     slopes = {}
-    for stage in stages:
+    for stage in STAGES:
         points = [(r["megavoxels"], r["stages"][stage]["seconds"]) for r in summary["sizes"]
                   if stage in r["stages"] and "seconds" in r["stages"][stage]]
         if len(points) >= 2:

@@ -3,6 +3,11 @@
 A datacube has dims ``("y", "x", "energy")``; ``energy`` is a strictly increasing, uniform
 coordinate in eV; ``attrs["units"]`` is ``"counts"``. Line scans and single spectra are cubes with
 size-1 spatial dims, so every function in eels-ad sees one shape of data.
+
+A lazy (dask-backed) cube is read a chunk of rows at a time: :func:`iter_spectra` yields its spectra in
+work blocks (two chunks held, the next one read while this one is worked on), and :func:`fold_rows`
+combines a function's results over the blocks, here or, while a dask.distributed client is current,
+over the cluster's workers (one task per chunk of rows).
 """
 
 from __future__ import annotations
@@ -363,9 +368,10 @@ def fold_rows(cube: xr.DataArray, func: Any, combine: Any, *, work_pixels: int,
     client = cluster_client() if is_lazy(cube) else None
     if client is None:
         result = None
-        for rows, spectra in iter_spectra(cube, work_pixels, rows_wanted=rows_wanted, dtype=dtype):
-            part = func(rows, spectra, None if row_data is None else row_data[rows])
-            result = part if result is None else combine(result, part)
+        with _cores_beside_reader(is_lazy(cube)):
+            for rows, spectra in iter_spectra(cube, work_pixels, rows_wanted=rows_wanted, dtype=dtype):
+                part = func(rows, spectra, None if row_data is None else row_data[rows])
+                result = part if result is None else combine(result, part)
         return result
     import dask
 
@@ -392,6 +398,23 @@ def fold_rows(cube: xr.DataArray, func: Any, combine: Any, *, work_pixels: int,
         raise DatacubeReadError(
             source, f"rows {start}-{stop - 1} (of {cube.sizes['y']}) cannot be read on the cluster: the file is "
             f"truncated or damaged there ({type(error).__name__}: {error})") from error
+
+
+def _cores_beside_reader(reading: bool) -> Any:
+    """A context in which BLAS leaves one core to the thread that reads (decompresses) the next chunk.
+
+    Measured on 2 cores (a 256 x 256 x 1024 compressed NetCDF): a robust PCA fit and score in 6.9 s with
+    one BLAS thread against 8.3 s with two, which fought the reader for the cores.
+    """
+    import contextlib
+
+    if not reading:
+        return contextlib.nullcontext()
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    current = max((pool["num_threads"] for pool in threadpool_info() if pool.get("user_api") == "blas"), default=1)
+    return threadpool_limits(max(1, min(current, cores - 1)), user_api="blas")
 
 
 def _fold_chunk(values: np.ndarray, first_row: int, func: Any, combine: Any, work_pixels: int,

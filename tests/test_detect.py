@@ -95,6 +95,15 @@ def test_robust_fit_on_a_contaminated_cube(shifted):
     assert robust_metrics["f1"] > 0.9
 
 
+def test_trimmed_spectra_read_again_when_too_many_to_hold(shifted, monkeypatch):
+    held = PCADetector(robust=True, chunk_pixels=64).fit(shifted["counts"])
+    monkeypatch.setattr(PCADetector, "TRIMMED_HELD", 0)  # every trimmed spectrum read again from its rows
+    read = PCADetector(robust=True, chunk_pixels=64).fit(shifted["counts"])
+    assert read.n_trimmed_ == held.n_trimmed_ > 0
+    np.testing.assert_allclose(read.components_, held.components_, atol=1e-12)
+    np.testing.assert_allclose(read.calibration_scores_, held.calibration_scores_, rtol=1e-12)
+
+
 def test_mask_selects_training_pixels(shifted):
     mask = ~shifted["anomaly"]
     detector = PCADetector(n_components=2).fit(shifted["counts"], mask=mask)

@@ -214,7 +214,7 @@ class PCADetector(SpectrumDetector):
         self._components_from(moments, energy, n_train)
         self.n_trimmed_ = 0
         keep = training.copy()  # (y, x): training spectra not trimmed
-        limit = 2 * max(self.chunk_pixels, 1)  # spectra returned with a round; beyond, read again
+        limit = self.TRIMMED_HELD
         # the robust fit's spectra: a seeded part of the sample
         judged = sample[np.sort(rng.permutation(size)[:min(self.MCD_SAMPLE, size)])]
         for _ in range(self.TRIM_ROUNDS if self.robust else 0):
@@ -227,7 +227,7 @@ class PCADetector(SpectrumDetector):
                 # trimming is monotone: a spectrum once dropped stays out (the components without it may no
                 # longer see it as an outlier, which would make the rounds oscillate)
                 dropped = kept[np.einsum("ij,jk,ik->i", centred, precision, centred) > cut]
-                return dropped + rows.start * nx, spectra[dropped]
+                return dropped + rows.start * nx, spectra[dropped].astype(np.float32)
 
             def gather(a, b):
                 held = None if a[1] is None or b[1] is None or a[0].size + b[0].size > limit else \
@@ -238,11 +238,11 @@ class PCADetector(SpectrumDetector):
                                       rows_wanted=keep.any(axis=1), row_data=keep)
             if dropped.size == 0:
                 break
-            if held is None or held.shape[0] != dropped.size:
+            if held is None or dropped.size > limit:
                 held = self._take_pixels(cube, dropped)
             # dropped now: subtract them from the moments
-            moments = tuple(m + k for m, k in zip(moments, self._moments([held], -np.ones(dropped.size)),
-                                                     strict=True))
+            removed = self._moments([held.astype(np.float64)], -np.ones(dropped.size))
+            moments = tuple(m + k for m, k in zip(moments, removed, strict=True))
             del held
             keep.ravel()[dropped] = False
             self._components_from(moments, energy, int(keep.sum()))
@@ -263,6 +263,8 @@ class PCADetector(SpectrumDetector):
     MCD_SAMPLE = 500
     #: trimming rounds at most, each a pass over the cube (1: one step, as MCD's reweighting step)
     TRIM_ROUNDS = 1
+    #: spectra newly trimmed in a round that come back with it (float32) at most; more are read again from their rows
+    TRIMMED_HELD = 4000
     #: training spectra (seeded) held from the first pass, as float32: the robust fit's sample comes from them, and
     #: with the pixel context their scores calibrate the p-values
     CALIBRATION_SAMPLE = 4000
