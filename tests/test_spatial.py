@@ -281,6 +281,25 @@ def test_the_neighbour_context_does_not_flag_an_edge_where_the_drift_is_steep():
     assert not detector.flag(scores).values[:2].any()
 
 
+def test_the_neighbour_context_calibrates_the_edge_band_by_its_own_training_pixels(tmp_path):
+    bulk = eels_ad.simulate_fe_l23((48, 48), dose=20, drift=1.0, anomaly_fraction=0.0, seed=101)["counts"]
+    detector = PCADetector(scoring="shift", context="neighbours").fit(bulk)
+    strata = detector.calibration_strata_
+    assert strata.shape == detector.calibration_scores_.shape and strata.sum() == 48**2 - 38**2  # rings cut by the edge
+    assert PCADetector(scoring="shift").fit(bulk).__dict__.get("calibration_strata_") is None  # pixel context: one
+    # the same raw score is less surprising in the band when the band's calibration scores run higher
+    detector.calibration_scores_ = np.where(strata == 1, 2.0, 1.0) * np.abs(np.random.default_rng(0).normal(
+        size=strata.size))
+    raw = np.full((48, 48), 3.0)
+    pvalues = detector._pixel_pvalues(raw, None)[0]
+    assert pvalues[0, 20] > 5 * pvalues[24, 24]
+    assert pvalues[24, 24] == pytest.approx(2 * stats.norm.sf(3.0), rel=0.5)
+    assert pvalues[0, 20] == pytest.approx(2 * stats.norm.sf(1.5), rel=0.5)
+    loaded = PCADetector.load(detector.save(tmp_path / "m.nc"))  # the strata travel with the model
+    np.testing.assert_array_equal(loaded.calibration_strata_, strata)
+    np.testing.assert_allclose(loaded._pixel_pvalues(raw, None)[0], pvalues)
+
+
 @pytest.fixture(scope="module")
 def drift_blobs():
     kw = dict(dose=20, drift=1.0, shift=0.5)

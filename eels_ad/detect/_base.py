@@ -194,7 +194,8 @@ class BaseDetector(abc.ABC):
         """
         self._check_params()
         cube = validate(cube)
-        self.__dict__.pop("calibration_scores_", None)  # a new fit is calibrated afresh, never by the last one
+        for stale in ("calibration_scores_", "calibration_strata_"):  # a new fit is calibrated afresh
+            self.__dict__.pop(stale, None)
         mask_values = None if mask is None else np.asarray(as_mask(mask, cube).values)
         if mask_values is not None and not mask_values.any():
             raise ValueError("the training mask selects no pixel")
@@ -218,9 +219,14 @@ class BaseDetector(abc.ABC):
             self.calibration_scores_ = np.asarray(sampled, dtype=float)
         else:
             scores = self._score_array(cube).ravel()
+            strata = self._strata((cube.sizes["y"], cube.sizes["x"]))
+            strata = None if strata is None else strata.ravel()
             if mask_values is not None:
                 scores = scores[mask_values.ravel()]
+                strata = None if strata is None else strata[mask_values.ravel()]
             self.calibration_scores_ = scores if calibration is None else scores[calibration]
+            if strata is not None:
+                self.calibration_strata_ = strata if calibration is None else strata[calibration]
         threshold = self.get_params().get("threshold", "auto")
         self.threshold_ = float(threshold) if isinstance(threshold, (int, float)) else None
         return self
@@ -265,15 +271,42 @@ class BaseDetector(abc.ABC):
         return xr.DataArray(model, dims=("y", "x", "energy"), coords=cube.transpose("y", "x", "energy").coords,
                             name="reconstruction", attrs={"units": "counts", "detector": type(self).__name__})
 
-    def _pixel_pvalues(self, raw: np.ndarray, vacuum: np.ndarray | None) -> tuple[np.ndarray, float, float]:
-        """Per-pixel p-values of raw scores against the calibration scores (vacuum NaN), re-standardised to
-        the map's own null with ``empirical_null=True``; with that null's centre and spread (sigma)."""
+    #: calibration scores a stratum needs for a tail of its own (fewer: the stratum shares the pooled tail)
+    MIN_STRATUM_SCORES = 200
+
+    def _strata(self, shape: tuple[int, int]) -> np.ndarray | None:
+        """(y, x) int map of the calibration strata of a map of ``shape``: pixels whose scores have nulls of
+        their own (e.g. the image's edge band, where a ring of neighbours is cut), or None (one stratum)."""
+        return None
+
+    def _tails(self) -> dict[int, UpperTail]:
+        """The calibration's tail fit per stratum (-1: all scores), fitted once per calibration (tens of ms)."""
         family = SCORE_TAIL_FAMILY.get(str(self.get_params().get("scoring", "")))
-        cached = getattr(self, "_tail_cache", None)  # the tail fit once per calibration (tens of ms)
-        if cached is None or cached[0] is not self.calibration_scores_ or cached[1] != family:
-            cached = (self.calibration_scores_, family, UpperTail(self.calibration_scores_, family=family))
+        strata = getattr(self, "calibration_strata_", None)
+        cached = getattr(self, "_tail_cache", None)
+        if cached is None or cached[0] is not self.calibration_scores_ or cached[1] != family or cached[2] is not strata:
+            tails = {-1: UpperTail(self.calibration_scores_, family=family)}
+            if strata is not None:
+                for stratum in np.unique(strata):
+                    inside = self.calibration_scores_[strata == stratum]
+                    if inside.size >= self.MIN_STRATUM_SCORES:
+                        tails[int(stratum)] = UpperTail(inside, family=family)
+            cached = (self.calibration_scores_, family, strata, tails)
             self._tail_cache = cached
-        pvalues = cached[2].sf(raw)
+        return cached[3]
+
+    def _pixel_pvalues(self, raw: np.ndarray, vacuum: np.ndarray | None) -> tuple[np.ndarray, float, float]:
+        """Per-pixel p-values of raw scores against the calibration scores (vacuum NaN), each pixel against
+        its stratum's where the detector has strata (Mondrian calibration), re-standardised to the map's own
+        null with ``empirical_null=True``; with that null's centre and spread (sigma)."""
+        tails = self._tails()
+        pvalues = tails[-1].sf(raw)
+        strata = self._strata(raw.shape) if len(tails) > 1 and np.ndim(raw) == 2 else None
+        if strata is not None:
+            for stratum, tail in tails.items():
+                inside = strata == stratum
+                if stratum >= 0 and inside.any():
+                    pvalues[inside] = tail.sf(raw[inside])
         if vacuum is not None:
             pvalues = np.where(vacuum, np.nan, pvalues)
         if self.get_params().get("empirical_null", False):
@@ -390,6 +423,8 @@ class BaseDetector(abc.ABC):
 
         self._check_fitted()
         state = {"energy_": self.energy_, "calibration_scores_": self.calibration_scores_, **self._state()}
+        if getattr(self, "calibration_strata_", None) is not None:
+            state["calibration_strata_"] = np.asarray(self.calibration_strata_, dtype=np.int8)
         arrays = {name: np.asarray(value) for name, value in state.items() if isinstance(value, np.ndarray)}
         others = {name: value for name, value in state.items() if name not in arrays}
         variables = {name: (tuple(f"{name}_{i}" for i in range(value.ndim)), value) for name, value in arrays.items()}
@@ -424,6 +459,8 @@ class BaseDetector(abc.ABC):
         state.update(json.loads(dataset.attrs.get("state", "{}")))
         detector.energy_ = state.pop("energy_")
         detector.calibration_scores_ = state.pop("calibration_scores_")
+        if "calibration_strata_" in state:  # files written before strata have none: one stratum
+            detector.calibration_strata_ = np.asarray(state.pop("calibration_strata_"), dtype=np.int8)
         detector.threshold_ = json.loads(dataset.attrs["threshold_"])
         detector.n_training_spectra_ = int(dataset.attrs["n_training_spectra_"])
         detector._set_state(state)

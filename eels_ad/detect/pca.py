@@ -333,15 +333,18 @@ class PCADetector(SpectrumDetector):
             # weights such that x_ij / (sqrt(g_i) w_j) has unit Poisson variance: mu_ij ~ g_i h_j / T
             channel_weights = np.sqrt(np.maximum(channel_sum / total, 1e-12))
             mean = np.zeros(n_channels)
-            gram = cross / np.outer(channel_weights, channel_weights)
+            gram = cross / channel_weights[:, None]  # one channels x channels array, scaled in place
+            gram /= channel_weights
         else:
             channel_weights = np.ones(n_channels)
             mean = mean_spectrum
-            gram = cross - n_train * np.outer(mean, mean)
-        eigenvalues, eigenvectors = np.linalg.eigh(gram / n_train)
+            gram = np.outer(mean, -n_train * mean)
+            gram += cross
+        gram /= n_train
+        eigenvalues, eigenvectors = np.linalg.eigh(gram)
+        del gram
         order = np.argsort(eigenvalues)[::-1]
         eigenvalues = np.maximum(eigenvalues[order], 0.0)
-        eigenvectors = eigenvectors[:, order]
         if self.n_components == "auto":
             noise_variance = 1.0 if self.poisson_normalize else max(float(mean_spectrum.mean()), 1e-12)
             edge = noise_variance * (1 + np.sqrt(n_channels / n_train)) ** 2 * (1 + self.auto_margin)
@@ -365,7 +368,7 @@ class PCADetector(SpectrumDetector):
                 )
         self.eigenvalues_ = eigenvalues
         self.explained_variance_ratio_ = eigenvalues / eigenvalues.sum() if eigenvalues.sum() > 0 else eigenvalues
-        self.components_ = eigenvectors[:, :n_keep].T.copy()
+        self.components_ = eigenvectors[:, order[:n_keep]].T.copy()
         self.n_components_ = n_keep
         self.channel_weights_ = channel_weights
         self.mean_ = mean
@@ -442,6 +445,17 @@ class PCADetector(SpectrumDetector):
         if self.poisson_normalize:
             model = model * np.sqrt(np.maximum(spectra.sum(axis=1, keepdims=True), 1e-12))
         return model + self.mean_
+
+    def _strata(self, shape: tuple[int, int]) -> np.ndarray | None:
+        """With ``context="neighbours"``: 1 in the band along the image's edges where the ring is cut (a plane
+        extrapolates it: under a curved drift its null tail is heavier, measured P(z > 3) 0.0022-0.0024
+        against 0.0006-0.0008 inside), 0 inside; each calibrated by its own training pixels."""
+        if self.context != "neighbours":
+            return None
+        ny, nx = shape
+        yy, xx = np.ogrid[:ny, :nx]
+        border = np.minimum(np.minimum(yy, ny - 1 - yy), np.minimum(xx, nx - 1 - xx))
+        return (border < NEIGHBOUR_RING[1]).astype(np.int8)
 
     def _model_context(self, cube) -> np.ndarray | None:
         """With ``context="neighbours"``: the (y, x, components) mean scores of each pixel's ring."""
