@@ -60,9 +60,17 @@ def flags_metrics(truth, labels) -> dict:
             float((f & ~t).sum() / max(f.sum(), 1)), "flagged": int(f.sum())}
 
 
-def run(quick: bool) -> dict:
+def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95 % Wilson interval of a binomial proportion."""
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return float(centre - half), float(centre + half)
+
+
+def run(quick: bool, null_cubes: int = 200) -> dict:
     shape = (40, 40) if quick else (64, 64)
-    n_null = 3 if quick else 100
+    n_null = 3 if quick else null_cubes
     n_null_cvae = 2 if quick else 6
     cvae_time = 15.0 if quick else 120.0
     layouts = ("clusters", "line", "pixels")
@@ -108,7 +116,8 @@ def run(quick: bool) -> dict:
                 any_pixel.append(unpooled > 0), false_pixel.append(unpooled)
             results["null"].append({
                 "detector": name, "drift_eV": drift, "cubes": count,
-                "fdr_spatial": float(np.mean(any_flag)), "false_flags_spatial": float(np.mean(false_flags)),
+                "fdr_spatial": float(np.mean(any_flag)), "fdr_spatial_95ci": wilson(int(np.sum(any_flag)), count),
+                "false_flags_spatial": float(np.mean(false_flags)),
                 "fdr_pixel": float(np.mean(any_pixel)), "false_flags_pixel": float(np.mean(false_pixel))})
             print(f"{name:26s} drift {drift:.1f} bulk-only x{count}: realised FDR spatial "
                   f"{np.mean(any_flag):.3f} ({np.mean(false_flags):.2f} false/cube), pixel {np.mean(any_pixel):.3f}",
@@ -150,13 +159,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run")
     parser.add_argument("--plot-only", action="store_true", help="redraw the PNG from the saved JSON")
+    parser.add_argument("--null-cubes", type=int, default=200, help="bulk-only cubes per PCA row (CVAE rows: 6)")
     args = parser.parse_args()
     if args.plot_only:
         plot(json.loads((RESULTS / "spatial.json").read_text()), RESULTS / "spatial.png")
         return
     warnings.simplefilter("ignore")
     tic = time.perf_counter()
-    results = run(args.quick)
+    results = run(args.quick, args.null_cubes)
     results["seconds"] = time.perf_counter() - tic
     RESULTS.mkdir(exist_ok=True)
     stem = "spatial_quick" if args.quick else "spatial"
