@@ -1,12 +1,13 @@
 """Files per minute of `eels-ad detect` over a folder: 1 against 2 workers, as a local pool and on a Dask cluster.
 
 Jobs of about a second (PCA scoring of a 128 x 128 x 1024 cube, read from a compressed NetCDF and written
-back), or a few seconds with ``--size 256``. The local pool starts its worker processes inside the timed run (spawned, each imports eels-ad
-once and keeps to its share of the cores); the Dask workers are started beforehand (`dask scheduler`,
-`dask worker --nthreads 1 --preload eels_ad.batch`) and warmed by one file, as they are on a cluster
-that serves many runs. Two comparisons: workers of the same size (one core each, as `dask worker
---nthreads 1` with single-threaded BLAS: how the cluster scales with workers), and the whole machine either
-way (one worker gets every core for BLAS, two get one each: what a second worker adds on this machine).
+back), or a few seconds with ``--size 256``. The local pool starts its worker processes inside the timed
+run (spawned, each imports eels-ad once and keeps to its share of the cores); the Dask workers are started
+beforehand (`dask scheduler`, `dask worker --nthreads 1 --preload eels_ad.batch`) and warmed by one file,
+as they are on a cluster that serves many runs. Two comparisons: workers of the same size (one core each,
+as `dask worker --nthreads 1` with single-threaded BLAS: how the cluster scales with workers), and the
+whole machine either way (one worker gets every core for BLAS, two get one each: what a second worker
+adds on this machine).
 
 Writes benchmarks/results/batch_throughput.json (batch_throughput_SIZE.json for another --size). Usage:
 python benchmarks/batch_throughput.py [--files N] [--size PIXELS]

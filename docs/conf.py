@@ -64,6 +64,7 @@ FACES = {
     "eels_ad.stats": "negative-binomial fits and tests",
     "eels_ad.viz": "explore, report, figures",
     "eels_ad.io": "formats and NetCDF",
+    "eels_ad.datacube": "the convention, and reading lazy cubes chunk by chunk",
     "eels_ad.evaluate": "metrics and grids",
     "eels_ad.batch": "folder jobs",
 }
