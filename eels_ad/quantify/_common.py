@@ -9,7 +9,7 @@ import numpy as np
 import xarray as xr
 from scipy.interpolate import CubicSpline
 
-from ..datacube import read_rows, row_blocks, validate
+from ..datacube import iter_spectra, row_blocks, validate
 
 #: pixels fitted at once (bounds the memory of one batch: pixels x parameters x channels)
 CHUNK_PIXELS = 4096
@@ -78,9 +78,9 @@ def robust_mean_spectrum(cube: xr.DataArray, *, mask: np.ndarray | None = None,
 
     def blocks():
         """The chosen spectra (drift moved back), a block of rows at a time: the cube is never held whole."""
-        for rows in row_chunks(cube):
+        for rows, spectra in iter_spectra(cube, CHUNK_PIXELS, rows_wanted=mask.any(axis=1)):
             chosen = mask[rows].ravel()
-            spectra = read_rows(cube, rows, np.float64).reshape(-1, energy.size)[chosen]
+            spectra = spectra[chosen]
             yield spectra if moves is None else _moved(spectra, -moves[rows].ravel()[chosen])
 
     totals = np.concatenate([spectra.sum(axis=-1) for spectra in blocks()])

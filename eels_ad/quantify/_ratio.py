@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
-from ..datacube import read_rows
+from ..datacube import iter_spectra
 from . import _common as common
 
 
@@ -81,9 +81,8 @@ def white_line_ratio_map(
     continuum = np.empty(n_pixels)
     level_weights = _continuum_weights(energy, bulk, windows)
     nx = cube.sizes["x"]
-    for rows in common.row_chunks(cube, chunk_pixels):
+    for rows, counts in iter_spectra(cube, chunk_pixels):  # a lazy cube: a chunk read ahead, two held
         flat = slice(rows.start * nx, rows.stop * nx)
-        counts = read_rows(cube, rows, np.float64).reshape(-1, energy.size)
         intensity[flat] = counts @ weights.T
         variance[flat] = counts @ np.stack([weights[0] ** 2, weights[1] ** 2, weights[0] * weights[1]]).T
         continuum[flat] = counts @ level_weights

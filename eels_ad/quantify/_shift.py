@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
-from ..datacube import read_rows
+from ..datacube import iter_spectra
 from ..prepare._drift import drift_map as _drift_map
 from . import _common as common
 from ._fit import PoissonFit, ShiftedTemplates, poisson_fit
@@ -108,9 +108,9 @@ def edge_shift_map(
     offsets = drift_map.ravel() if drift_map is not None else np.zeros(n_pixels)
     shared = None if values.ndim == 3 else ShiftedTemplates(values, grid_start, dispersion, fit_energy)
     nx = cube.sizes["x"]
-    for rows in common.row_chunks(cube, chunk_pixels):
+    for rows, counts in iter_spectra(cube, chunk_pixels):  # a lazy cube: a chunk read ahead, two held
         flat = slice(rows.start * nx, rows.stop * nx)
-        counts = read_rows(cube, rows, np.float64).reshape(-1, energy.size)[:, inside]
+        counts = counts[:, inside]
         if shared is None:
             templates = ShiftedTemplates(values[rows].reshape(-1, 1, values.shape[-1]), grid_start, dispersion,
                                          fit_energy)

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 import numpy as np
 import xarray as xr
 
-from ..datacube import read_rows
+from ..datacube import iter_spectra
 from ..prepare._drift import drift_map as _drift_map
 from . import _common as common
 from ._fit import ShiftedTemplates, poisson_fit
@@ -164,9 +164,9 @@ def valence_map(
     at_limit = np.zeros(n_pixels, dtype=bool)
     offsets = drift_map.ravel() if drift_map is not None else np.zeros(n_pixels)
     nx = cube.sizes["x"]
-    for rows in common.row_chunks(cube, chunk_pixels):
+    for rows, counts in iter_spectra(cube, chunk_pixels):  # a lazy cube: a chunk read ahead, two held
         flat = slice(rows.start * nx, rows.stop * nx)
-        counts = read_rows(cube, rows, np.float64).reshape(-1, energy.size)[:, inside]
+        counts = counts[:, inside]
         fit = poisson_fit(counts, templates, basis, fit_shift=shift, offset=offsets[flat], max_shift=max_shift,
                           nonnegative=True)
         a = fit.amplitudes
