@@ -353,7 +353,7 @@ def cluster_client() -> Any:
 
 def fold_rows(cube: xr.DataArray, func: Any, combine: Any, *, work_pixels: int,
               rows_wanted: np.ndarray | None = None, row_data: np.ndarray | None = None,
-              dtype: Any = np.float64) -> Any:
+              dtype: Any = np.float64, accumulate: Any = None) -> Any:
     """``combine`` of ``func(rows, spectra, row_data[rows])`` over the cube's work blocks (:func:`iter_spectra`).
 
     ``combine(a, b)`` must be associative, ``a`` coming from rows above ``b`` (e.g. sums of moments,
@@ -362,16 +362,21 @@ def fold_rows(cube: xr.DataArray, func: Any, combine: Any, *, work_pixels: int,
     (:func:`cluster_client`) is split over the cluster instead: one task per chunk of rows reads the chunk
     on a worker and folds its work blocks there, and the chunks' results are combined pairwise on the
     workers, so that only the final result comes back. ``func`` and ``row_data`` travel with the tasks.
-    Returns None where no block is wanted.
+    ``accumulate(total, part)``, an in-place form of ``combine`` that returns ``total``, serves the local
+    fold (a sum of large matrices held once, not twice); the cluster's combines never write into their
+    inputs (a task run again after a worker died would count a part twice). Returns None where no block
+    is wanted.
     """
     cube = cube.transpose("y", "x", "energy")
     client = cluster_client() if is_lazy(cube) else None
     if client is None:
         result = None
+        add = combine if accumulate is None else accumulate
         with _cores_beside_reader(is_lazy(cube)):
             for rows, spectra in iter_spectra(cube, work_pixels, rows_wanted=rows_wanted, dtype=dtype):
                 part = func(rows, spectra, None if row_data is None else row_data[rows])
-                result = part if result is None else combine(result, part)
+                result = part if result is None else add(result, part)
+                del part
         return result
     import dask
 

@@ -19,7 +19,26 @@ NEIGHBOUR_RING: tuple[float, float] = (2.5, 5.0)
 
 def _add_moments_and_lists(a: tuple, b: tuple) -> tuple:
     """The sum of two blocks' moments, and their lists of sample spectra joined (row order)."""
-    return tuple(x + y for x, y in zip(a[0], b[0], strict=True)), a[1] + b[1]
+    return _add_moments(a[0], b[0]), a[1] + b[1]
+
+
+def _add_moments(a: tuple, b: tuple) -> tuple:
+    """The sum of two blocks' (channel sums, total counts, cross products)."""
+    return tuple(x + y for x, y in zip(a, b, strict=True))
+
+
+def _accumulate_moments(total: tuple, part: tuple) -> tuple:
+    """:func:`_add_moments` into ``total`` (the local fold's own arrays): the cross products held once."""
+    channel_sum, counts, cross = total
+    channel_sum += part[0]
+    cross += part[2]
+    return channel_sum, counts + part[1], cross
+
+
+def _accumulate_moments_and_lists(total: tuple, part: tuple) -> tuple:
+    """:func:`_add_moments_and_lists` into ``total``: the moments accumulated in place, the lists joined."""
+    total[1].extend(part[1])
+    return _accumulate_moments(total[0], part[0]), total[1]
 
 
 class PCADetector(SpectrumDetector):
@@ -208,7 +227,8 @@ class PCADetector(SpectrumDetector):
                     [spectra[inside - low].astype(np.float32)])
 
         moments, parts = fold_rows(cube, first_pass, _add_moments_and_lists, work_pixels=self.chunk_pixels,
-                                   rows_wanted=training.any(axis=1), row_data=training)
+                                   rows_wanted=training.any(axis=1), row_data=training,
+                                   accumulate=_accumulate_moments_and_lists)
         sample = np.concatenate(parts)
         del parts
         self._components_from(moments, energy, n_train)
@@ -238,13 +258,21 @@ class PCADetector(SpectrumDetector):
                                       rows_wanted=keep.any(axis=1), row_data=keep)
             if dropped.size == 0:
                 break
-            if held is None or dropped.size > limit:
-                held = self._take_pixels(cube, dropped)
-            # dropped now: subtract them from the moments
-            removed = self._moments([held.astype(np.float64)], -np.ones(dropped.size))
-            moments = tuple(m + k for m, k in zip(moments, removed, strict=True))
-            del held
-            keep.ravel()[dropped] = False
+            now_dropped = np.zeros_like(keep)
+            now_dropped.ravel()[dropped] = True
+            if held is None or dropped.size > limit:  # too many to hold: their moments from a pass over their rows
+                del held
+                removed = fold_rows(cube, lambda rows, spectra, chosen: self._moments([spectra[chosen.ravel()]]),
+                                    _add_moments, work_pixels=self.chunk_pixels, rows_wanted=now_dropped.any(axis=1),
+                                    row_data=now_dropped, accumulate=_accumulate_moments)
+            else:
+                step = max(self.chunk_pixels, 1)  # converted a work block at a time
+                removed = self._moments(held[first:first + step].astype(np.float64)
+                                        for first in range(0, held.shape[0], step))
+                del held
+            # dropped now: their moments subtracted
+            moments = tuple(m - k for m, k in zip(moments, removed, strict=True))
+            keep &= ~now_dropped
             self._components_from(moments, energy, int(keep.sum()))
             self.n_trimmed_ = int(n_train - keep.sum())
         if self.context == "pixel":  # the kept sample's scores, a work block at a time
@@ -263,7 +291,8 @@ class PCADetector(SpectrumDetector):
     MCD_SAMPLE = 500
     #: trimming rounds at most, each a pass over the cube (1: one step, as MCD's reweighting step)
     TRIM_ROUNDS = 1
-    #: spectra newly trimmed in a round that come back with it (float32) at most; more are read again from their rows
+    #: spectra newly trimmed in a round that come back with it (float32) at most; beyond, their moments come from a
+    #: pass over their rows
     TRIMMED_HELD = 4000
     #: training spectra (seeded) held from the first pass, as float32: the robust fit's sample comes from them, and
     #: with the pixel context their scores calibrate the p-values
@@ -288,22 +317,19 @@ class PCADetector(SpectrumDetector):
         scale = stats.chi2.cdf(stats.chi2.ppf(0.975, dims), dims + 2) / 0.975
         return location, np.linalg.pinv(covariance) * scale, float(stats.chi2.ppf(self.robust_quantile, dims))
 
-    def _moments(self, blocks, sign: np.ndarray | None = None) -> tuple[np.ndarray, float, np.ndarray]:
-        """(channel sums, total counts, cross-product matrix) of spectra, Poisson-scaled when normalising.
-
-        ``sign`` (+1 / -1 per spectrum of a single block) adds or removes spectra from moments.
-        """
+    def _moments(self, blocks) -> tuple[np.ndarray, float, np.ndarray]:
+        """(channel sums, total counts, cross-product matrix) of the spectra of ``blocks``, Poisson-scaled when
+        normalising (spectra dropped by trimming are taken out by subtracting their moments)."""
         channel_sum, total, gram = 0.0, 0.0, 0.0
         for spectra in blocks:
-            weights = np.ones(spectra.shape[0]) if sign is None else sign
             if self.poisson_normalize:
                 pixel_totals = np.maximum(spectra.sum(axis=1, keepdims=True), 1e-12)
                 scaled = spectra / np.sqrt(pixel_totals)
             else:
                 scaled = spectra
-            channel_sum = channel_sum + weights @ spectra
-            total = total + float(weights @ spectra.sum(axis=1))
-            part = (scaled if sign is None else scaled * weights[:, None]).T @ scaled
+            channel_sum = channel_sum + spectra.sum(axis=0)
+            total = total + float(spectra.sum())
+            part = scaled.T @ scaled
             del scaled
             if isinstance(gram, np.ndarray):
                 gram += part  # in place: the channels x channels matrix is not held twice
