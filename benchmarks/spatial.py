@@ -68,10 +68,10 @@ def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return float(centre - half), float(centre + half)
 
 
-def run(quick: bool, null_cubes: int = 200) -> dict:
+def run(quick: bool, null_cubes: int = 200, null_cubes_cvae: int = 30) -> dict:
     shape = (40, 40) if quick else (64, 64)
     n_null = 3 if quick else null_cubes
-    n_null_cvae = 2 if quick else 6
+    n_null_cvae = 2 if quick else null_cubes_cvae
     cvae_time = 15.0 if quick else 120.0
     layouts = ("clusters", "line", "pixels")
     results = {"shape": list(shape), "dose": 20, "shift_eV": 0.5, "anomaly_fraction": 0.01, "cells": [], "null": [],
@@ -159,14 +159,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run")
     parser.add_argument("--plot-only", action="store_true", help="redraw the PNG from the saved JSON")
-    parser.add_argument("--null-cubes", type=int, default=200, help="bulk-only cubes per PCA row (CVAE rows: 6)")
+    parser.add_argument("--null-cubes", type=int, default=200, help="bulk-only cubes per PCA row")
+    parser.add_argument("--null-cubes-cvae", type=int, default=30, help="bulk-only cubes per CVAE row")
     args = parser.parse_args()
     if args.plot_only:
         plot(json.loads((RESULTS / "spatial.json").read_text()), RESULTS / "spatial.png")
         return
     warnings.simplefilter("ignore")
     tic = time.perf_counter()
-    results = run(args.quick, args.null_cubes)
+    results = run(args.quick, args.null_cubes, args.null_cubes_cvae)
     results["seconds"] = time.perf_counter() - tic
     RESULTS.mkdir(exist_ok=True)
     stem = "spatial_quick" if args.quick else "spatial"
