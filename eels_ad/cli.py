@@ -227,7 +227,7 @@ def _chunks(args: argparse.Namespace) -> dict[str, int] | None:
     chunks of the default size, as ``--split-cubes`` needs)."""
     if args.chunk_rows:
         return {"y": args.chunk_rows}
-    return {} if getattr(args, "split_cubes", False) else None
+    return {} if args.split_cubes else None
 
 
 def _number_or_auto(name: str, *, zero_allowed: bool):

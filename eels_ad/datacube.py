@@ -13,6 +13,7 @@ over the cluster's workers (one task per chunk of rows).
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -334,8 +335,6 @@ def cluster_client() -> Any:
     The current default client (``with Client(address):`` or ``Client(address)`` in a notebook), unless
     this process is itself a dask worker (a job on a worker reads its chunks where it runs).
     """
-    import sys
-
     if "distributed" not in sys.modules:  # no client can exist before distributed is imported
         return None
     import distributed

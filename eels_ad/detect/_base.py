@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 import numpy as np
 import xarray as xr
 
-from ..datacube import as_mask, fold_rows, is_lazy, iter_spectra, read_rows, row_blocks, validate
+from ..datacube import as_mask, fold_rows, is_lazy, iter_spectra, validate
 from ._scores import SCORE_TAIL_FAMILY, SCORES, score_spectra
 from .spatial import UpperTail, check_level, empirical_null, fdr_flags, normal_scores, pool_evidence, spatial_flags
 from .threshold import THRESHOLD_METHODS, choose_threshold
@@ -317,13 +317,14 @@ class BaseDetector(abc.ABC):
         its stratum's where the detector has strata (Mondrian calibration), re-standardised to the map's own
         null with ``empirical_null=True``; with that null's centre and spread (sigma)."""
         tails = self._tails()
-        pvalues = tails[-1](raw)
         strata = self._strata(raw.shape) if len(tails) > 1 and np.ndim(raw) == 2 else None
-        if strata is not None:
-            for stratum, tail in tails.items():
+        if strata is None:
+            pvalues = tails[-1](raw)
+        else:  # each stratum against its own tail, or the pooled one where it has none
+            pvalues = np.empty(np.shape(raw))
+            for stratum in np.unique(strata):
                 inside = strata == stratum
-                if stratum >= 0 and inside.any():
-                    pvalues[inside] = tail(raw[inside])
+                pvalues[inside] = tails.get(int(stratum), tails[-1])(raw[inside])
         if vacuum is not None:
             pvalues = np.where(vacuum, np.nan, pvalues)
         if self.get_params().get("empirical_null", False):
@@ -487,17 +488,17 @@ class BaseDetector(abc.ABC):
 class SpectrumDetector(BaseDetector):
     """A detector that judges every spectrum on its own, in chunks of ``chunk_pixels`` pixels.
 
-    Subclasses implement ``_fit_spectra(chunks, energy, n_train, take)`` (learn from a callable that yields
-    (pixels, channels) arrays of the training spectra, ``take(indices)`` giving chosen training spectra
-    without a pass over the cube; return None, or a boolean mask of the training
-    spectra really kept, e.g. after trimming outliers, which then calibrate the threshold) and
+    Subclasses implement ``_fit_spectra(chunks, energy, n_train)`` (learn from a callable that yields
+    (pixels, channels) arrays of the training spectra; return None, or a boolean mask of the training
+    spectra really kept, e.g. after trimming outliers, which then calibrate the threshold), or ``_fit``
+    itself with :func:`~eels_ad.datacube.fold_rows` passes (as PCA does), and
     ``_reconstruct_spectra(spectra)``, plus ``_state``/``_set_state``. Scores are
     :func:`~eels_ad.detect.poisson_deviance` (or the ``scoring`` chosen) of each spectrum against its
     reconstruction, so memory stays bounded by one chunk whatever the cube's size.
     """
 
     def _fit_spectra(self, chunks: Callable[[], Iterator[np.ndarray]], energy: np.ndarray,
-                     n_train: int, take: Callable[[np.ndarray], np.ndarray]) -> np.ndarray | None:
+                     n_train: int) -> np.ndarray | None:
         """Learn from the training spectra; see the class docstring (or override ``_fit`` instead)."""
         raise NotImplementedError(f"{type(self).__name__} implements neither _fit_spectra nor _fit")
 
@@ -516,32 +517,10 @@ class SpectrumDetector(BaseDetector):
             yield block, keep, spectra
 
     def _fit(self, cube: xr.DataArray, mask: np.ndarray | None, energy: np.ndarray) -> np.ndarray | None:
-        cube = cube.transpose("y", "x", "energy")
-        pixels = np.flatnonzero(mask.ravel()) if mask is not None else np.arange(cube.sizes["y"] * cube.sizes["x"])
-
-        def take(indices: np.ndarray) -> np.ndarray:
-            return self._take_pixels(cube, pixels[np.asarray(indices, dtype=np.int64)])
-
         def chunks() -> Iterator[np.ndarray]:
             return (s if mask is None else s[keep] for _, keep, s in self._pixel_chunks(cube, mask))
 
-        return self._fit_spectra(chunks, energy, self.n_training_spectra_, take)
-
-    def _take_pixels(self, cube: xr.DataArray, wanted: np.ndarray) -> np.ndarray:
-        """The spectra of the flat pixel indices ``wanted``, reading only the chunks of rows that hold them."""
-        nx, ne = cube.sizes["x"], cube.sizes["energy"]
-        rows = wanted // nx
-        parts, order = [], []
-        for block in row_blocks(cube, self.chunk_pixels):
-            inside = (rows >= block.start) & (rows < block.stop)
-            if inside.any():
-                spectra = read_rows(cube, block, np.float64).reshape(-1, ne)
-                parts.append(spectra[wanted[inside] - block.start * nx])
-                order.append(np.flatnonzero(inside))
-        taken = np.empty((wanted.size, ne))
-        if parts:
-            taken[np.concatenate(order)] = np.concatenate(parts)
-        return taken
+        return self._fit_spectra(chunks, energy, self.n_training_spectra_)
 
     def _model_context(self, cube: xr.DataArray) -> Any:
         """What the bulk model of a block of rows needs beyond its own spectra (None: nothing)."""

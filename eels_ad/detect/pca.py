@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -266,9 +267,7 @@ class PCADetector(SpectrumDetector):
                                     _add_moments, work_pixels=self.chunk_pixels, rows_wanted=now_dropped.any(axis=1),
                                     row_data=now_dropped, accumulate=_accumulate_moments)
             else:
-                step = max(self.chunk_pixels, 1)  # converted a work block at a time
-                removed = self._moments(held[first:first + step].astype(np.float64)
-                                        for first in range(0, held.shape[0], step))
+                removed = self._moments(self._work_blocks_of(held))
                 del held
             # dropped now: their moments subtracted
             moments = tuple(m - k for m, k in zip(moments, removed, strict=True))
@@ -278,14 +277,17 @@ class PCADetector(SpectrumDetector):
         if self.context == "pixel":  # the kept sample's scores, a work block at a time
             kept = sample[keep.ravel()[sample_pixels]]
             channels = _as_slice(self._score_channels(energy))
-            step = max(self.chunk_pixels, 1)
             scores = []
-            for first in range(0, kept.shape[0], step):
-                spectra = kept[first:first + step].astype(np.float64)
+            for spectra in self._work_blocks_of(kept):
                 model = self._reconstruct_spectra(spectra)
                 scores.append(score_spectra(spectra[:, channels], model[:, channels], self.scoring))
             self._sample_scores = np.concatenate(scores) if scores else np.empty(0)
         return keep.ravel()[pixels] if self.robust else None
+
+    def _work_blocks_of(self, held: np.ndarray) -> Iterator[np.ndarray]:
+        """Spectra held as float32 (the sample, trimmed ones), as float64 a work block at a time."""
+        step = max(self.chunk_pixels, 1)
+        return (held[first:first + step].astype(np.float64) for first in range(0, held.shape[0], step))
 
     #: spectra drawn (seeded) for the robust fit of the component scores (minimum covariance determinant)
     MCD_SAMPLE = 500

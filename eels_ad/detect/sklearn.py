@@ -59,8 +59,7 @@ class SklearnDetector(SpectrumDetector):
         totals = np.maximum(spectra.sum(axis=1, keepdims=True), 1e-12)
         return np.sqrt(np.maximum(spectra, 0.0) / totals)
 
-    def _fit_spectra(self, chunks: Callable[[], Iterator[np.ndarray]], energy: np.ndarray, n_train: int,
-                     take: Callable[[np.ndarray], np.ndarray]) -> None:
+    def _fit_spectra(self, chunks: Callable[[], Iterator[np.ndarray]], energy: np.ndarray, n_train: int) -> None:
         self.estimator.fit(np.concatenate([self._features(s) for s in chunks()]))
         return None
 
