@@ -83,6 +83,21 @@ def test_pooling_finds_a_disc_no_pixel_shows_alone_and_keeps_a_lone_strong_pixel
     assert (flags & ~disc).sum() <= 3  # and hardly any bulk pixel beside them
 
 
+def test_a_region_with_a_few_strong_pixels_keeps_its_weaker_ones_and_a_lone_one_stays_alone():
+    rng = np.random.default_rng(3)
+    p = rng.uniform(size=(48, 48))
+    disc = _disc_map(radius=2.5)
+    p[disc] = rng.uniform(0.001, 0.02, disc.sum())  # weak evidence, each pixel alone
+    inside = np.argwhere(disc)
+    for y, x in inside[:2]:
+        p[y, x] = 1e-9  # two strong pixels in it
+    p[5, 5] = 1e-9  # and a lone strong pixel in the bulk
+    flags, _ = spatial_flags(p, pool_evidence(p), 0.05)
+    assert (flags & disc).sum() >= disc.sum() - 3  # the weak pixels too, not only the two strong ones
+    assert flags[5, 5] and not flags[3:8, 3:8].sum() - 1  # the lone pixel without a halo
+    assert (flags & ~disc).sum() <= 3
+
+
 def test_pooled_pvalues_and_fdr_are_calibrated_under_the_null():
     rng = np.random.default_rng(2)
     maps = rng.uniform(size=(300, 32, 32))
