@@ -155,9 +155,16 @@ class CVAEDetector(BaseDetector):
     """
 
     _SCORINGS = (*SCORES, "nll")
+    #: spectra scored at a time against their reconstructions when a lazy cube is scored in bands of rows
+    SCORE_PIXELS = 1024
     #: patches per batch when scoring (and, with ``context="neighbours"``, about the patches of a band of rows);
     #: small batches stay in the CPU's cache
     SCORE_BATCH = 64
+    #: at most this many voxels (patches x pixels x channels) per scoring batch (8 patches of 8 x 8 pixels at 1,024
+    #: channels), so that the network's activations do not grow with the channels. Measured on 2 cores, a lazy
+    #: 256 x 256 x 1024 cube: batches of 8 patches 15.6 s and a peak of 242 MiB above the loaded model, of 20
+    #: 17.1 s and 364 MiB; at 64 x 64 x 320, batches of 16 to 64 patches score at the same speed within noise
+    SCORE_VOXELS = 8 * 64 * 1024
     #: memory layout of the network at inference. Measured side by side on 2 CPU cores (64 x 64 x 320, best of 3,
     #: spectra/s; pixel / neighbour context): contiguous 25,400 / 15,100 and channels-last 23,500 / 12,800 in
     #: batches of 64; in batches of 256 19,600 / 10,300 and 21,400 / 10,500. ``torch.channels_last_3d`` is the
@@ -326,6 +333,11 @@ class CVAEDetector(BaseDetector):
         step = _pair(self.stride if self.score_stride is None else self.score_stride, "score_stride")
         return min(step[0], patch[0]), min(step[1], patch[1])
 
+    def _score_batch(self, n_channels: int) -> int:
+        """Patches per scoring batch: :attr:`SCORE_BATCH`, fewer where a batch would exceed :attr:`SCORE_VOXELS`."""
+        patch = _pair(self.patch_size, "patch_size")
+        return int(max(1, min(self.SCORE_BATCH, self.SCORE_VOXELS // (patch[0] * patch[1] * max(n_channels, 1)))))
+
     def _margin(self) -> tuple[int, int]:
         """Pixels mirrored onto each side before scoring, so that border pixels sit mid-patch too."""
         patch = _pair(self.patch_size, "patch_size")
@@ -421,7 +433,8 @@ class CVAEDetector(BaseDetector):
         counts = np.pad(counts, ((my, my), (mx, mx), (0, 0)), mode="symmetric")
         device = self._device()
         self.model_.to(device)
-        yield from self._run_patches(*extract_patches(counts, patch, stride), device, self.SCORE_BATCH, nll)
+        yield from self._run_patches(*extract_patches(counts, patch, stride), device,
+                                     self._score_batch(counts.shape[-1]), nll)
         self.model_.to("cpu")
 
     def _run_patches(self, patches: torch.Tensor, scales: torch.Tensor, corners: list, device: torch.device,
@@ -500,7 +513,8 @@ class CVAEDetector(BaseDetector):
         device = self._device()
         self.model_.to(device)
         channels = self._score_channels(cube["energy"].values) if nll else None
-        band_rows = max(1, self.SCORE_BATCH // cols_of)  # rows of hidden centres per band
+        batch = self._score_batch(cube.sizes["energy"])
+        band_rows = max(1, batch // cols_of)  # rows of hidden centres per band
         try:
             for first in range(0, rows_of, band_rows):
                 last = min(rows_of, first + band_rows)
@@ -515,7 +529,7 @@ class CVAEDetector(BaseDetector):
                 if blocks is not None:
                     wanted = [i for i, (y, x) in enumerate(corners) if blocks[first + y // hole[0], x // hole[1]]]
                     patches, scales, corners = patches[wanted], scales[wanted], [corners[i] for i in wanted]
-                outputs = self._run_patches(patches, scales, corners, device, self.SCORE_BATCH, nll, hole_only=True)
+                outputs = self._run_patches(patches, scales, corners, device, batch, nll, hole_only=True)
                 for corners, _, expected, voxel_nll in outputs:  # (N, E, hy, hx): the hidden centres
                     for index, (y, x) in enumerate(corners):
                         target = (slice(y, y + hole[0]), slice(x, x + hole[1]))
@@ -585,7 +599,7 @@ class CVAEDetector(BaseDetector):
         scores = np.empty((ny, nx))
         window, window_start = np.empty((0, width, ne), np.float32), 0  # padded rows held, from window_start
         depth = 1 if nll else ne
-        total = np.zeros((depth, 0, width))
+        total = np.zeros((0, width, depth))  # (rows, x, channels): a finished row's mean is one contiguous block
         covered = np.zeros((0, width))
         done = 0  # padded rows finished
         for k, y0 in enumerate(row_starts):
@@ -595,35 +609,38 @@ class CVAEDetector(BaseDetector):
             if stop > held_stop:
                 new = _read_padded(padded, held_stop, stop, cube)
                 window = np.concatenate([window, new])
-                total = np.concatenate([total, np.zeros((depth, new.shape[0], width))], axis=1)
+                total = np.concatenate([total, np.zeros((new.shape[0], width, depth))])
                 covered = np.concatenate([covered, np.zeros((new.shape[0], width))])
             band = window[y0 - window_start:stop - window_start]
             # one row of corners: the band is a patch high, its corners those of the whole cube in this row
             outputs = self._run_patches(*extract_patches(band, patch, (patch[0], stride[1])), device,
-                                        self.SCORE_BATCH, nll)
+                                        self._score_batch(ne), nll)
             for corners, _, expected, voxel_nll in outputs:
                 value = voxel_nll[:, channels].mean(axis=1, keepdims=True) if nll else expected
                 for (_, x), v in zip(corners, value, strict=True):
-                    total[:, y0 - window_start:stop - window_start, x:x + patch[1]] += v * weight
+                    total[y0 - window_start:stop - window_start, x:x + patch[1]] += np.moveaxis(v, 0, -1) * \
+                        weight[..., None]
                     covered[y0 - window_start:stop - window_start, x:x + patch[1]] += weight
-            # padded rows above the next row of corners are final: score the cube rows among them
+            # padded rows above the next row of corners are final: score the cube rows among them, a row at a
+            # time (the float64 copies and the score's arrays stay a row of spectra)
             final = row_starts[k + 1] if k + 1 < len(row_starts) else height
-            rows = slice(done - window_start, final - window_start)
-            mean = total[:, rows] / covered[rows]
-            cube_rows = np.arange(done, final) - my
-            inside = (cube_rows >= 0) & (cube_rows < ny)
-            if inside.any():
-                mean_in = mean[:, inside][:, :, mx:mx + nx]
+            for padded_row in range(done, final):
+                cube_row = padded_row - my
+                if not 0 <= cube_row < ny:
+                    continue
+                held = padded_row - window_start
+                mean = total[held, mx:mx + nx] / covered[held, mx:mx + nx, None]
                 if nll:
-                    scores[cube_rows[inside]] = mean_in[0]
-                else:
-                    counts = window[rows][inside][:, mx:mx + nx].astype(np.float64).reshape(-1, ne)
-                    expected = np.moveaxis(mean_in, 0, -1).reshape(-1, ne)
-                    scores[cube_rows[inside]] = score_spectra(counts[:, channels], expected[:, channels],
-                                                              self.scoring).reshape(-1, nx)
+                    scores[cube_row] = mean[:, 0]
+                    continue
+                counts = window[held, mx:mx + nx]
+                for start in range(0, nx, self.SCORE_PIXELS):
+                    block = slice(start, start + self.SCORE_PIXELS)
+                    scores[cube_row, block] = score_spectra(counts[block][:, channels], mean[block][:, channels],
+                                                            self.scoring)
             done = final
             keep = done - window_start
-            window, total, covered = window[keep:], total[:, keep:], covered[keep:]
+            window, total, covered = window[keep:], total[keep:], covered[keep:]
             window_start = done
         self.model_.to("cpu")
         return scores
