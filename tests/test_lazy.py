@@ -292,6 +292,34 @@ def test_denoising_in_tiles_lazily_and_in_memory(simulated, on_disk):
     assert chosen.attrs["tau_chosen_on"].startswith("central tile") and chosen.attrs["tau"] > 0
 
 
+def test_torch_tiles_are_solved_in_one_thread_numpy_tiles_in_dask_threads(simulated, on_disk, monkeypatch):
+    import threading
+
+    import dask
+
+    from eels_ad.reconstruct import spiral
+
+    threads = {"numpy": set(), "torch": set()}
+    solver = spiral.spiral_tap
+
+    def recording(*args, **kwargs):
+        threads[kwargs.get("backend", "numpy")].add(threading.current_thread().name)
+        return solver(*args, **kwargs)
+
+    monkeypatch.setattr(spiral, "spiral_tap", recording)
+    results = {}
+    with dask.config.set(scheduler="threads", num_workers=2):
+        for backend in ("numpy", "torch"):
+            lazy = denoise_cube(eels_ad.load(on_disk, chunks={"y": 4}), tau=3.0, tile=12, overlap=6, max_iter=3,
+                                min_iter=3, backend=backend)
+            results[backend] = lazy.values
+    # torch's threads share the cores within a tile, one tile after another, always from the same thread (each
+    # thread's allocator arena would otherwise keep a tile's working memory)
+    assert [name.startswith("eels-ad-tile") for name in threads["torch"]] == [True]
+    assert not any(name.startswith("eels-ad-tile") for name in threads["numpy"])
+    np.testing.assert_allclose(results["torch"], results["numpy"], rtol=1e-3, atol=1e-3 * results["numpy"].max())
+
+
 def test_a_lazy_result_is_saved_chunk_by_chunk(pair, tmp_path):
     eager, lazy = pair
     eels_ad.save(lazy, tmp_path / "copy.nc")
