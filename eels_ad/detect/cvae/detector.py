@@ -514,7 +514,7 @@ class CVAEDetector(BaseDetector):
         self.model_.to(device)
         channels = self._score_channels(cube["energy"].values) if nll else None
         batch = self._score_batch(cube.sizes["energy"])
-        band_rows = max(1, batch // cols_of)  # rows of hidden centres per band
+        band_rows = max(1, self.SCORE_BATCH // cols_of)  # rows of hidden centres per band, run in batches
         try:
             for first in range(0, rows_of, band_rows):
                 last = min(rows_of, first + band_rows)
