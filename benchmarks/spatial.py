@@ -10,6 +10,7 @@ Also the CVAE's training time and scoring speed. Writes ``results/spatial.json``
 
     python benchmarks/spatial.py            # about 20 min on 2 cores
     python benchmarks/spatial.py --quick    # a smoke run (smaller, fewer cubes)
+    python benchmarks/spatial.py --detectors "CVAE shift, neighbours" --null-cubes-cvae 150   # one row, more cubes
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return float(centre - half), float(centre + half)
 
 
-def run(quick: bool, null_cubes: int = 200, null_cubes_cvae: int = 30) -> dict:
+def run(quick: bool, null_cubes: int = 200, null_cubes_cvae: int = 30, only: tuple[str, ...] = ()) -> dict:
     shape = (40, 40) if quick else (64, 64)
     n_null = 3 if quick else null_cubes
     n_null_cvae = 2 if quick else null_cubes_cvae
@@ -79,6 +80,8 @@ def run(quick: bool, null_cubes: int = 200, null_cubes_cvae: int = 30) -> dict:
     for drift in (0.0, 1.0):
         bulk = cell(shape, drift, "pixels", seed=100, anomalies=False)["counts"]
         for name, make in detectors(cvae_time).items():
+            if only and name not in only:
+                continue
             tic = time.perf_counter()
             detector = make().fit(bulk)
             fit_seconds = time.perf_counter() - tic
@@ -161,16 +164,22 @@ def main() -> None:
     parser.add_argument("--plot-only", action="store_true", help="redraw the PNG from the saved JSON")
     parser.add_argument("--null-cubes", type=int, default=200, help="bulk-only cubes per PCA row")
     parser.add_argument("--null-cubes-cvae", type=int, default=30, help="bulk-only cubes per CVAE row")
+    parser.add_argument("--detectors", default="", help="only these rows, ';'-separated (e.g. 'CVAE shift, "
+                        "neighbours'): written to results/spatial_only.{json,png}, the full table kept")
     args = parser.parse_args()
     if args.plot_only:
         plot(json.loads((RESULTS / "spatial.json").read_text()), RESULTS / "spatial.png")
         return
     warnings.simplefilter("ignore")
     tic = time.perf_counter()
-    results = run(args.quick, args.null_cubes, args.null_cubes_cvae)
+    only = tuple(name.strip() for name in args.detectors.split(";") if name.strip())
+    unknown = set(only) - set(detectors(0.0))
+    if unknown:
+        parser.error(f"unknown detectors {sorted(unknown)}; choose from {list(detectors(0.0))}")
+    results = run(args.quick, args.null_cubes, args.null_cubes_cvae, only)
     results["seconds"] = time.perf_counter() - tic
     RESULTS.mkdir(exist_ok=True)
-    stem = "spatial_quick" if args.quick else "spatial"
+    stem = "spatial_quick" if args.quick else "spatial_only" if only else "spatial"
     (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=1))
     plot(results, RESULTS / f"{stem}.png")
     print(f"wrote {RESULTS / stem}.json and .png in {results['seconds']:.0f} s")
