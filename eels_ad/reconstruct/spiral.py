@@ -598,8 +598,8 @@ def denoise_cube(
         is processed a tile at a time and the tiles run in parallel (dask); with ``backend="torch"``
         one tile at a time, in one thread, torch's threads sharing the cores within it (measured on 2
         cores, a lazy 256 x 256 x 1024 cube in 64-pixel tiles, 10 iterations: 120.7 s against 112.3 s
-        two tiles at a time, at a peak of 1.6 against 2.5 GiB above the process's start). A lazy cube is always
-        tiled (default tile 64), and the result is then lazy too: it is computed when read or saved.
+        two tiles at a time, at a peak of 1.6 against 2.5-2.6 GiB above the baseline of ``scaling.py``). A
+        lazy cube is always tiled (default tile 64), and the result is then lazy too: it is computed when read or saved.
         ``tau="auto"`` is chosen once, on the central tile; the reference spectrum is the whole cube's.
     **options
         Passed to :func:`spiral_tap` (``max_iter``, ``tol``, ``n_iter``, ``backend``, ``device`` ...).
@@ -735,7 +735,7 @@ def _in_tile_thread(func: Callable, *args: Any) -> Any:
     """``func(*args)`` in the process's one tile thread, waiting for it (a module function: a tile's task
     pickles it by reference). One thread, not one per dask thread: each thread's allocator keeps its own
     arena, so tiles solved in turn by two threads held two tiles' working memory (a peak of 2.5 GiB above
-    the start at 256 x 256 x 1024, against 1.6 GiB in one thread)."""
+    the baseline at 256 x 256 x 1024, against 1.6 GiB in one thread)."""
     from concurrent.futures import ThreadPoolExecutor
 
     with _TILE_THREAD_MADE:

@@ -157,7 +157,8 @@ class CVAE3D(pl.LightningModule):
     def decode(self, latent: torch.Tensor, size: tuple[int, int, int], base: torch.Tensor | None = None,
                hole_only: bool = False) -> torch.Tensor:
         """Decoder output cropped to ``size`` = (E, y, x): (N, 1 or 2, E, y, x), added to ``base`` (N, 1, E, 1, 1)
-        or (N, 1, E, y, x) (the whole patch's or the hole's), or, when None, to the bulk's mean shape.
+        or one per output pixel (N, 1, E, y, x; the hole's with ``hole_only``), or, when None, to the bulk's mean
+        shape.
         ``hole_only``: the hidden centre's pixels only (N, C, E, hy, hx).
 
         The last spatial upsampling maps each pixel to its own 2 x 2 block and the layers after it mix
@@ -173,10 +174,7 @@ class CVAE3D(pl.LightningModule):
             out = self.decoder(features)[:, :, :e, :y, :x]
             if hole_only:
                 out = out[..., self.hole[0], self.hole[1]]
-        if base is None:
-            base = self.bulk_shape[:e].view(1, 1, e, 1, 1)
-        elif hole_only and base.shape[-2:] != out.shape[-2:]:  # a ring's prediction for the whole patch
-            base = base[..., self.hole[0], self.hole[1]]
+        base = self.bulk_shape[:e].view(1, 1, e, 1, 1) if base is None else base
         return torch.cat([out[:, :1] + base, out[:, 1:]], dim=1)
 
     def _ring_weights(self, shape: tuple[int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor,
