@@ -1,3 +1,5 @@
+import warnings
+
 import numpy as np
 import pytest
 
@@ -183,6 +185,31 @@ def test_denoise_cube_keeps_coords_and_lowers_the_error():
     assert clean.attrs["relative_error"] < min(absolute)
     with pytest.raises(ValueError, match="broadcast"):
         denoise_cube(cube, tau=1.0, reference=np.ones(7))
+
+
+def test_denoise_cube_chooses_tau_on_a_central_region_and_runs_fixed_steps(monkeypatch):
+    from eels_ad.reconstruct import spiral
+
+    sim = eels_ad.simulate_fe_l23((70, 67), energy=np.linspace(690, 740, 24), dose=3.0, anomaly_fraction=0.0,
+                                  seed=3)
+    cube = sim["counts"]
+    seen = []
+    select = spiral.select_tau
+    monkeypatch.setattr(spiral, "select_tau", lambda y, *args, **kw: seen.append(y.shape) or select(y, *args, **kw))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a fixed number of steps by default: no "not converged" warning
+        chosen = denoise_cube(cube, max_iter=3, n_iter=5)
+    assert seen == [(64, 64, 24)]  # the candidates were tried on 64 x 64 pixels, not 70 x 67
+    assert chosen.attrs["tau_chosen_on"] == "central region y=3:67, x=1:65" and chosen.attrs["iterations"] == 3
+    # the same weight as choosing on that region alone with the whole cube's mean spectrum as reference
+    region = denoise_cube(cube.isel(y=slice(3, 67), x=slice(1, 65)), reference=cube.mean(("y", "x")).values,
+                          max_iter=3, n_iter=5)
+    assert chosen.attrs["tau"] == region.attrs["tau"]
+    np.testing.assert_allclose(chosen.attrs["tau_held_out_loss"], region.attrs["tau_held_out_loss"], rtol=1e-9)
+    # a stopping rule asked for by its tolerance: the step rule, and the warning when max_iter comes first
+    with pytest.warns(UserWarning, match="not converged"):
+        ruled = denoise_cube(cube.isel(y=slice(0, 8), x=slice(0, 8)), tau=1.0, tol=1e-12, max_iter=3, n_iter=5)
+    assert ruled.attrs["converged"] == 0
 
 
 def test_denoise_cube_fills_a_subsampled_scan():
