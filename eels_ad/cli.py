@@ -279,9 +279,8 @@ def _cmd_quantify(args: argparse.Namespace) -> int:
 
     from .batch import low_loss_pairs, plan, quantify_job, run
 
-    if args.split_cubes:  # its maps read the cube row by row in the process that runs the job
-        return _error("quantify cannot split a cube over the cluster (--split-cubes); with --scheduler alone each "
-                      "file runs on one worker")
+    if args.split_cubes and not args.scheduler:
+        return _error("--split-cubes splits cubes over a Dask cluster: give its address with --scheduler")
     if not args.max_shift > 0:
         return _error(f"--max-shift must be a positive number of eV, got {args.max_shift}")
     if args.references and not Path(args.references).is_file():
@@ -299,7 +298,8 @@ def _cmd_quantify(args: argparse.Namespace) -> int:
                   separate=not args.no_drift_separation, chunks=_chunks(args))
     try:
         results = run(job, pairs, args.out, overwrite=args.overwrite, workers=args.workers,
-                      scheduler=args.scheduler, progress=not args.quiet, description="quantify")
+                      scheduler=args.scheduler, progress=not args.quiet, description="quantify",
+                      split_cubes=args.split_cubes)
     except ConnectionError as error:
         return _error(str(error))
     return _report(results, args.out, args.quiet)

@@ -12,6 +12,8 @@ over the cluster's workers (one task per chunk of rows).
 
 from __future__ import annotations
 
+import functools
+import operator
 import os
 import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -402,6 +404,29 @@ def fold_rows(cube: xr.DataArray, func: Any, combine: Any, *, work_pixels: int,
         raise DatacubeReadError(
             source, f"rows {start}-{stop - 1} (of {cube.sizes['y']}) cannot be read on the cluster: the file is "
             f"truncated or damaged there ({type(error).__name__}: {error})") from error
+
+
+def map_rows(cube: xr.DataArray, func: Any, *, work_pixels: int, row_data: np.ndarray | None = None,
+             rows_wanted: np.ndarray | None = None) -> list[tuple[slice, Any]]:
+    """``(rows, func(rows, spectra, row_data[rows]))`` for every work block, in row order.
+
+    A :func:`fold_rows` whose results are kept per block (per-pixel maps): locally a chunk of rows at a
+    time, over the cluster where a dask.distributed client is current (one task per chunk of rows, the
+    blocks' results sent back). ``row_data`` (rows first) is what each block needs of the pixels' own
+    values (e.g. a drift map): it travels with the tasks, a chunk's rows each.
+    """
+    parts = fold_rows(cube, functools.partial(_paired, func), operator.add, work_pixels=work_pixels,
+                      rows_wanted=rows_wanted, row_data=row_data, accumulate=_extended)
+    return [] if parts is None else parts
+
+
+def _paired(func: Any, rows: slice, spectra: np.ndarray, data: Any) -> list[tuple[slice, Any]]:
+    return [(rows, func(rows, spectra, data))]
+
+
+def _extended(total: list, part: list) -> list:
+    total.extend(part)
+    return total
 
 
 def _cores_beside_reader(reading: bool) -> Any:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import xarray as xr
 
 import eels_ad
 from eels_ad import batch
@@ -216,6 +217,53 @@ def test_one_large_cube_fitted_scored_and_compared_over_the_cluster_by_chunks(tm
     # chunks; compare: 1 pass; robust fit: 2 passes. Each pass: one task per chunk of rows that holds wanted rows
     assert len(folds) >= 5 * 6, len(folds)
     assert {task["worker"] for task in folds} <= workers_seen and len({task["worker"] for task in folds}) == 2
+
+
+def test_one_cube_quantified_over_the_cluster_by_chunks(tmp_path, cluster):
+    """The quantity maps' per-pixel fits of a lazy cube: one task per chunk of rows on the workers (the drift
+    map's rows travel with them), every map as the local run's."""
+    from distributed import Client, get_task_stream
+
+    from eels_ad.quantify import edge_shift_map, valence_map, white_line_ratio_map
+    from eels_ad.simulate import fe_l23_edge, simulate_mixture
+
+    address, _ = cluster
+    path, mixture_path = tmp_path / "cube.nc", tmp_path / "mixture.nc"
+    eels_ad.save(eels_ad.simulate_fe_l23((32, 20), seed=4, anomaly_fraction=0.05, dose=30), path)
+    energy = np.arange(695.0, 735.0, 0.1)
+    references = xr.DataArray(np.stack([fe_l23_edge(energy, l3=708.5, continuum=0.3),
+                                        fe_l23_edge(energy, l3=710.1, l3_l2_ratio=5.0, continuum=0.3)]),
+                              dims=("component", "energy"), coords={"component": ["Fe2+", "Fe3+"], "energy": energy})
+    fraction = np.random.default_rng(0).uniform(0, 1, (24, 12))
+    eels_ad.save(simulate_mixture(references, fraction, dose=100, seed=1)["counts"], mixture_path)
+    drift = np.linspace(-0.3, 0.3, 32)[:, None] * np.ones((1, 20))  # per-pixel data that each chunk needs its rows of
+
+    def maps(cube, mixture):
+        return {"shift": edge_shift_map(cube, drift=drift), "ratio": white_line_ratio_map(cube, chunk_pixels=80),
+                "valence": valence_map(mixture, references, shift=True)}
+
+    local = maps(eels_ad.load(path), eels_ad.load(mixture_path))
+    assert main(["quantify", str(path), "--out", str(tmp_path / "local"), "--quiet"]) == 0
+    with Client(address, timeout=60) as client:
+        client.wait_for_workers(2, timeout=START_GUARD_S)
+        with get_task_stream(client) as stream:
+            remote = maps(eels_ad.load(path, chunks={"y": 8}), eels_ad.load(mixture_path, chunks={"y": 6}))
+        with get_task_stream(client) as cli_stream:  # the command line: each file's passes over the cluster
+            assert main(["quantify", str(path), "--out", str(tmp_path / "split"), "--quiet", "--scheduler", address,
+                         "--split-cubes", "--chunk-rows", "8"]) == 0
+    split, alone = (eels_ad.open_results(tmp_path / where / "cube.quantify.nc") for where in ("split", "local"))
+    for variable in alone.data_vars:
+        np.testing.assert_allclose(split[variable].values, alone[variable].values, rtol=1e-9, atol=1e-12,
+                                   err_msg=variable)
+    assert sum(str(task["key"]).startswith("_fold_chunk") for task in cli_stream.data) >= 4
+    for name, dataset in local.items():
+        for variable in dataset.data_vars:
+            np.testing.assert_allclose(remote[name][variable].values, dataset[variable].values, rtol=1e-9,
+                                       err_msg=f"{name}: {variable}")
+    assert np.isfinite(local["shift"]["shift"].values).mean() > 0.9
+    folds = [task for task in stream.data if str(task["key"]).startswith("_fold_chunk")]
+    assert len(folds) >= 4 + 4 + 4, len(folds)  # the three maps' fits: one task per chunk of rows at least
+    assert len({task["worker"] for task in folds}) == 2
 
 
 def test_detect_split_cubes_runs_each_cube_over_the_cluster_by_chunks(tmp_path, cluster):

@@ -1,6 +1,7 @@
 """Explain what changed: per-pixel edge shifts, white-line ratios and valence, with error bars.
 
-Every map is a Poisson fit of a model to each spectrum (all pixels at once, chunk by chunk) and
+Every map is a Poisson fit of a model to each spectrum (all pixels at once, chunk by chunk; a lazy
+cube's chunks of rows over a Dask cluster when a ``distributed.Client`` is current) and
 returns a labelled Dataset over (y, x) whose errors come from the same fit (Fisher information):
 
 - :func:`edge_shift_map`: the shift (eV) of an edge against the bulk template, at the Cramer-Rao

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
-from ..datacube import iter_spectra
+from ..datacube import map_rows
 from . import _common as common
 
 
@@ -81,11 +81,13 @@ def white_line_ratio_map(
     continuum = np.empty(n_pixels)
     level_weights = _continuum_weights(energy, bulk, windows)
     nx = cube.sizes["x"]
-    for rows, counts in iter_spectra(cube, chunk_pixels):  # a lazy cube: a chunk read ahead, two held
+    # every output is a fixed linear map of the counts: one matrix product per block
+    linear = np.concatenate([weights, np.stack([weights[0] ** 2, weights[1] ** 2, weights[0] * weights[1]]),
+                             level_weights[None]]).T
+    # a lazy cube: a chunk of rows at a time, two held; over the cluster where a client is current
+    for rows, sums in map_rows(cube, lambda rows, counts, _: counts @ linear, work_pixels=chunk_pixels):
         flat = slice(rows.start * nx, rows.stop * nx)
-        intensity[flat] = counts @ weights.T
-        variance[flat] = counts @ np.stack([weights[0] ** 2, weights[1] ** 2, weights[0] * weights[1]]).T
-        continuum[flat] = counts @ level_weights
+        intensity[flat], variance[flat], continuum[flat] = sums[:, :2], sums[:, 2:5], sums[:, 5]
     i3, i2 = intensity.T
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = np.where(i2 > 0, i3 / i2, np.nan)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
-from ..datacube import iter_spectra
+from ..datacube import map_rows
 from ..prepare._drift import drift_map as _drift_map
 from . import _common as common
 from ._fit import PoissonFit, ShiftedTemplates, poisson_fit
@@ -105,25 +105,33 @@ def edge_shift_map(
             "background_slope", "deviance")}
     converged = np.zeros(n_pixels, dtype=bool)
     at_limit = np.zeros(n_pixels, dtype=bool)
-    offsets = drift_map.ravel() if drift_map is not None else np.zeros(n_pixels)
+    ny, nx = cube.sizes["y"], cube.sizes["x"]
+    offsets = drift_map if drift_map is not None else np.zeros((ny, nx))
     shared = None if values.ndim == 3 else ShiftedTemplates(values, grid_start, dispersion, fit_energy)
-    nx = cube.sizes["x"]
-    for rows, counts in iter_spectra(cube, chunk_pixels):  # a lazy cube: a chunk read ahead, two held
-        flat = slice(rows.start * nx, rows.stop * nx)
+    # what each block needs of its own pixels: the drift, and per-pixel templates where given
+    row_data = offsets[..., None] if shared is not None else np.concatenate([offsets[..., None], values], axis=-1)
+
+    def fit_block(rows: slice, counts: np.ndarray, data: np.ndarray) -> tuple[dict, np.ndarray, np.ndarray]:
+        offset = data[..., 0].ravel()
         counts = counts[:, inside]
-        if shared is None:
-            templates = ShiftedTemplates(values[rows].reshape(-1, 1, values.shape[-1]), grid_start, dispersion,
-                                         fit_energy)
-        else:
-            templates = shared
-        fit = poisson_fit(counts, templates, basis, offset=offsets[flat], max_shift=max_shift)
-        _store(out, fit, offsets[flat], flat)
+        templates = shared if shared is not None else ShiftedTemplates(
+            data[..., 1:].reshape(-1, 1, data.shape[-1] - 1), grid_start, dispersion, fit_energy)
+        fit = poisson_fit(counts, templates, basis, offset=offset, max_shift=max_shift)
+        block = {name: np.empty(counts.shape[0]) for name in out}
+        _store(block, fit, offset, slice(None))
         enough = counts.sum(axis=-1) >= min_counts
         good = enough & np.isfinite(fit.shift)
+        return ({name: np.where(good, value, np.nan) for name, value in block.items()}, fit.converged & good,
+                fit.at_limit & enough)
+
+    # a lazy cube: a chunk of rows at a time, two held; over the cluster where a client is current
+    for rows, (block, block_converged, block_at_limit) in map_rows(cube, fit_block, work_pixels=chunk_pixels,
+                                                                   row_data=row_data):
+        flat = slice(rows.start * nx, rows.stop * nx)
         for name in out:
-            out[name][flat] = np.where(good, out[name][flat], np.nan)
-        converged[flat] = fit.converged & good
-        at_limit[flat] = fit.at_limit & enough
+            out[name][flat] = block[name]
+        converged[flat] = block_converged
+        at_limit[flat] = block_at_limit
 
     data_vars = {
         "shift": common.spatial_like(cube, out["shift"], units="eV", long_name="edge shift"),

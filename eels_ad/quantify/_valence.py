@@ -9,7 +9,7 @@ from collections.abc import Mapping
 import numpy as np
 import xarray as xr
 
-from ..datacube import iter_spectra
+from ..datacube import map_rows
 from ..prepare._drift import drift_map as _drift_map
 from . import _common as common
 from ._fit import ShiftedTemplates, poisson_fit
@@ -162,12 +162,12 @@ def valence_map(
     deviance = np.full(n_pixels, np.nan)
     converged = np.zeros(n_pixels, dtype=bool)
     at_limit = np.zeros(n_pixels, dtype=bool)
-    offsets = drift_map.ravel() if drift_map is not None else np.zeros(n_pixels)
-    nx = cube.sizes["x"]
-    for rows, counts in iter_spectra(cube, chunk_pixels):  # a lazy cube: a chunk read ahead, two held
-        flat = slice(rows.start * nx, rows.stop * nx)
-        counts = counts[:, inside]
-        fit = poisson_fit(counts, templates, basis, fit_shift=shift, offset=offsets[flat], max_shift=max_shift,
+    ny, nx = cube.sizes["y"], cube.sizes["x"]
+    offsets = drift_map if drift_map is not None else np.zeros((ny, nx))
+
+    def fit_block(rows: slice, counts: np.ndarray, offset: np.ndarray) -> dict[str, np.ndarray]:
+        offset = offset.ravel()
+        fit = poisson_fit(counts[:, inside], templates, basis, fit_shift=shift, offset=offset, max_shift=max_shift,
                           nonnegative=True)
         a = fit.amplitudes
         total = a.sum(axis=-1, keepdims=True)
@@ -178,15 +178,21 @@ def valence_map(
             cov = fit.covariance[:, :k, :k]
             var = np.einsum("pij,pjl,pil->pi", jacobian, cov, jacobian)
         good = np.isfinite(f).all(axis=-1) & (total[:, 0] > 0)
-        amplitude[flat] = np.where(good[:, None], a, np.nan)
-        fraction[flat] = np.where(good[:, None], f, np.nan)
-        fraction_error[flat] = np.where(good[:, None], np.sqrt(np.maximum(var, 0.0)), np.nan)
-        deviance[flat] = np.where(good, fit.deviance, np.nan)
-        converged[flat] = fit.converged & good
+        block = {"amplitude": np.where(good[:, None], a, np.nan), "fraction": np.where(good[:, None], f, np.nan),
+                 "fraction_error": np.where(good[:, None], np.sqrt(np.maximum(var, 0.0)), np.nan),
+                 "deviance": np.where(good, fit.deviance, np.nan), "converged": fit.converged & good}
         if shift:
-            fitted_shift[flat] = np.where(good, fit.shift - offsets[flat], np.nan)
-            shift_error[flat] = np.where(good, fit.error(k), np.nan)
-            at_limit[flat] = fit.at_limit
+            block.update(shift=np.where(good, fit.shift - offset, np.nan),
+                         shift_error=np.where(good, fit.error(k), np.nan), at_limit=fit.at_limit)
+        return block
+
+    outputs = {"amplitude": amplitude, "fraction": fraction, "fraction_error": fraction_error, "deviance": deviance,
+               "converged": converged, "shift": fitted_shift, "shift_error": shift_error, "at_limit": at_limit}
+    # a lazy cube: a chunk of rows at a time, two held; over the cluster where a client is current
+    for rows, block in map_rows(cube, fit_block, work_pixels=chunk_pixels, row_data=offsets):
+        flat = slice(rows.start * nx, rows.stop * nx)
+        for name, value in block.items():
+            outputs[name][flat] = value
 
     ny = cube.sizes["y"]
     names = [str(c) for c in references["component"].values]
