@@ -396,8 +396,14 @@ def fold_rows(cube: xr.DataArray, func: Any, combine: Any, *, work_pixels: int,
     while len(parts) > 1:  # a tree of combines on the workers, in row order
         pairs = [dask.delayed(combine, pure=True)(a, b) for a, b in zip(parts[0::2], parts[1::2], strict=False)]
         parts = pairs + parts[2 * len(pairs):]
+    return cluster_compute(client, parts[0], cube)
+
+
+def cluster_compute(client: Any, tasks: Any, cube: xr.DataArray) -> Any:
+    """``tasks`` (dask objects that read the lazy ``cube``) computed on the cluster, their results back; a chunk
+    that cannot be read is a :class:`DatacubeReadError` naming the file and its rows."""
     try:
-        return client.compute(parts[0]).result()
+        return client.compute(tasks, sync=True)
     except (OSError, RuntimeError, KeyError, EOFError) as error:
         start, stop = _failing_chunk(cube, slice(0, cube.sizes["y"]))
         source = cube.attrs.get("source_file", "the lazy datacube")

@@ -13,16 +13,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import xarray as xr
+from test_lazy import _damage
 
 import eels_ad
 from eels_ad import batch
 from eels_ad.batch import detect_job, plan, run
 from eels_ad.cli import main
+from eels_ad.datacube import DatacubeReadError
 from eels_ad.detect import PCADetector
 
 DASK = Path(sys.executable).parent / "dask"
 # hang guards only (a healthy start takes a few seconds): never a measure of speed
 START_GUARD_S = 180
+ENERGY_96 = np.linspace(690.0, 737.5, 96)  # a short Fe L2,3 window: small CVAEs
 
 
 def _environment() -> dict[str, str]:
@@ -217,6 +220,41 @@ def test_one_large_cube_fitted_scored_and_compared_over_the_cluster_by_chunks(tm
     # chunks; compare: 1 pass; robust fit: 2 passes. Each pass: one task per chunk of rows that holds wanted rows
     assert len(folds) >= 5 * 6, len(folds)
     assert {task["worker"] for task in folds} <= workers_seen and len({task["worker"] for task in folds}) == 2
+
+
+def test_one_cube_scored_by_the_cvae_over_the_cluster(tmp_path, cluster, monkeypatch):
+    """The CVAE's scoring of a lazy cube, both contexts: a task per chunk of rows (pixel context) or band of hidden
+    centres (neighbours) on the workers, the model sent once; the scores of the local run."""
+    from distributed import Client, get_task_stream
+
+    from eels_ad.detect import CVAEDetector
+
+    monkeypatch.setattr(CVAEDetector, "SCORE_BATCH", 12)  # bands of 2 rows of hidden centres: 5 of them here
+
+    address, _ = cluster
+    path = tmp_path / "cube.nc"
+    eels_ad.save(eels_ad.simulate_fe_l23((40, 24), seed=5, anomaly_fraction=0.03, energy=ENERGY_96), path)
+    bulk = eels_ad.simulate_fe_l23((16, 16), anomaly_fraction=0.0, seed=96, energy=ENERGY_96)["counts"]
+    detectors = {context: CVAEDetector(context=context, max_epochs=1, progress=False, seed=0).fit(bulk)
+                 for context in ("pixel", "neighbours")}
+    local = {context: d.score(eels_ad.load(path, chunks={"y": 8})) for context, d in detectors.items()}
+    with Client(address, timeout=60) as client:
+        client.wait_for_workers(2, timeout=START_GUARD_S)
+        with get_task_stream(client) as stream:
+            remote = {context: d.score(eels_ad.load(path, chunks={"y": 8})) for context, d in detectors.items()}
+    for context in detectors:
+        np.testing.assert_allclose(remote[context]["pixel_score"].values, local[context]["pixel_score"].values,
+                                   rtol=1e-6, err_msg=context)
+        np.testing.assert_allclose(remote[context].values, local[context].values, rtol=1e-6, atol=1e-9,
+                                   err_msg=context)
+    for name in ("_score_rows_task", "_first_step_task"):
+        tasks = [task for task in stream.data if str(task["key"]).startswith(name)]
+        assert len(tasks) >= 4 and len({task["worker"] for task in tasks}) == 2, (name, len(tasks))
+    # a chunk damaged in the middle of the file: the error names the file and the rows, from the cluster too
+    _damage(path)
+    with Client(address, timeout=60), pytest.raises(DatacubeReadError, match=r"cube\.nc: rows \d+-\d+ \(of 40\) "
+                                                                        r"cannot be read on the cluster"):
+        detectors["neighbours"].score(eels_ad.load(path, chunks={"y": 8}))
 
 
 def test_one_cube_quantified_over_the_cluster_by_chunks(tmp_path, cluster):

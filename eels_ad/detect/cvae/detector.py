@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ import torch
 import xarray as xr
 
 from ..._lightning import quiet_lightning
-from ...datacube import DatacubeReadError, is_lazy
+from ...datacube import DatacubeReadError, cluster_client, cluster_compute, is_lazy
 from .._base import CONTEXTS, RING_EXCLUSION_PVALUE, BaseDetector
 from .._scores import SCORES, score_spectra
 from ..threshold import ThresholdMethod
@@ -359,14 +360,13 @@ class CVAEDetector(BaseDetector):
         # the first step's predictions of the pixels that may turn out suspect (a lenient cut: p < ~0.01)
         lenient = np.quantile(self.calibration_scores_, 0.99) if calibrated else np.inf
         held: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # flat index: (own counts, prediction)
-        for rows, counts, predicted, voxel_nll in self._inpainted_bands(cube, nll=nll):
-            if voxel_nll is not None:
-                scores[rows] = voxel_nll
-                continue
-            band_scores = self._band_scores(counts, predicted, channels)
+        client = cluster_client() if is_lazy(cube) else None
+        # a lazy cube while a dask.distributed client is current: the bands over the cluster's workers
+        steps = self._first_step(self._inpainted_bands(cube, nll=nll), channels, lenient, nx) if client is None \
+            else self._first_step_on_cluster(client, cube, channels, lenient)
+        for rows, band_scores, band_held in steps:
             scores[rows] = band_scores
-            for y, x in zip(*np.nonzero(band_scores > lenient), strict=True):
-                held[(rows.start + y) * nx + x] = (counts[y, x], predicted[y, x])
+            held.update(band_held)
         if not held:
             return scores
         vacuum = np.asarray(cube["vacuum"].values, dtype=bool) if "vacuum" in cube.coords else None
@@ -481,7 +481,19 @@ class CVAEDetector(BaseDetector):
                 covered[y:y + patch[0], x:x + patch[1]] += weight
         return (total / covered)[..., my:my + ny, mx:mx + nx]
 
-    @torch.inference_mode()
+    def _hole_frame(self, shape: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int], int, int, tuple]:
+        """(patch, hole, hidden centres down, across, padding) of the frame that :meth:`_inpainted_bands` tiles."""
+        patch, hole = _pair(self.patch_size, "patch_size"), self._hole()
+        rows_of, cols_of = (-(-size // h) for size, h in zip(shape, hole, strict=True))
+        before = [(p - h) // 2 for p, h in zip(patch, hole, strict=True)]
+        after = [p - h - b + n * h - size for p, h, b, n, size in
+                 zip(patch, hole, before, (rows_of, cols_of), shape, strict=True)]
+        return patch, hole, rows_of, cols_of, ((before[0], after[0]), (before[1], after[1]), (0, 0))
+
+    def _band_rows(self, cols_of: int) -> int:
+        """Rows of hidden centres per band: about :attr:`SCORE_BATCH` patches."""
+        return max(1, self.SCORE_BATCH // cols_of)
+
     def _inpainted_bands(self, cube: xr.DataArray, nll: bool = False, blocks: np.ndarray | None = None):
         """With ``context="neighbours"``: yield (cube rows, counts, predicted counts, mean voxel NLL or None)
         band by band, each pixel predicted once, by the patch whose hidden centre it is in.
@@ -497,39 +509,49 @@ class CVAEDetector(BaseDetector):
         gradient to follow: under an uncorrected +-1 eV drift 2 of 6 bulk-only cubes got 15-60 false
         flags along their edges (0 of 6 with this mirror). The mirror that copies was kept.
         """
+        padded = self._hole_padded(cube)
+        read = (lambda start, stop: _read_padded(padded, start, stop, cube)) if is_lazy(cube) else \
+            (lambda start, stop: padded[start:stop])
+        channels = self._score_channels(cube["energy"].values) if nll else None
+        shape = (cube.sizes["y"], cube.sizes["x"])
+        yield from self._predicted_bands(read, shape, nll, channels, blocks, (0, self._hole_frame(shape)[2]))
+
+    def _hole_padded(self, cube: xr.DataArray):
+        """The cube in :meth:`_hole_frame`'s mirrored frame (a dask array for a lazy cube, else float32)."""
         import dask.array as da
 
-        patch, hole = _pair(self.patch_size, "patch_size"), self._hole()
-        ny, nx = cube.sizes["y"], cube.sizes["x"]
-        rows_of, cols_of = -(-ny // hole[0]), -(-nx // hole[1])  # hidden centres per column, per row
-        before = [(p - h) // 2 for p, h in zip(patch, hole, strict=True)]
-        after = [p - h - b + n * h - size for p, h, b, n, size in
-                 zip(patch, hole, before, (rows_of, cols_of), (ny, nx), strict=True)]
+        pad = self._hole_frame((cube.sizes["y"], cube.sizes["x"]))[4]
         data = cube.transpose("y", "x", "energy").data
-        pad = ((before[0], after[0]), (before[1], after[1]), (0, 0))
-        lazy = is_lazy(cube)
-        padded = da.pad(data, pad, mode="symmetric") if lazy else \
+        return da.pad(data, pad, mode="symmetric") if is_lazy(cube) else \
             np.pad(np.asarray(data, dtype=np.float32), pad, mode="symmetric")
+
+    @torch.inference_mode()
+    def _predicted_bands(self, read: Callable[[int, int], np.ndarray], shape: tuple[int, int], nll: bool,
+                         channels: np.ndarray | None, blocks: np.ndarray | None, centre_rows: tuple[int, int]):
+        """:meth:`_inpainted_bands` of the rows of hidden centres ``centre_rows``, the padded frame's rows read
+        by ``read(start, stop)``."""
+        patch, hole, rows_of, cols_of, pad = self._hole_frame(shape)
+        (before_y, _), (before_x, _), _ = pad
+        ny, nx = shape
         device = self._device()
         self.model_.to(device)
-        channels = self._score_channels(cube["energy"].values) if nll else None
-        batch = self._score_batch(cube.sizes["energy"])
-        band_rows = max(1, self.SCORE_BATCH // cols_of)  # rows of hidden centres per band, run in batches
+        band_rows = self._band_rows(cols_of)
         try:
-            for first in range(0, rows_of, band_rows):
-                last = min(rows_of, first + band_rows)
+            for first in range(centre_rows[0], centre_rows[1], band_rows):
+                last = min(centre_rows[1], first + band_rows)
                 if blocks is not None and not blocks[first:last].any():
                     continue
                 top, bottom = first * hole[0], (last - 1) * hole[0] + patch[0]
-                band = _read_padded(padded, top, bottom, cube) if lazy else padded[top:bottom]
-                rows = last - first
-                predicted = np.full((rows * hole[0], cols_of * hole[1], band.shape[-1]), np.nan, np.float32)
+                band = np.asarray(read(top, bottom), dtype=np.float32)
+                predicted = np.full(((last - first) * hole[0], cols_of * hole[1], band.shape[-1]), np.nan,
+                                    np.float32)
                 voxel = np.full(predicted.shape[:2], np.nan) if nll else None
                 patches, scales, corners = extract_patches(band, patch, hole)
                 if blocks is not None:
                     wanted = [i for i, (y, x) in enumerate(corners) if blocks[first + y // hole[0], x // hole[1]]]
                     patches, scales, corners = patches[wanted], scales[wanted], [corners[i] for i in wanted]
-                outputs = self._run_patches(patches, scales, corners, device, batch, nll, hole_only=True)
+                outputs = self._run_patches(patches, scales, corners, device, self._score_batch(band.shape[-1]),
+                                            nll, hole_only=True)
                 for corners, _, expected, voxel_nll in outputs:  # (N, E, hy, hx): the hidden centres
                     for index, (y, x) in enumerate(corners):
                         target = (slice(y, y + hole[0]), slice(x, x + hole[1]))
@@ -538,11 +560,45 @@ class CVAEDetector(BaseDetector):
                             voxel[target] = voxel_nll[index][channels].mean(axis=0)
                 cube_rows = slice(first * hole[0], min(ny, last * hole[0]))
                 height = cube_rows.stop - cube_rows.start
-                counts = band[before[0]:before[0] + height, before[1]:before[1] + nx]
+                counts = band[before_y:before_y + height, before_x:before_x + nx]
                 yield (cube_rows, np.asarray(counts, dtype=np.float64), predicted[:height, :nx],
                        None if voxel is None else voxel[:height, :nx])
         finally:
             self.model_.to("cpu")
+
+    def _first_step(self, parts, channels: np.ndarray, lenient: float, nx: int):
+        """Per band of :meth:`_inpainted_bands`' output: (cube rows, scores, {flat index: (counts, prediction)} of
+        the pixels scoring above ``lenient``)."""
+        for rows, counts, predicted, voxel_nll in parts:
+            if voxel_nll is not None:
+                yield rows, voxel_nll, {}
+                continue
+            band_scores = self._band_scores(counts, predicted, channels)
+            held = {(rows.start + y) * nx + x: (counts[y, x], predicted[y, x])
+                    for y, x in zip(*np.nonzero(band_scores > lenient), strict=True)}
+            yield rows, band_scores, held
+
+    def _first_step_on_cluster(self, client, cube: xr.DataArray, channels: np.ndarray, lenient: float):
+        """:meth:`_first_step` of a lazy cube over the cluster: a task per band of hidden centres, reading its
+        rows of the mirrored frame on a worker and sending back scores and the few pixels above ``lenient``."""
+        import dask
+
+        shape = (cube.sizes["y"], cube.sizes["x"])
+        patch, hole, rows_of, cols_of, _ = self._hole_frame(shape)
+        padded = self._hole_padded(cube)
+        nll = self.scoring == "nll"
+        voxel_channels = self._score_channels(cube["energy"].values) if nll else None
+        scorer = client.scatter(self._for_tasks(), broadcast=True)
+        band_rows = self._band_rows(cols_of)
+        tasks = []
+        for first in range(0, rows_of, band_rows):
+            last = min(rows_of, first + band_rows)
+            top, bottom = first * hole[0], (last - 1) * hole[0] + patch[0]
+            tasks.append(dask.delayed(_first_step_task, pure=True)(scorer, padded[top:bottom], top, shape, nll,
+                                                                   voxel_channels, channels, lenient,
+                                                                   (first, last)))
+        for parts in cluster_compute(client, tasks, cube):
+            yield from parts
 
     def _reconstruct_array(self, cube: xr.DataArray) -> np.ndarray:
         """The model's expected counts of every voxel, averaged over the patches covering each pixel
@@ -572,42 +628,88 @@ class CVAEDetector(BaseDetector):
         scores = score_spectra(counts.reshape(-1, e)[:, channels], model.reshape(-1, e)[:, channels], self.scoring)
         return scores.reshape(counts.shape[:2])
 
-    @torch.inference_mode()
     def _score_in_bands(self, cube: xr.DataArray, channels: np.ndarray) -> np.ndarray:
         """Scores of a lazy cube, reading it a band of rows at a time; the same patches, weights and scores
         as the in-memory path (up to float round-off), with only ~two patch heights of rows in memory.
 
         The cube is mirrored by half a patch (lazily), the patch corners are those of the whole cube, and
         the rows of corners are run in order: once a row of corners is done, every padded row above the
-        next one is covered by all its patches, so it is averaged, scored and let go.
+        next one is covered by all its patches, so it is averaged, scored and let go. While a
+        dask.distributed client is current (:func:`~eels_ad.datacube.cluster_client`) the padded rows are
+        split over the cluster instead, a part per chunk of the cube's rows: each task reads its rows and
+        those of the patches that reach into them, runs the network and sends back its rows' scores.
         """
         import dask.array as da
 
         patch = _pair(self.patch_size, "patch_size")
-        stride = self._score_step()
         my, mx = self._margin()
-        ny, nx, ne = cube.sizes["y"], cube.sizes["x"], cube.sizes["energy"]
+        ny, nx = cube.sizes["y"], cube.sizes["x"]
         padded = da.pad(cube.transpose("y", "x", "energy").data, ((my, my), (mx, mx), (0, 0)), mode="symmetric")
         height, width = padded.shape[:2]
         if height < patch[0] or width < patch[1]:  # smaller than a patch: small enough to score in memory
             return self._score_array(cube.load())
-        row_starts = patch_starts(height, patch[0], stride[0])
+        client = cluster_client()
+        if client is None:
+            _, scores = self._score_padded_rows(lambda start, stop: _read_padded(padded, start, stop, cube),
+                                                padded.shape, channels, (0, height))
+            return scores
+        import dask
+
+        starts = patch_starts(height, patch[0], self._score_step()[0])
+        edges = sorted({0, height, *(my + int(edge) for edge in np.cumsum(cube.chunks[0])[:-1])})
+        scorer = client.scatter(self._for_tasks(), broadcast=True)
+        tasks = []
+        for r0, r1 in zip(edges[:-1], edges[1:], strict=True):
+            # the padded rows of the patches that reach into rows r0:r1
+            needed = [y0 for y0 in starts if y0 + patch[0] > r0 and y0 < r1]
+            low, high = needed[0], needed[-1] + patch[0]
+            tasks.append(dask.delayed(_score_rows_task, pure=True)(scorer, padded[low:high], low, padded.shape,
+                                                                   channels, (r0, r1)))
+        scores = np.empty((ny, nx))
+        for rows, part in cluster_compute(client, tasks, cube):
+            scores[rows] = part
+        return scores
+
+    def _for_tasks(self) -> CVAEDetector:
+        """A copy to send to a cluster's workers: the fitted model on the CPU, no trainer."""
+        import copy
+
+        clone = copy.copy(self)
+        clone.model_ = copy.deepcopy(self.model_).to("cpu")
+        clone.model_._trainer = None
+        return clone
+
+    @torch.inference_mode()
+    def _score_padded_rows(self, read: Callable[[int, int], np.ndarray], padded_shape: tuple[int, ...],
+                           channels: np.ndarray, rows: tuple[int, int]) -> tuple[slice, np.ndarray]:
+        """(cube rows, their scores) of the padded rows ``rows`` (of the cube mirrored by half a patch), read
+        by ``read(start, stop)`` in order; see :meth:`_score_in_bands`."""
+        patch = _pair(self.patch_size, "patch_size")
+        stride = self._score_step()
+        my, mx = self._margin()
+        height, width, ne = padded_shape
+        ny, nx = height - 2 * my, width - 2 * mx
+        first, last = rows
+        row_starts = [y0 for y0 in patch_starts(height, patch[0], stride[0]) if y0 + patch[0] > first and y0 < last]
+        after = patch_starts(height, patch[0], stride[0])
+        after = [y0 for y0 in after if y0 > row_starts[-1]]
         weight = _centre_weights(patch)
         device = self._device()
         self.model_.to(device)
         nll = self.scoring == "nll"
-        scores = np.empty((ny, nx))
-        window, window_start = np.empty((0, width, ne), np.float32), 0  # padded rows held, from window_start
+        cube_rows = slice(max(first - my, 0), max(min(last - my, ny), 0))
+        scores = np.empty((cube_rows.stop - cube_rows.start, nx))
+        window, window_start = np.empty((0, width, ne), np.float32), row_starts[0]  # padded rows held
         depth = 1 if nll else ne
         total = np.zeros((0, width, depth))  # (rows, x, channels): a finished row's mean is one contiguous block
         covered = np.zeros((0, width))
-        done = 0  # padded rows finished
+        done = row_starts[0]  # padded rows finished
         for k, y0 in enumerate(row_starts):
             # read the rows this row of corners needs, drop those finished
             stop = y0 + patch[0]
             held_stop = window_start + window.shape[0]
             if stop > held_stop:
-                new = _read_padded(padded, held_stop, stop, cube)
+                new = read(held_stop, stop)
                 window = np.concatenate([window, new])
                 total = np.concatenate([total, np.zeros((new.shape[0], width, depth))])
                 covered = np.concatenate([covered, np.zeros((new.shape[0], width))])
@@ -621,29 +723,30 @@ class CVAEDetector(BaseDetector):
                     total[y0 - window_start:stop - window_start, x:x + patch[1]] += np.moveaxis(v, 0, -1) * \
                         weight[..., None]
                     covered[y0 - window_start:stop - window_start, x:x + patch[1]] += weight
-            # padded rows above the next row of corners are final: score the cube rows among them, a row at a
-            # time (the float64 copies and the score's arrays stay a row of spectra)
-            final = row_starts[k + 1] if k + 1 < len(row_starts) else height
-            for padded_row in range(done, final):
+            # padded rows above the next row of corners are final: score the cube rows among them (those in
+            # ``rows``), a row at a time (the float64 copies and the score's arrays stay a row of spectra)
+            final = row_starts[k + 1] if k + 1 < len(row_starts) else (after[0] if after else height)
+            for padded_row in range(max(done, first), min(final, last)):
                 cube_row = padded_row - my
                 if not 0 <= cube_row < ny:
                     continue
                 held = padded_row - window_start
                 mean = total[held, mx:mx + nx] / covered[held, mx:mx + nx, None]
+                out = cube_row - cube_rows.start
                 if nll:
-                    scores[cube_row] = mean[:, 0]
+                    scores[out] = mean[:, 0]
                     continue
                 counts = window[held, mx:mx + nx]
                 for start in range(0, nx, self.SCORE_PIXELS):
                     block = slice(start, start + self.SCORE_PIXELS)
-                    scores[cube_row, block] = score_spectra(counts[block][:, channels], mean[block][:, channels],
-                                                            self.scoring)
+                    scores[out, block] = score_spectra(counts[block][:, channels], mean[block][:, channels],
+                                                       self.scoring)
             done = final
             keep = done - window_start
             window, total, covered = window[keep:], total[keep:], covered[keep:]
             window_start = done
         self.model_.to("cpu")
-        return scores
+        return cube_rows, scores
 
     # -- persistence ------------------------------------------------------------------------------
     def _state(self) -> dict[str, Any]:
@@ -698,3 +801,22 @@ def _read_padded(padded, start: int, stop: int, cube: xr.DataArray) -> np.ndarra
         raise DatacubeReadError(cube.attrs.get("source_file", "the lazy datacube"),
                                 f"rows near {start}-{stop - 1} (mirrored frame) cannot be read: the file is truncated "
                                 f"or damaged there ({type(error).__name__}: {error})") from error
+
+
+def _score_rows_task(detector: CVAEDetector, band: np.ndarray, first_row: int, padded_shape: tuple[int, ...],
+                     channels: np.ndarray, rows: tuple[int, int]) -> tuple[slice, np.ndarray]:
+    """A cluster task of :meth:`CVAEDetector._score_in_bands`: ``band`` holds the padded rows from ``first_row``."""
+    band = np.asarray(band, dtype=np.float32)
+    return detector._score_padded_rows(lambda start, stop: band[start - first_row:stop - first_row], padded_shape,
+                                       channels, rows)
+
+
+def _first_step_task(detector: CVAEDetector, band: np.ndarray, top: int, shape: tuple[int, int], nll: bool,
+                     voxel_channels: np.ndarray | None, channels: np.ndarray, lenient: float,
+                     centre_rows: tuple[int, int]) -> list:
+    """A cluster task of :meth:`CVAEDetector._first_step_on_cluster`: ``band`` holds the mirrored frame's rows
+    from ``top``."""
+    band = np.asarray(band, dtype=np.float32)
+    parts = detector._predicted_bands(lambda start, stop: band[start - top:stop - top], shape, nll, voxel_channels,
+                                      None, centre_rows)
+    return list(detector._first_step(parts, channels, lenient, shape[1]))
