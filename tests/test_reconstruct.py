@@ -212,6 +212,26 @@ def test_denoise_cube_chooses_tau_on_a_central_region_and_runs_fixed_steps(monke
     assert ruled.attrs["converged"] == 0
 
 
+def test_tau_region_of_a_sparse_scan_grows_until_it_holds_scanned_pixels(monkeypatch):
+    from eels_ad.reconstruct import spiral
+
+    rng = np.random.default_rng(4)
+    visited = rng.random((140, 140)) < 0.02  # ~390 scanned pixels, ~80 of them in the central 64 x 64
+    sim = eels_ad.simulate_fe_l23((140, 140), energy=np.linspace(690, 740, 12), dose=20.0, anomaly_fraction=0.0,
+                                  seed=4)
+    seen = []
+    select = spiral.select_tau
+    monkeypatch.setattr(spiral, "select_tau", lambda y, *args, **kw: seen.append(y.shape) or select(y, *args, **kw))
+    chosen = denoise_cube(sim["counts"].where(visited[..., None], 0), visited=visited, max_iter=2, n_iter=3)
+    assert seen == [(128, 128, 12)] and chosen.attrs["tau_chosen_on"] == "central region y=6:134, x=6:134"
+    assert visited[6:134, 6:134].sum() >= spiral.TAU_MIN_VISITED > visited[38:102, 38:102].sum()
+    # a lazy cube's region stops at 4 x 64 pixels: a scan that visits none of them is a clear error
+    corner = np.zeros((600, 600), bool)
+    corner[:20, :20] = True
+    with pytest.raises(ValueError, match="central 256 x 256 pixels, where the scan visited no pixel"):
+        spiral._tau_region((600, 600), 64, corner, largest=256)
+
+
 def test_denoise_cube_fills_a_subsampled_scan():
     sim = eels_ad.simulate_fe_l23((16, 16), dose=50.0, anomaly_fraction=0.0, include_expected=True, seed=6)
     visited = np.random.default_rng(0).random((16, 16)) < 0.25

@@ -572,7 +572,9 @@ def denoise_cube(
         (:func:`select_tau` over :func:`default_taus`; the candidates and their held-out losses are
         recorded in ``attrs``), on the central :data:`TAU_REGION` x :data:`TAU_REGION` pixels of a
         larger cube (or tile), with the whole cube's reference spectrum (``attrs["tau_chosen_on"]``):
-        the best weight follows the dose and the material, and each candidate costs a solve.
+        the best weight follows the dose and the material, and each candidate costs a solve. For a
+        sub-sampled scan the region doubles until it holds :data:`TAU_MIN_VISITED` scanned pixels (or
+        all of them; a lazy cube's at most 256 x 256 pixels).
     taus
         The candidates for ``tau="auto"``, as weights for the full data (default
         :func:`default_taus` of the counts).
@@ -673,10 +675,12 @@ def denoise_cube(
             raise ValueError("the reference must be finite and > 0 everywhere")
 
     chosen_on = None
-    if isinstance(tau, str) and tau == "auto" and max(counts.shape[:2]) > TAU_REGION:
+    region = TAU_REGION if max(counts.shape[:2]) <= TAU_REGION else \
+        _tau_region(counts.shape[:2], TAU_REGION, visited_values)
+    if isinstance(tau, str) and tau == "auto" and region < max(counts.shape[:2]):
         # the weight follows the dose and the material, not the field of view: chosen on a central region
         # (a candidate costs a solve of what it is tried on; 7 or more of them on the whole cube cost minutes)
-        tau, chosen_on = _central_tau(cube, TAU_REGION, tau, taus, None if reference is None else scale, visited_values,
+        tau, chosen_on = _central_tau(cube, region, tau, taus, None if reference is None else scale, visited_values,
                                       dict(penalty=penalty, weights=weights, floor=floor, psf=psf,
                                            background=background, **options))
 
@@ -746,12 +750,36 @@ TV_ITERATIONS: tuple[int, int] = (10, 20)
 TAU_REGION = 64
 
 
+#: a sub-sampled scan's region for ``tau="auto"`` grows (x2) until it holds this many scanned pixels (or all of them)
+TAU_MIN_VISITED = 256
+
+
+def _central_window(shape: tuple[int, int], size: int) -> tuple[slice, slice]:
+    """The central ``size`` x ``size`` pixels (fewer where the image is smaller)."""
+    (ny, nx) = shape
+    y0, x0 = max(0, ny // 2 - size // 2), max(0, nx // 2 - size // 2)
+    return slice(y0, min(ny, y0 + size)), slice(x0, min(nx, x0 + size))
+
+
+def _tau_region(shape: tuple[int, int], size: int, visited: np.ndarray | None, largest: int | None = None) -> int:
+    """The side of the central region ``tau="auto"`` is chosen on: ``size``, larger for a sparse scan (at most
+    ``largest``, or the whole image); a clear error when it holds no scanned pixel."""
+    if visited is not None:
+        wanted = min(TAU_MIN_VISITED, int(visited.sum()))
+        limit = max(shape) if largest is None else largest
+        while size < limit and visited[_central_window(shape, size)].sum() < wanted:
+            size *= 2
+        size = min(size, limit)
+        if not visited[_central_window(shape, size)].any():
+            raise ValueError(f"tau='auto' is chosen on the central {size} x {size} pixels, where the scan visited no "
+                             "pixel: pass a number as tau")
+    return size
+
+
 def _central_tau(cube: xr.DataArray, size: int, tau: str, taus, reference, visited: np.ndarray | None,
                  settings: dict[str, Any]) -> tuple[float, dict[str, Any]]:
     """``tau="auto"`` chosen on the central ``size`` x ``size`` pixels: the weight and the attrs that record it."""
-    ny, nx = cube.sizes["y"], cube.sizes["x"]
-    y0, x0 = max(0, ny // 2 - size // 2), max(0, nx // 2 - size // 2)
-    ys, xs = slice(y0, min(ny, y0 + size)), slice(x0, min(nx, x0 + size))
+    ys, xs = _central_window((cube.sizes["y"], cube.sizes["x"]), size)
     central = cube.isel(y=ys, x=xs).load()
     chosen = denoise_cube(central, tau=tau, taus=taus, reference=reference,
                           visited=None if visited is None else visited[ys, xs], **settings)
@@ -818,7 +846,9 @@ def _denoise_tiled(cube: xr.DataArray, *, tile: int, overlap: int, tau, taus, re
         reference = _reference_of(mean_spectrum)
     attrs = dict(cube.attrs)
     if isinstance(tau, str):  # chosen once, on the central tile
-        tau, chosen = _central_tau(cube, min(tile, TAU_REGION), tau, taus, reference, visited_values, settings)
+        shape = (cube.sizes["y"], cube.sizes["x"])  # a lazy cube's region is read whole: 4 x TAU_REGION at most
+        size = _tau_region(shape, min(tile, TAU_REGION), visited_values, largest=4 * TAU_REGION)
+        tau, chosen = _central_tau(cube, size, tau, taus, reference, visited_values, settings)
         attrs.update(chosen)
 
     # torch's own threads use every core within a tile: its tiles are solved one at a time, in one thread
