@@ -315,6 +315,28 @@ def test_the_neighbour_context_calibrates_the_edge_band_by_its_own_training_pixe
     np.testing.assert_allclose(loaded._pixel_pvalues(raw, None)[0], pvalues)
 
 
+def test_the_cvae_edge_band_is_scaled_by_its_part_of_the_strip_and_shares_the_strip_tail():
+    from eels_ad.detect import CVAEDetector
+
+    detector = CVAEDetector(scoring="shift", context="neighbours", empirical_null=False)  # patches 8, holes 4
+    band = detector._strata((64, 64))
+    assert band.sum() == 64**2 - 56**2 and band[:4].all() and not band[4:60, 4:60].any()  # a 4-pixel frame
+    assert CVAEDetector(scoring="shift")._strata((64, 64)) is None  # the pixel context: one stratum
+    # a strip of 250 inside and 400 band pixels (each >= MIN_STRATUM_SCORES), the band's scores twice as large
+    rng = np.random.default_rng(3)
+    strata = np.r_[np.zeros(250, np.int8), np.ones(400, np.int8)]
+    detector.calibration_strata_ = strata
+    detector.calibration_scores_ = np.where(strata == 1, 2.0, 1.0) * np.abs(rng.normal(size=strata.size))
+    raw = np.zeros((64, 64))
+    raw[30, 30], raw[0, 30], raw[30, 31], raw[1, 30] = 1.0, 2.0, 6.0, 12.0
+    pvalues = detector._pixel_pvalues(raw, None)[0]
+    assert pvalues[0, 30] == pytest.approx(pvalues[30, 30], rel=0.2)  # the band's 2 is the inside's 1
+    assert 1 / 3 < pvalues[1, 30] / pvalues[30, 31] < 3  # far out: the quantiles of a few hundred scores
+    # one tail fitted to all 650 scores on one scale: far beyond either part's largest score the p-values keep
+    # falling (the inside alone, 250 scores, has too few for a tail: 1/251 would be its floor)
+    assert pvalues[30, 31] < 0.1 / 251
+
+
 @pytest.fixture(scope="module")
 def drift_blobs():
     kw = dict(dose=20, drift=1.0, shift=0.5)

@@ -274,6 +274,10 @@ class BaseDetector(abc.ABC):
 
     #: calibration scores a stratum needs for a scale of its own (fewer: the stratum shares the pooled tail)
     MIN_STRATUM_SCORES = 200
+    #: the tail of every stratum is fitted to all calibration scores, each moved to the reference stratum's
+    #: location and scale first (True), rather than to the reference stratum's scores alone (False): for a
+    #: calibration set too small to split (the CVAE's held-out strip)
+    STRATA_SHARE_TAIL = False
 
     def _strata(self, shape: tuple[int, int]) -> np.ndarray | None:
         """(y, x) int map of the calibration strata of a map of ``shape``: pixels whose scores have nulls of
@@ -300,14 +304,21 @@ class BaseDetector(abc.ABC):
                 values, counts = np.unique(strata, return_counts=True)
                 reference = int(values[np.argmax(counts)])
                 inside = scores[strata == reference]
-                tails[reference] = UpperTail(inside, family=family).sf
                 ref_low, ref_high = np.quantile(inside, [0.5, 0.95])
+                moves = {}
                 for stratum, count in zip(values, counts, strict=True):
                     if int(stratum) != reference and count >= self.MIN_STRATUM_SCORES:
                         low, high = np.quantile(scores[strata == stratum], [0.5, 0.95])
                         if high > low and ref_high > ref_low:
-                            ratio = (ref_high - ref_low) / (high - low)
-                            tails[int(stratum)] = partial(_mapped_sf, tails[reference], low, ref_low, ratio)
+                            moves[int(stratum)] = (low, (ref_high - ref_low) / (high - low))
+                if self.STRATA_SHARE_TAIL:  # every score on the reference's scale, one tail fitted to them all
+                    inside = np.array(scores, dtype=float)
+                    for stratum, (low, ratio) in moves.items():
+                        chosen = strata == stratum
+                        inside[chosen] = ref_low + (inside[chosen] - low) * ratio
+                tails[reference] = UpperTail(inside, family=family).sf
+                for stratum, (low, ratio) in moves.items():
+                    tails[stratum] = partial(_mapped_sf, tails[reference], low, ref_low, ratio)
             cached = (self.calibration_scores_, family, strata, tails)
             self._tail_cache = cached
         return cached[3]

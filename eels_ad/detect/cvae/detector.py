@@ -481,6 +481,23 @@ class CVAEDetector(BaseDetector):
                 covered[y:y + patch[0], x:x + patch[1]] += weight
         return (total / covered)[..., my:my + ny, mx:mx + nx]
 
+    STRATA_SHARE_TAIL = True
+
+    def _strata(self, shape: tuple[int, int]) -> np.ndarray | None:
+        """With ``context="neighbours"``: 1 for the pixels whose patch reaches past the image's edge (its ring is
+        partly a mirror image; under a drift their null is heavier), 0 inside. Each takes its location and scale
+        from its part of the held-out strip, and one tail is fitted to the whole strip on the inside's scale
+        (the strip's parts are too small for tails of their own; the training pixels' scores are no guide
+        here: the network has learnt its training cube's edges)."""
+        if self._hole() is None:
+            return None
+        _, hole, rows_of, cols_of, pad = self._hole_frame(shape)
+        cut = []
+        for size, h, n, (before, after) in zip(shape, hole, (rows_of, cols_of), pad[:2], strict=True):
+            block = np.arange(size) // h
+            cut.append(((block == 0) & (before > 0)) | ((block == n - 1) & (after > 0)))
+        return (cut[0][:, None] | cut[1][None, :]).astype(np.int8)
+
     def _hole_frame(self, shape: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int], int, int, tuple]:
         """(patch, hole, hidden centres down, across, padding) of the frame that :meth:`_inpainted_bands` tiles."""
         patch, hole = _pair(self.patch_size, "patch_size"), self._hole()
