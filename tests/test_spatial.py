@@ -65,6 +65,15 @@ def test_a_known_null_family_makes_light_tails_near_nominal_and_is_refused_where
     np.testing.assert_array_equal(pixel_pvalues(scores, heavy, family="half-normal"), pixel_pvalues(scores, heavy))
     with pytest.raises(ValueError, match="family"):
         pixel_pvalues(scores, heavy, family="poisson")
+    # a family's lighter tail needs FAMILY_EXCEEDANCES exceedances: 512 held-out scores (12) keep the exponential
+    from eels_ad.detect.spatial import FAMILY_EXCEEDANCES, UpperTail
+
+    assert 512 * 0.025 < FAMILY_EXCEEDANCES <= 4000 * 0.025
+    few = [np.abs(rng.standard_normal(512)) for _ in range(6)]
+    assert all(UpperTail(sample, family="half-normal").light is None for sample in few)
+    assert any(UpperTail(np.abs(rng.standard_normal(4000)), family="half-normal").light is not None for _ in range(6))
+    values = test[:1000]
+    np.testing.assert_array_equal(UpperTail(few[0], family="half-normal").sf(values), UpperTail(few[0]).sf(values))
 
 
 def test_pooling_finds_a_disc_no_pixel_shows_alone_and_keeps_a_lone_strong_pixel():

@@ -107,7 +107,10 @@ def pixel_pvalues(
         a normal score, scaled by the bulk's median; ``"gamma"``: a scaled chi-square such as a mean
         deviance, by the bulk's moments), or None. Where the Pareto fit finds the tail lighter than the
         exponential and the family explains the exceedances at least as well as the exponential
-        (likelihood), the tail decays as the family's from the threshold on; else as above. Measured on
+        (likelihood), the tail decays as the family's from the threshold on; else as above. With fewer
+        than :data:`FAMILY_EXCEEDANCES` exceedances (under 1,200 bulk scores) the test cannot tell them
+        apart and the exponential is kept (measured on the CVAE's 512 held-out scores: 3 of 6 half-normal
+        samples took the family; ``benchmarks/README.md``, session 12). Measured on
         4,000 bulk scores (as above, 8 draws): half-normal 1.03 / 0.99 / 0.88 / 0.81 (0.05 at 1e-5
         without); scaled chi-square(320) 0.98 / 0.90 / 0.78 / 0.66 (0.28); a wrong family that the
         likelihood check lets through: Student-t(20) as half-normal 1.07 / 0.93 / 0.80 / 0.96 (up to 3.7
@@ -151,7 +154,7 @@ class UpperTail:
         self.tail = self.light = None
         if excess.size >= 10 and np.ptp(excess) > 0:
             shape, _, scale = stats.genpareto.fit(excess, floc=0)
-            if family is not None and shape < FAMILY_SHAPE:  # not clearly heavier than the exponential
+            if family is not None and shape < FAMILY_SHAPE and excess.size >= FAMILY_EXCEEDANCES:
                 log_sf = self._family_tail(family)
                 at_threshold = float(log_sf(np.array([self.threshold]))[0])
                 self.light = lambda x: log_sf(x) - at_threshold  # the family's log decay from the threshold
@@ -211,6 +214,8 @@ TAIL_FAMILIES: tuple[str, ...] = ("half-normal", "gamma")
 #: a family is tried where the Pareto fit's shape is below this (a tail not clearly heavier than the exponential: the
 #: shape of 100 exceedances of a half-normal came out >= 0 in 2 of 4 draws)
 FAMILY_SHAPE: float = 0.1
+#: exceedances a family's lighter tail needs (fewer cannot tell it from the exponential's, which is kept)
+FAMILY_EXCEEDANCES: int = 30
 #: log-likelihood by which the exponential may beat a family on the exceedances before the family is refused
 FAMILY_MARGIN: float = 0.0
 
