@@ -65,15 +65,13 @@ def test_a_known_null_family_makes_light_tails_near_nominal_and_is_refused_where
     np.testing.assert_array_equal(pixel_pvalues(scores, heavy, family="half-normal"), pixel_pvalues(scores, heavy))
     with pytest.raises(ValueError, match="family"):
         pixel_pvalues(scores, heavy, family="poisson")
-    # a family's lighter tail needs FAMILY_EXCEEDANCES exceedances: 512 held-out scores (12) keep the exponential
-    from eels_ad.detect.spatial import FAMILY_EXCEEDANCES, UpperTail
+    # the tail is fitted to at least TAIL_EXCEEDANCES of the largest scores: 30 of the CVAE's 512 held-out scores
+    # (2.5 % would be 12), 2.5 % of 4,000
+    from eels_ad.detect.spatial import TAIL_EXCEEDANCES, UpperTail
 
-    assert 512 * 0.025 < FAMILY_EXCEEDANCES <= 4000 * 0.025
-    few = [np.abs(rng.standard_normal(512)) for _ in range(6)]
-    assert all(UpperTail(sample, family="half-normal").light is None for sample in few)
-    assert any(UpperTail(np.abs(rng.standard_normal(4000)), family="half-normal").light is not None for _ in range(6))
-    values = test[:1000]
-    np.testing.assert_array_equal(UpperTail(few[0], family="half-normal").sf(values), UpperTail(few[0]).sf(values))
+    assert UpperTail(np.abs(rng.standard_normal(512))).tail[0] * 513 == pytest.approx(TAIL_EXCEEDANCES)
+    assert UpperTail(np.abs(rng.standard_normal(4000))).tail[0] * 4001 == pytest.approx(100)
+    assert UpperTail(np.abs(rng.standard_normal(100))).tail is None  # under 4 x 30 scores: 2.5 %, too few to fit
 
 
 def test_pooling_finds_a_disc_no_pixel_shows_alone_and_keeps_a_lone_strong_pixel():
@@ -337,13 +335,13 @@ def test_the_cvae_edge_band_is_scaled_by_its_part_of_the_strip_and_shares_the_st
     detector.calibration_strata_ = strata
     detector.calibration_scores_ = np.where(strata == 1, 2.0, 1.0) * np.abs(rng.normal(size=strata.size))
     raw = np.zeros((64, 64))
-    raw[30, 30], raw[0, 30], raw[30, 31], raw[1, 30] = 1.0, 2.0, 6.0, 12.0
+    raw[30, 30], raw[0, 30], raw[30, 31], raw[1, 30], raw[30, 32] = 1.0, 2.0, 2.0, 4.0, 6.0
     pvalues = detector._pixel_pvalues(raw, None)[0]
     assert pvalues[0, 30] == pytest.approx(pvalues[30, 30], rel=0.2)  # the band's 2 is the inside's 1
-    assert 1 / 3 < pvalues[1, 30] / pvalues[30, 31] < 3  # far out: the quantiles of a few hundred scores
+    assert 0.5 < pvalues[1, 30] / pvalues[30, 31] < 2  # and its 4 the inside's 2 (quantiles of a few hundred)
     # one tail fitted to all 650 scores on one scale: far beyond either part's largest score the p-values keep
     # falling (the inside alone, 250 scores, has too few for a tail: 1/251 would be its floor)
-    assert pvalues[30, 31] < 0.1 / 251
+    assert pvalues[30, 32] < 0.1 / 251
 
 
 @pytest.fixture(scope="module")

@@ -85,11 +85,12 @@ def pixel_pvalues(
         Scores (any shape; higher = more anomalous). NaN gives NaN.
     calibration_scores
         Scores of bulk spectra the model did not learn from (a detector's ``calibration_scores_``).
-        With ``n`` of them no p-value falls below ``1 / (n + 1)`` unless at least 100 allow the tail
-        fit (10 exceedances).
+        With ``n`` of them no p-value falls below ``1 / (n + 1)`` unless at least 120 allow the tail
+        fit (:data:`TAIL_EXCEEDANCES` exceedances).
     tail_fraction
         Above the ``1 - tail_fraction`` quantile of the bulk scores (default the top 2.5 %: where the
-        data end, so that the tail's slope there is extrapolated) the p-value comes from a generalised
+        data end, so that the tail's slope there is extrapolated; at least :data:`TAIL_EXCEEDANCES`
+        scores from 120 bulk scores on) the p-value comes from a generalised
         Pareto distribution fitted (maximum likelihood) to the exceedances, its shape held at >=
         :data:`SHAPE_FLOOR` (an exponential tail at the lightest: never a bounded support that would make
         p-values exactly 0). Measured on 4,000 bulk scores (share of p below a level / the level, at
@@ -107,10 +108,7 @@ def pixel_pvalues(
         a normal score, scaled by the bulk's median; ``"gamma"``: a scaled chi-square such as a mean
         deviance, by the bulk's moments), or None. Where the Pareto fit finds the tail lighter than the
         exponential and the family explains the exceedances at least as well as the exponential
-        (likelihood), the tail decays as the family's from the threshold on; else as above. With fewer
-        than :data:`FAMILY_EXCEEDANCES` exceedances (under 1,200 bulk scores) the test cannot tell them
-        apart and the exponential is kept (measured on the CVAE's 512 held-out scores: 3 of 6 half-normal
-        samples took the family; ``benchmarks/README.md``, session 12). Measured on
+        (likelihood), the tail decays as the family's from the threshold on; else as above. Measured on
         4,000 bulk scores (as above, 8 draws): half-normal 1.03 / 0.99 / 0.88 / 0.81 (0.05 at 1e-5
         without); scaled chi-square(320) 0.98 / 0.90 / 0.78 / 0.66 (0.28); a wrong family that the
         likelihood check lets through: Student-t(20) as half-normal 1.07 / 0.93 / 0.80 / 0.96 (up to 3.7
@@ -148,13 +146,15 @@ class UpperTail:
             raise ValueError(f"tail_fraction must lie in (0, 1), got {tail_fraction}")
         self.bulk = _bulk_tail(sample, outlier_mads)
         n = self.bulk.size
-        start = int(np.floor(n * (1 - tail_fraction)))
+        # at least TAIL_EXCEEDANCES exceedances where the sample has 4x as many (a shape from a dozen is noise)
+        start = min(int(np.floor(n * (1 - tail_fraction))), n - TAIL_EXCEEDANCES) if n >= 4 * TAIL_EXCEEDANCES \
+            else int(np.floor(n * (1 - tail_fraction)))
         self.threshold = self.bulk[start]
         excess = self.bulk[start:] - self.threshold
         self.tail = self.light = None
         if excess.size >= 10 and np.ptp(excess) > 0:
             shape, _, scale = stats.genpareto.fit(excess, floc=0)
-            if family is not None and shape < FAMILY_SHAPE and excess.size >= FAMILY_EXCEEDANCES:
+            if family is not None and shape < FAMILY_SHAPE:  # not clearly heavier than the exponential
                 log_sf = self._family_tail(family)
                 at_threshold = float(log_sf(np.array([self.threshold]))[0])
                 self.light = lambda x: log_sf(x) - at_threshold  # the family's log decay from the threshold
@@ -214,8 +214,10 @@ TAIL_FAMILIES: tuple[str, ...] = ("half-normal", "gamma")
 #: a family is tried where the Pareto fit's shape is below this (a tail not clearly heavier than the exponential: the
 #: shape of 100 exceedances of a half-normal came out >= 0 in 2 of 4 draws)
 FAMILY_SHAPE: float = 0.1
-#: exceedances a family's lighter tail needs (fewer cannot tell it from the exponential's, which is kept)
-FAMILY_EXCEEDANCES: int = 30
+#: the tail is fitted to at least this many of the largest bulk scores (more than ``tail_fraction`` of a sample of
+#: fewer than 1,200; a sample under 4x as many keeps ``tail_fraction``): measured on the CVAE's 512 held-out scores,
+#: whose 12 exceedances gave a tail ~2.5x too light at 1e-5 (benchmarks/README.md, session 12)
+TAIL_EXCEEDANCES: int = 30
 #: log-likelihood by which the exponential may beat a family on the exceedances before the family is refused
 FAMILY_MARGIN: float = 0.0
 
