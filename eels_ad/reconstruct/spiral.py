@@ -675,9 +675,9 @@ def denoise_cube(
             raise ValueError("the reference must be finite and > 0 everywhere")
 
     chosen_on = None
-    region = TAU_REGION if max(counts.shape[:2]) <= TAU_REGION else \
-        _tau_region(counts.shape[:2], TAU_REGION, visited_values)
-    if isinstance(tau, str) and tau == "auto" and region < max(counts.shape[:2]):
+    auto = isinstance(tau, str) and tau == "auto"
+    region = _tau_region(counts.shape[:2], TAU_REGION, visited_values) if auto else None
+    if auto and region < max(counts.shape[:2]):
         # the weight follows the dose and the material, not the field of view: chosen on a central region
         # (a candidate costs a solve of what it is tried on; 7 or more of them on the whole cube cost minutes)
         tau, chosen_on = _central_tau(cube, region, tau, taus, None if reference is None else scale, visited_values,

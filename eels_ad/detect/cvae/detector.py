@@ -507,9 +507,9 @@ class CVAEDetector(BaseDetector):
                  zip(patch, hole, before, (rows_of, cols_of), shape, strict=True)]
         return patch, hole, rows_of, cols_of, ((before[0], after[0]), (before[1], after[1]), (0, 0))
 
-    def _band_rows(self, cols_of: int) -> int:
-        """Rows of hidden centres per band: about :attr:`SCORE_BATCH` patches."""
-        return max(1, self.SCORE_BATCH // cols_of)
+    def _band_rows(self, cols_of: int, n_channels: int) -> int:
+        """Rows of hidden centres per band: about a scoring batch of patches (:meth:`_score_batch`)."""
+        return max(1, self._score_batch(n_channels) // cols_of)
 
     def _inpainted_bands(self, cube: xr.DataArray, nll: bool = False, blocks: np.ndarray | None = None):
         """With ``context="neighbours"``: yield (cube rows, counts, predicted counts, mean voxel NLL or None)
@@ -530,8 +530,8 @@ class CVAEDetector(BaseDetector):
         read = (lambda start, stop: _read_padded(padded, start, stop, cube)) if is_lazy(cube) else \
             (lambda start, stop: padded[start:stop])
         channels = self._score_channels(cube["energy"].values) if nll else None
-        shape = (cube.sizes["y"], cube.sizes["x"])
-        yield from self._predicted_bands(read, shape, nll, channels, blocks, (0, self._hole_frame(shape)[2]))
+        shape = (cube.sizes["y"], cube.sizes["x"], cube.sizes["energy"])
+        yield from self._predicted_bands(read, shape, nll, channels, blocks, (0, self._hole_frame(shape[:2])[2]))
 
     def _hole_padded(self, cube: xr.DataArray):
         """The cube in :meth:`_hole_frame`'s mirrored frame (a dask array for a lazy cube, else float32)."""
@@ -543,16 +543,16 @@ class CVAEDetector(BaseDetector):
             np.pad(np.asarray(data, dtype=np.float32), pad, mode="symmetric")
 
     @torch.inference_mode()
-    def _predicted_bands(self, read: Callable[[int, int], np.ndarray], shape: tuple[int, int], nll: bool,
+    def _predicted_bands(self, read: Callable[[int, int], np.ndarray], shape: tuple[int, int, int], nll: bool,
                          channels: np.ndarray | None, blocks: np.ndarray | None, centre_rows: tuple[int, int]):
-        """:meth:`_inpainted_bands` of the rows of hidden centres ``centre_rows``, the padded frame's rows read
-        by ``read(start, stop)``."""
-        patch, hole, rows_of, cols_of, pad = self._hole_frame(shape)
+        """:meth:`_inpainted_bands` of the rows of hidden centres ``centre_rows`` of a cube of ``shape`` (y, x,
+        energy), the padded frame's rows read by ``read(start, stop)``."""
+        ny, nx, ne = shape
+        patch, hole, rows_of, cols_of, pad = self._hole_frame((ny, nx))
         (before_y, _), (before_x, _), _ = pad
-        ny, nx = shape
         device = self._device()
         self.model_.to(device)
-        band_rows = self._band_rows(cols_of)
+        band_rows = self._band_rows(cols_of, ne)
         try:
             for first in range(centre_rows[0], centre_rows[1], band_rows):
                 last = min(centre_rows[1], first + band_rows)
@@ -600,13 +600,13 @@ class CVAEDetector(BaseDetector):
         rows of the mirrored frame on a worker and sending back scores and the few pixels above ``lenient``."""
         import dask
 
-        shape = (cube.sizes["y"], cube.sizes["x"])
-        patch, hole, rows_of, cols_of, _ = self._hole_frame(shape)
+        shape = (cube.sizes["y"], cube.sizes["x"], cube.sizes["energy"])
+        patch, hole, rows_of, cols_of, _ = self._hole_frame(shape[:2])
         padded = self._hole_padded(cube)
         nll = self.scoring == "nll"
         voxel_channels = self._score_channels(cube["energy"].values) if nll else None
-        scorer = client.scatter(self._for_tasks(), broadcast=True)
-        band_rows = self._band_rows(cols_of)
+        scorer = client.scatter(self, broadcast=True)
+        band_rows = self._band_rows(cols_of, shape[2])
         tasks = []
         for first in range(0, rows_of, band_rows):
             last = min(rows_of, first + band_rows)
@@ -674,7 +674,7 @@ class CVAEDetector(BaseDetector):
 
         starts = patch_starts(height, patch[0], self._score_step()[0])
         edges = sorted({0, height, *(my + int(edge) for edge in np.cumsum(cube.chunks[0])[:-1])})
-        scorer = client.scatter(self._for_tasks(), broadcast=True)
+        scorer = client.scatter(self, broadcast=True)
         tasks = []
         for r0, r1 in zip(edges[:-1], edges[1:], strict=True):
             # the padded rows of the patches that reach into rows r0:r1
@@ -686,15 +686,6 @@ class CVAEDetector(BaseDetector):
         for rows, part in cluster_compute(client, tasks, cube):
             scores[rows] = part
         return scores
-
-    def _for_tasks(self) -> CVAEDetector:
-        """A copy to send to a cluster's workers: the fitted model on the CPU, no trainer."""
-        import copy
-
-        clone = copy.copy(self)
-        clone.model_ = copy.deepcopy(self.model_).to("cpu")
-        clone.model_._trainer = None
-        return clone
 
     @torch.inference_mode()
     def _score_padded_rows(self, read: Callable[[int, int], np.ndarray], padded_shape: tuple[int, ...],
@@ -708,8 +699,6 @@ class CVAEDetector(BaseDetector):
         ny, nx = height - 2 * my, width - 2 * mx
         first, last = rows
         row_starts = [y0 for y0 in patch_starts(height, patch[0], stride[0]) if y0 + patch[0] > first and y0 < last]
-        after = patch_starts(height, patch[0], stride[0])
-        after = [y0 for y0 in after if y0 > row_starts[-1]]
         weight = _centre_weights(patch)
         device = self._device()
         self.model_.to(device)
@@ -742,7 +731,7 @@ class CVAEDetector(BaseDetector):
                     covered[y0 - window_start:stop - window_start, x:x + patch[1]] += weight
             # padded rows above the next row of corners are final: score the cube rows among them (those in
             # ``rows``), a row at a time (the float64 copies and the score's arrays stay a row of spectra)
-            final = row_starts[k + 1] if k + 1 < len(row_starts) else (after[0] if after else height)
+            final = row_starts[k + 1] if k + 1 < len(row_starts) else height  # later corners start at or past ``last``
             for padded_row in range(max(done, first), min(final, last)):
                 cube_row = padded_row - my
                 if not 0 <= cube_row < ny:
@@ -828,7 +817,7 @@ def _score_rows_task(detector: CVAEDetector, band: np.ndarray, first_row: int, p
                                        channels, rows)
 
 
-def _first_step_task(detector: CVAEDetector, band: np.ndarray, top: int, shape: tuple[int, int], nll: bool,
+def _first_step_task(detector: CVAEDetector, band: np.ndarray, top: int, shape: tuple[int, int, int], nll: bool,
                      voxel_channels: np.ndarray | None, channels: np.ndarray, lenient: float,
                      centre_rows: tuple[int, int]) -> list:
     """A cluster task of :meth:`CVAEDetector._first_step_on_cluster`: ``band`` holds the mirrored frame's rows
