@@ -36,6 +36,7 @@ def detectors(cvae_time: float) -> dict:
         "PCA deviance": lambda: PCADetector(),
         "PCA shift": lambda: PCADetector(scoring="shift"),
         "PCA shift, neighbours": lambda: PCADetector(scoring="shift", context="neighbours"),
+        "PCA deviance, neighbours": lambda: PCADetector(context="neighbours"),
         "CVAE deviance": lambda: CVAEDetector(**cvae),
         "CVAE shift": lambda: CVAEDetector(scoring="shift", **cvae),
         "CVAE deviance, neighbours": lambda: CVAEDetector(context="neighbours", **cvae),

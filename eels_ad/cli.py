@@ -519,8 +519,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="TV weights of y, x and energy (default: denoise_cube's, "
                          f"{' '.join(f'{w:g}' for w in weights)})")
     denoise.add_argument("--max-iter", type=_positive_int, help="SPIRAL-TAP iterations (default: denoise_cube's)")
-    denoise.add_argument("--backend", choices=("numpy", "torch"), default="numpy",
-                         help="torch: float32 on the GPU when there is one, else on the CPU's threads (faster)")
+    denoise.add_argument("--backend", choices=("numpy", "torch"), default="torch",
+                         help="torch (default): float32 on the GPU when there is one, else on the CPU's threads; "
+                         "numpy: float64 (slower)")
     _preparation_options(denoise)
     denoise.set_defaults(run=_cmd_denoise)
 

@@ -16,6 +16,7 @@ from eels_ad.reconstruct import (
     spiral_tap,
     tv_prox,
 )
+from eels_ad.reconstruct.penalties import tv_value
 
 ANCHOR_SETTINGS = dict(max_iter=100, min_iter=50, tol=1e-8, stop="step")
 
@@ -143,6 +144,36 @@ def test_tv_prox_in_3d_with_spectral_weight():
         tv_prox(cube, 1.0, weights=(1.0, 1.0))
 
 
+
+
+@pytest.mark.parametrize("shape, weights, options", [
+    ((9, 7, 33), (1.0, 1.0, 1.0), {}),
+    ((9, 1, 33), (1.0, 1.0, 0.5), {}),                           # an axis of length 1
+    ((5, 6, 7), (1.0, 0.0, 2.0), dict(lower=0.1, upper=1.5)),   # an axis switched off, both bounds
+    ((12, 10, 40), (1.0, 1.0, 1.0), dict(tol=1e-3, n_iter=200)),  # the early stop
+])
+def test_tv_prox_fused_kernels_equal_the_array_loop(monkeypatch, shape, weights, options):
+    import torch
+
+    from eels_ad.reconstruct import _tv_kernels
+
+    assert _tv_kernels.available()
+    rng = np.random.default_rng(7)
+    step = rng.random(shape) * 3.0
+    fused = tv_prox(step, 0.4, weights=weights, **options)
+    fused32 = tv_prox(torch.from_numpy(step.astype(np.float32)), 0.4, weights=weights, **options)
+    fused_value = tv_value(step, weights)
+    workspace = {}
+    for _ in range(2):  # the buffers kept from one call to the next give the same result
+        np.testing.assert_array_equal(tv_prox(step, 0.4, weights=weights, workspace=workspace, **options), fused)
+    monkeypatch.setattr(_tv_kernels, "available", lambda: False)
+    loop = tv_prox(step, 0.4, weights=weights, **options)
+    loop32 = tv_prox(torch.from_numpy(step.astype(np.float32)), 0.4, weights=weights, **options)
+    assert fused_value == pytest.approx(tv_value(step, weights), rel=1e-12)
+    assert not np.allclose(loop, step.clip(options.get("lower", 0.0), options.get("upper", np.inf)))  # it smoothed
+    np.testing.assert_allclose(fused, loop, rtol=0, atol=1e-12)
+    assert isinstance(fused32, torch.Tensor) and fused32.dtype == torch.float32
+    np.testing.assert_allclose(fused32.numpy(), loop32.numpy(), rtol=0, atol=1e-5)
 def test_haar_basis_is_orthonormal():
     rng = np.random.default_rng(4)
     for shape in ((32, 32), (8, 16, 32)):
@@ -193,13 +224,17 @@ def test_denoise_cube_chooses_tau_on_a_central_region_and_runs_fixed_steps(monke
     sim = eels_ad.simulate_fe_l23((70, 67), energy=np.linspace(690, 740, 24), dose=3.0, anomaly_fraction=0.0,
                                   seed=3)
     cube = sim["counts"]
-    seen = []
-    select = spiral.select_tau
+    seen, solved = [], []
+    select, solve = spiral.select_tau, spiral.spiral_tap
     monkeypatch.setattr(spiral, "select_tau", lambda y, *args, **kw: seen.append(y.shape) or select(y, *args, **kw))
+    monkeypatch.setattr(spiral, "spiral_tap", lambda y, *args, **kw: solved.append(y.shape) or solve(y, *args, **kw))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a fixed number of steps by default: no "not converged" warning
         chosen = denoise_cube(cube, max_iter=3, n_iter=5)
     assert seen == [(64, 64, 24)]  # the candidates were tried on 64 x 64 pixels, not 70 x 67
+    # one solve per candidate tried, then the whole cube's: the region is not solved again with the chosen weight
+    assert solved == [(64, 64, 24)] * len(chosen.attrs["tau_candidates"]) + [(70, 67, 24)]
+    assert len(chosen.attrs["tau_candidates"]) >= spiral.TAU_CANDIDATES
     assert chosen.attrs["tau_chosen_on"] == "central region y=3:67, x=1:65" and chosen.attrs["iterations"] == 3
     # the same weight as choosing on that region alone with the whole cube's mean spectrum as reference
     region = denoise_cube(cube.isel(y=slice(3, 67), x=slice(1, 65)), reference=cube.mean(("y", "x")).values,

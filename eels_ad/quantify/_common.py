@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
 from collections.abc import Iterator
 
 import numpy as np
 import xarray as xr
 from scipy.interpolate import CubicSpline
 
-from ..datacube import iter_spectra, row_blocks, validate
+from ..datacube import fold_rows, map_rows, row_blocks, validate
 
 #: pixels fitted at once (bounds the memory of one batch: pixels x parameters x channels; 1,024 against 4,096:
 #: a 256 x 256 x 1024 shift map in 24.7 s against 26.7 s, peak 214 MiB against 458 MiB)
@@ -70,34 +72,34 @@ def robust_mean_spectrum(cube: xr.DataArray, *, mask: np.ndarray | None = None,
     """
     from scipy.interpolate import UnivariateSpline
 
-    from ..detect._scores import _moved
-
     mask = pixel_mask(cube) if mask is None else mask
     energy = np.asarray(cube["energy"].values, dtype=float)
     cube = cube.transpose("y", "x", "energy")
-    moves = None if drift is None else np.asarray(drift, dtype=float) / (energy[1] - energy[0])
+    moves = np.zeros(mask.shape) if drift is None else np.asarray(drift, dtype=float) / (energy[1] - energy[0])
+    wanted = mask.any(axis=1)
+    # each pass is a fold over the cube's rows (split over the cluster where a client is current): what a block
+    # needs of its pixels travels with it as row data: (chosen, move back, scale, selected)
+    row_data = np.stack([mask.astype(float), moves, np.zeros(mask.shape), np.zeros(mask.shape)], axis=-1)
 
-    def blocks():
-        """The chosen spectra (drift moved back), a block of rows at a time: the cube is never held whole."""
-        for rows, spectra in iter_spectra(cube, CHUNK_PIXELS, rows_wanted=mask.any(axis=1)):
-            chosen = mask[rows].ravel()
-            spectra = spectra[chosen]
-            yield spectra if moves is None else _moved(spectra, -moves[rows].ravel()[chosen])
+    def per_chosen(func) -> np.ndarray:
+        """``func`` of each block's chosen spectra (drift moved back), concatenated in pixel order."""
+        parts = map_rows(cube, functools.partial(_of_chosen, func), work_pixels=CHUNK_PIXELS, rows_wanted=wanted,
+                         row_data=row_data)
+        return np.concatenate([part for _, part in parts])
 
-    totals = np.concatenate([spectra.sum(axis=-1) for spectra in blocks()])
+    totals = per_chosen(_totals)
     usable = totals > 0
     if not usable.any():
         raise ValueError("no pixel of the cube has counts: there is no bulk spectrum to use as a template")
     scale = np.where(usable, totals[usable].mean() / np.where(usable, totals, 1.0), 0.0)
+    row_data[..., 2][mask] = scale
 
     def weighted_sums(selected: np.ndarray, power: int = 1) -> np.ndarray:
         """sum over the selected spectra of spectrum * scale**power (one pass)."""
-        out, start = np.zeros(energy.size), 0
-        for spectra in blocks():
-            part = slice(start, start + spectra.shape[0])
-            out += spectra[selected[part]].T @ scale[part][selected[part]] ** power
-            start = part.stop
-        return out
+        row_data[..., 3] = 0.0
+        row_data[..., 3][mask] = selected
+        return fold_rows(cube, functools.partial(_of_chosen, functools.partial(_weighted_sum, power=power)),
+                         operator.add, work_pixels=CHUNK_PIXELS, rows_wanted=wanted, row_data=row_data)
 
     bulk = usable.copy()
     mean = weighted_sums(bulk) / bulk.sum()
@@ -107,7 +109,7 @@ def robust_mean_spectrum(cube: xr.DataArray, *, mask: np.ndarray | None = None,
         slope = np.gradient(mean)
         with np.errstate(invalid="ignore", divide="ignore"):
             ratio = np.where(mean > 0, slope / mean, 0.0)
-            projection = np.concatenate([spectra @ ratio for spectra in blocks()])
+            projection = per_chosen(functools.partial(_projected, ratio=ratio))
             information = scale * np.sum(slope * ratio)
             shift = -(scale * projection - slope.sum()) / information
             z = np.where(usable, shift * np.sqrt(information), np.nan)
@@ -123,6 +125,32 @@ def robust_mean_spectrum(cube: xr.DataArray, *, mask: np.ndarray | None = None,
         # a smoothing spline whose weighted residual matches the noise (s = n, Reinsch's criterion)
         mean = UnivariateSpline(energy, mean, w=1.0 / np.sqrt(np.maximum(variance, floor)), s=energy.size)(energy)
     return mean
+
+
+def _of_chosen(func, rows: slice, spectra: np.ndarray, data: np.ndarray):
+    """``func(spectra, data)`` of a block's chosen pixels (row data: chosen, move back, scale, selected), their
+    spectra moved back by their drift."""
+    from ..detect._scores import _moved
+
+    data = data.reshape(-1, data.shape[-1])
+    chosen = data[:, 0] > 0
+    spectra, data = spectra[chosen], data[chosen]
+    if np.any(data[:, 1]):
+        spectra = _moved(spectra, -data[:, 1])
+    return func(spectra, data)
+
+
+def _totals(spectra: np.ndarray, data: np.ndarray) -> np.ndarray:
+    return spectra.sum(axis=-1)
+
+
+def _projected(spectra: np.ndarray, data: np.ndarray, *, ratio: np.ndarray) -> np.ndarray:
+    return spectra @ ratio
+
+
+def _weighted_sum(spectra: np.ndarray, data: np.ndarray, *, power: int) -> np.ndarray:
+    selected = data[:, 3] > 0
+    return spectra[selected].T @ data[selected, 2] ** power
 
 
 def power_law(spectrum: np.ndarray, energy: np.ndarray, background_range: tuple[float, float]) -> tuple[float, float]:

@@ -249,7 +249,7 @@ def onb_value(x: np.ndarray, basis: WaveletBasis | None = None) -> float:
 # ---- total variation ------------------------------------------------------------------------------
 
 def tv_prox(step, lam: float, *, weights: Sequence[float] | None = None, lower: float = 0.0,
-            upper: float = np.inf, n_iter: int = 50, tol: float = 1e-5):
+            upper: float = np.inf, n_iter: int = 50, tol: float = 1e-5, workspace: dict | None = None):
     """Anisotropic total variation with bounds, by the fast gradient projection (FGP) on the dual.
 
     Solves ``argmin_{lower <= x <= upper} 1/2 ||x - step||^2 + lam sum_k w_k ||D_k x||_1`` for arrays of
@@ -269,6 +269,9 @@ def tv_prox(step, lam: float, *, weights: Sequence[float] | None = None, lower: 
     n_iter, tol
         At most ``n_iter`` iterations; stop once the relative change of x has stayed below ``tol`` for
         5 iterations in a row (Beck and Teboulle's rule).
+    workspace
+        A dict in which a CPU cube's solver keeps its buffers from one call to the next (SPIRAL-TAP
+        passes one per solve: its subproblems all have the step's shape).
 
     Returns
     -------
@@ -294,6 +297,13 @@ def tv_prox(step, lam: float, *, weights: Sequence[float] | None = None, lower: 
     axes = [k for k in range(ndim) if weights[k] > 0 and step.shape[k] > 1]
     if not axes:
         return step.clip(lower, upper)
+    fused = _fused_cube(step)
+    if fused is not None:  # a CPU cube: the fused kernels (numba), the same iterates, 2-3x faster
+        from . import _tv_kernels
+
+        x = _tv_kernels.fgp_cube(fused, float(lam), weights, float(lower), float(upper), int(n_iter), float(tol),
+                                 len(axes), workspace)
+        return x if isinstance(step, np.ndarray) else _as_tensor_of(x, step)
     head = {k: _along(k, ndim, slice(None, -1)) for k in axes}
     tail = {k: _along(k, ndim, slice(1, None)) for k in axes}
     dual_shapes = {k: tuple(n - 1 if j == k else n for j, n in enumerate(step.shape)) for k in axes}
@@ -340,6 +350,28 @@ def tv_prox(step, lam: float, *, weights: Sequence[float] | None = None, lower: 
     return x  # the last primal point, from the extrapolated duals (as Beck and Teboulle's FGP returns)
 
 
+def _fused_cube(step):
+    """``step`` as a C-contiguous float32/float64 numpy (y, x, energy) array where the fused FGP kernels apply
+    (a numpy array or a CPU torch tensor, numba importable), else None."""
+    from . import _tv_kernels
+
+    if step.ndim != 3 or not _tv_kernels.available():
+        return None
+    if not isinstance(step, np.ndarray):
+        if getattr(step, "device", None) is None or step.device.type != "cpu" or step.requires_grad:
+            return None
+        step = step.numpy()
+    if step.dtype not in (np.float32, np.float64):
+        return None
+    return np.ascontiguousarray(step)
+
+
+def _as_tensor_of(x: np.ndarray, like):
+    import torch
+
+    return torch.from_numpy(x).to(dtype=like.dtype)
+
+
 def _clip_(array, lower: float, upper: float):
     """Clip in place (numpy array or torch tensor); returns the array."""
     if isinstance(array, np.ndarray):
@@ -366,6 +398,11 @@ def _norm(array) -> float:
 
 def tv_value(x, weights: Sequence[float] | None = None) -> float:
     weights = np.ones(x.ndim) if weights is None else np.asarray(weights, dtype=float)
+    fused = _fused_cube(x)
+    if fused is not None and weights.shape == (3,):  # one pass over a CPU cube (numba)
+        from . import _tv_kernels
+
+        return _tv_kernels.tv_cube(fused, weights)
     total = 0.0
     for k, weight in enumerate(weights):
         if weight > 0 and x.shape[k] > 1:

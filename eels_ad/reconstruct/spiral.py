@@ -189,6 +189,8 @@ def spiral_tap(
     back_projection = _check_operators(A, AT, y, truth)
     if penalty == "onb" and "basis" not in penalty_options:
         penalty_options["basis"] = WaveletBasis(np.shape(back_projection))
+    if penalty == "tv":
+        penalty_options.setdefault("workspace", {})  # the TV solver's buffers, kept over this solve's subproblems
     value_options = {k: v for k, v in penalty_options.items() if k in ("weights", "basis")}
     problem = _Problem(on, y, A, AT, background, tau, lambda x: penalty_value(x, **value_options), log_epsilon,
                        None if truth is None else on.asarray(truth), gap=stop == "gap")
@@ -599,15 +601,20 @@ def denoise_cube(
     tile, overlap
         Reconstruct in spatial tiles of ``tile`` x ``tile`` pixels (all channels), each padded by
         ``overlap`` pixels of its neighbours that are then cut away, so that a cube larger than memory
-        is processed a tile at a time and the tiles run in parallel (dask); with ``backend="torch"``
-        one tile at a time, in one thread, torch's threads sharing the cores within it (measured on 2
-        cores, a lazy 256 x 256 x 1024 cube in 64-pixel tiles, 10 iterations: 120.7 s against 112.3 s
-        two tiles at a time, at a peak of 1.6 against 2.5-2.6 GiB above the baseline of ``scaling.py``). A
+        is processed a tile at a time (dask reads and writes them around the solves): one tile at a time,
+        in one thread, the TV kernels' and torch's threads sharing the cores within it (measured on 2
+        cores, a lazy 256 x 256 x 1024 cube in 64-pixel tiles, 10 iterations, before the TV kernels: 120.7 s
+        against 112.3 s two tiles at a time, at a peak of 1.6 against 2.5-2.6 GiB above the baseline of
+        ``scaling.py``). A
         lazy cube is always tiled (default tile 64), and the result is then lazy too: it is computed when read or saved.
         ``tau="auto"`` is chosen once, on the central tile; the reference spectrum is the whole cube's.
     **options
         Passed to :func:`spiral_tap` (``max_iter``, ``tol``, ``n_iter``, ``stop``, ``backend``, ``device``
-        ...). Defaults for TV (:data:`TV_ITERATIONS`): ``max_iter=10`` outer iterations of ``n_iter=20``
+        ...). ``backend="torch"`` by default here (float32; the GPU when torch sees one, else the CPU's
+        threads, in half the memory; a 128 x 128 x 1024 cube on 2 cores 19.2 s against 21.0 s with
+        ``backend="numpy"``, float64, and ``tau="auto"`` 38.7 s against 42.0 s, the same error to 1e-8;
+        benchmarks/README.md). Defaults for TV
+        (:data:`TV_ITERATIONS`): ``max_iter=10`` outer iterations of ``n_iter=20``
         inner (FGP) steps each, ``stop="iterations"``; with ``tol`` or ``min_iter`` given, the step rule
         (``stop="step"``, ``tol=1e-4``, ``min_iter=10``, or ``max_iter`` for a sub-sampled scan, whose
         gaps fill with small steps that the step rule would take for convergence) and a warning when
@@ -637,14 +644,72 @@ def denoise_cube(
     >>> bool(clean.attrs["relative_error"] < noisy / 3)
     True
     """
-    from ..datacube import as_mask, is_lazy, validate
+    from ..datacube import is_lazy, validate
 
     cube = validate(cube)
+    options.setdefault("backend", "torch")
     if tile is not None or is_lazy(cube):
         return _denoise_tiled(cube, tile=tile or 64, overlap=overlap, penalty=penalty, tau=tau, taus=taus,
                               weights=weights, reference=reference, floor=floor, visited=visited, psf=psf,
                               background=background, truth=truth, **options)
+    if isinstance(tau, str) and tau != "auto":
+        raise ValueError(f"tau must be a number >= 0 or 'auto', got {tau!r}")
+    problem = _cube_problem(cube, penalty=penalty, weights=weights, reference=reference, floor=floor, visited=visited,
+                            psf=psf, background=background, options=options)
+    attrs = dict(cube.attrs)
+    if isinstance(tau, str):
+        region = _tau_region(problem.counts.shape[:2], TAU_REGION, problem.visited)
+        if region < max(problem.counts.shape[:2]):
+            # the weight follows the dose and the material, not the field of view: chosen on a central region
+            # (a candidate costs a solve of what it is tried on; 7 or more of them on the whole cube cost minutes)
+            tau, chosen = _central_tau(cube, region, taus, None if reference is None else problem.scale,
+                                       problem.visited, dict(penalty=penalty, weights=weights, floor=floor, psf=psf,
+                                                             background=background, options=options))
+        else:
+            tau, chosen = _select_on(problem, taus, relative=reference is not None)
+        attrs.update(chosen)
+    options = problem.options
+    result = spiral_tap(problem.counts, problem.forward, problem.adjoint, tau=tau, penalty=penalty,
+                        background=background, initialization=problem.initialize(problem.counts), **options)
+    intensity = result.x * problem.scale
+    if not result.converged and options.get("stop", "step") != "iterations":
+        import warnings
+
+        warnings.warn(f"denoise_cube: SPIRAL-TAP stopped at max_iter={result.iterations} before its stopping rule "
+                      f"was met (stop={options.get('stop', 'step')!r}, tol={options.get('tol', 1e-6):g}); the result "
+                      "is usable but not converged: raise max_iter (attrs['converged'] = 0)", UserWarning,
+                      stacklevel=2)
+    reference_name = "none" if reference is None else ("mean spectrum" if isinstance(reference, str) else "given")
+    attrs.update(reconstruction=f"SPIRAL-TAP {penalty}", tau=float(tau), iterations=result.iterations,
+                 seconds=float(result.times[-1]), converged=int(result.converged), reference=reference_name)
+    if truth is not None:
+        attrs["relative_error"] = _relative_error(intensity, truth)
+    return xr.DataArray(intensity, dims=cube.dims, coords=cube.coords, name="intensity", attrs=attrs)
+
+
+@dataclass
+class _CubeProblem:
+    """An in-memory cube as SPIRAL-TAP sees it: counts, operators on the relative intensity, the solver's options."""
+
+    counts: np.ndarray
+    visited: np.ndarray | None
+    visited_counts: np.ndarray
+    scale: np.ndarray
+    forward: Callable
+    adjoint: Callable
+    initialize: Callable[[np.ndarray], np.ndarray]
+    penalty: str
+    background: float
+    options: dict[str, Any]
+
+
+def _cube_problem(cube: xr.DataArray, *, penalty: str, weights, reference, floor: float, visited, psf,
+                  background: float, options: dict[str, Any]) -> _CubeProblem:
+    """denoise_cube's checks and set-up: the scan mask, the blur, the reference spectrum, the TV defaults."""
+    from ..datacube import as_mask
+
     counts = np.asarray(cube.values, dtype=float)
+    options = dict(options)
     operators = []
     visited_values = None
     if visited is not None:
@@ -674,16 +739,6 @@ def denoise_cube(
         if not np.all(np.isfinite(scale)) or np.any(scale <= 0):
             raise ValueError("the reference must be finite and > 0 everywhere")
 
-    chosen_on = None
-    auto = isinstance(tau, str) and tau == "auto"
-    region = _tau_region(counts.shape[:2], TAU_REGION, visited_values) if auto else None
-    if auto and region < max(counts.shape[:2]):
-        # the weight follows the dose and the material, not the field of view: chosen on a central region
-        # (a candidate costs a solve of what it is tried on; 7 or more of them on the whole cube cost minutes)
-        tau, chosen_on = _central_tau(cube, region, tau, taus, None if reference is None else scale, visited_values,
-                                      dict(penalty=penalty, weights=weights, floor=floor, psf=psf,
-                                           background=background, **options))
-
     def forward(u):
         x = u * like(scale, u)
         for apply, _ in operators:
@@ -712,39 +767,27 @@ def denoise_cube(
             options.setdefault(name, value)
     elif penalty not in ("onb", "canonical"):
         raise ValueError(f"denoise_cube supports 'tv', 'onb' and 'canonical' penalties, got {penalty!r}")
-    attrs = dict(cube.attrs)
-    if chosen_on is not None:
-        attrs.update(chosen_on)
-    elif isinstance(tau, str):
-        if tau != "auto":
-            raise ValueError(f"tau must be a number >= 0 or 'auto', got {tau!r}")
-        candidates = (default_taus(visited_counts, relative=reference is not None) if taus is None
-                      else np.asarray(taus, dtype=float) / np.sqrt(0.5))
-        selection = select_tau(counts, candidates, forward, adjoint, penalty=penalty, background=background,
-                               initialize=initialize, **options)
-        tau = selection.tau
-        attrs.update(tau_candidates=selection.taus * np.sqrt(0.5), tau_held_out_loss=selection.held_out_loss,
-                     tau_at_edge=int(selection.at_edge))
-    result = spiral_tap(counts, forward, adjoint, tau=tau, penalty=penalty, background=background,
-                        initialization=initialize(counts), **options)
-    intensity = result.x * scale
-    if not result.converged and options.get("stop", "step") != "iterations":
-        import warnings
+    return _CubeProblem(counts, visited_values, visited_counts, scale, forward, adjoint, initialize, penalty,
+                        background, options)
 
-        warnings.warn(f"denoise_cube: SPIRAL-TAP stopped at max_iter={result.iterations} before its stopping rule "
-                      f"was met (stop={options.get('stop', 'step')!r}, tol={options.get('tol', 1e-6):g}); the result "
-                      "is usable but not converged: raise max_iter (attrs['converged'] = 0)", UserWarning,
-                      stacklevel=2)
-    reference_name = "none" if reference is None else ("mean spectrum" if isinstance(reference, str) else "given")
-    attrs.update(reconstruction=f"SPIRAL-TAP {penalty}", tau=float(tau), iterations=result.iterations,
-                 seconds=float(result.times[-1]), converged=int(result.converged), reference=reference_name)
-    if truth is not None:
-        attrs["relative_error"] = _relative_error(intensity, truth)
-    return xr.DataArray(intensity, dims=cube.dims, coords=cube.coords, name="intensity", attrs=attrs)
+
+def _select_on(problem: _CubeProblem, taus, *, relative: bool) -> tuple[float, dict[str, Any]]:
+    """``tau="auto"`` on the whole problem: the weight and the attrs that record the candidates."""
+    candidates = (default_taus(problem.visited_counts, count=TAU_CANDIDATES, relative=relative) if taus is None
+                  else np.asarray(taus, dtype=float) / np.sqrt(0.5))
+    options = problem.options
+    selection = select_tau(problem.counts, candidates, problem.forward, problem.adjoint, penalty=problem.penalty,
+                           background=problem.background, initialize=problem.initialize, **options)
+    return selection.tau, dict(tau_candidates=selection.taus * np.sqrt(0.5), tau_held_out_loss=selection.held_out_loss,
+                               tau_at_edge=int(selection.at_edge))
 
 
 #: denoise_cube's TV defaults: (outer iterations, inner FGP steps per subproblem)
 TV_ITERATIONS: tuple[int, int] = (10, 20)
+
+#: ``tau="auto"`` tries this many weights a factor 2 apart around :func:`default_taus`' centre (more where the best
+#: is at either end of them: :func:`select_tau`'s extensions)
+TAU_CANDIDATES = 5
 
 #: ``tau="auto"`` is chosen on the central ``TAU_REGION`` x ``TAU_REGION`` pixels of a larger cube (or tile)
 TAU_REGION = 64
@@ -776,16 +819,16 @@ def _tau_region(shape: tuple[int, int], size: int, visited: np.ndarray | None, l
     return size
 
 
-def _central_tau(cube: xr.DataArray, size: int, tau: str, taus, reference, visited: np.ndarray | None,
+def _central_tau(cube: xr.DataArray, size: int, taus, reference, visited: np.ndarray | None,
                  settings: dict[str, Any]) -> tuple[float, dict[str, Any]]:
     """``tau="auto"`` chosen on the central ``size`` x ``size`` pixels: the weight and the attrs that record it."""
     ys, xs = _central_window((cube.sizes["y"], cube.sizes["x"]), size)
     central = cube.isel(y=ys, x=xs).load()
-    chosen = denoise_cube(central, tau=tau, taus=taus, reference=reference,
-                          visited=None if visited is None else visited[ys, xs], **settings)
-    attrs = {k: chosen.attrs[k] for k in ("tau_candidates", "tau_held_out_loss", "tau_at_edge")}
+    problem = _cube_problem(central, reference=reference, visited=None if visited is None else visited[ys, xs],
+                            **settings)
+    tau, attrs = _select_on(problem, taus, relative=reference is not None)
     attrs["tau_chosen_on"] = f"central region y={ys.start}:{ys.stop}, x={xs.start}:{xs.stop}"
-    return float(chosen.attrs["tau"]), attrs
+    return tau, attrs
 
 
 def _reference_of(mean_spectrum: np.ndarray) -> np.ndarray:
@@ -846,13 +889,17 @@ def _denoise_tiled(cube: xr.DataArray, *, tile: int, overlap: int, tau, taus, re
         reference = _reference_of(mean_spectrum)
     attrs = dict(cube.attrs)
     if isinstance(tau, str):  # chosen once, on the central tile
+        if tau != "auto":
+            raise ValueError(f"tau must be a number >= 0 or 'auto', got {tau!r}")
         shape = (cube.sizes["y"], cube.sizes["x"])  # a lazy cube's region is read whole: 4 x TAU_REGION at most
         size = _tau_region(shape, min(tile, TAU_REGION), visited_values, largest=4 * TAU_REGION)
-        tau, chosen = _central_tau(cube, size, tau, taus, reference, visited_values, settings)
+        named = ("penalty", "weights", "floor", "psf", "background")
+        tau, chosen = _central_tau(cube, size, taus, reference, visited_values,
+                                   {**{k: settings[k] for k in named},
+                                    "options": {k: v for k, v in settings.items() if k not in named}})
         attrs.update(chosen)
 
-    # torch's own threads use every core within a tile: its tiles are solved one at a time, in one thread
-    serial = settings.get("backend") == "torch"
+    # the TV kernels and torch use every core within a tile: tiles are solved one at a time, in one thread
 
     def solve(block: np.ndarray, scanned: np.ndarray | None = None) -> np.ndarray:
         part = xr.DataArray(np.asarray(block, dtype=float), dims=("y", "x", "energy"),
@@ -865,7 +912,7 @@ def _denoise_tiled(cube: xr.DataArray, *, tile: int, overlap: int, tau, taus, re
         return result.values
 
     def one_tile(block: np.ndarray, scanned: np.ndarray | None = None) -> np.ndarray:
-        return _in_tile_thread(solve, block, scanned) if serial else solve(block, scanned)
+        return _in_tile_thread(solve, block, scanned)
 
     depth = {0: min(overlap, cube.sizes["y"] - 1), 1: min(overlap, cube.sizes["x"] - 1), 2: 0}
     if any(min(c) < d for c, d in zip(data.chunks[:2], (depth[0], depth[1]), strict=True)):
