@@ -571,15 +571,16 @@ def denoise_cube(
         ``"canonical"``.
     tau
         Regularisation weight, or ``"auto"`` (default): chosen from the data by Poisson thinning
-        (:func:`select_tau` over :func:`default_taus`; the candidates and their held-out losses are
-        recorded in ``attrs``), on the central :data:`TAU_REGION` x :data:`TAU_REGION` pixels of a
+        (:func:`select_tau` over :data:`TAU_CANDIDATES` of :func:`default_taus`, more where the best
+        is at either end; the candidates and their held-out losses are recorded in ``attrs``), on the
+        central :data:`TAU_REGION` x :data:`TAU_REGION` pixels of a
         larger cube (or tile), with the whole cube's reference spectrum (``attrs["tau_chosen_on"]``):
         the best weight follows the dose and the material, and each candidate costs a solve. For a
         sub-sampled scan the region doubles until it holds :data:`TAU_MIN_VISITED` scanned pixels (or
         all of them; a lazy cube's at most 256 x 256 pixels).
     taus
         The candidates for ``tau="auto"``, as weights for the full data (default
-        :func:`default_taus` of the counts).
+        :data:`TAU_CANDIDATES` of :func:`default_taus` of the counts).
     weights
         TV weight of the (y, x, energy) axes: spatial against spectral smoothing.
     reference
