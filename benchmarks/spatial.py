@@ -38,6 +38,8 @@ def detectors(cvae_time: float) -> dict:
         "PCA shift": lambda: PCADetector(scoring="shift"),
         "PCA shift, neighbours": lambda: PCADetector(scoring="shift", context="neighbours"),
         "PCA deviance, neighbours": lambda: PCADetector(context="neighbours"),
+        "PCA shift+deviance": lambda: PCADetector(scoring="shift+deviance"),
+        "PCA shift+deviance, neighbours": lambda: PCADetector(scoring="shift+deviance", context="neighbours"),
         "CVAE deviance": lambda: CVAEDetector(**cvae),
         "CVAE shift": lambda: CVAEDetector(scoring="shift", **cvae),
         "CVAE deviance, neighbours": lambda: CVAEDetector(context="neighbours", **cvae),

@@ -214,7 +214,7 @@ def test_one_large_cube_fitted_scored_and_compared_over_the_cluster_by_chunks(tm
         np.testing.assert_allclose(table[column].values, local_table[column].values, rtol=1e-10)
     assert fitted.n_trimmed_ == local_fit.n_trimmed_ > 0
     np.testing.assert_allclose(np.abs(fitted.components_), np.abs(local_fit.components_), atol=1e-9)
-    np.testing.assert_allclose(fitted.calibration_scores_, local_fit.calibration_scores_, rtol=1e-9)
+    np.testing.assert_allclose(fitted.calibration_scores_, local_fit.calibration_scores_, rtol=1e-9, atol=1e-9)
     folds = [task for task in stream.data if str(task["key"]).startswith("_fold_chunk")]
     # pixel: 1 pass; neighbours: own coefficients, scores, and (anomalies present) a second step over some
     # chunks; compare: 1 pass; robust fit: 2 passes. Each pass: one task per chunk of rows that holds wanted rows

@@ -225,16 +225,19 @@ def low_dose_blobs():
 
 def test_the_default_detector_pools_and_flags_at_five_percent_fdr(low_dose_blobs):
     bulk, test = low_dose_blobs
-    detector = PCADetector().fit(bulk)
+    # pooling pays where a pixel's own evidence is weak: 0.5 eV blobs at dose 20 seen by the deviance
+    weak = PCADetector(scoring="deviance").fit(bulk).score(test["counts"])
+    pixel, pooled = _auc(weak["pixel_score"], test["anomaly"]), _auc(weak, test["anomaly"])
+    assert pooled > pixel + 0.02, (pixel, pooled)
+    detector = PCADetector().fit(bulk)  # the default score (shift+deviance) sees them pixel by pixel
     scores = detector.score(test["counts"])
     assert scores.attrs["spatial"] == "pooled" and scores.attrs["units"] == "sigma"
-    pixel, pooled = _auc(scores["pixel_score"], test["anomaly"]), _auc(scores, test["anomaly"])
-    assert pooled > pixel + 0.02, (pixel, pooled)  # 0.5 eV blobs at dose 20: pooling pays
+    assert _auc(scores, test["anomaly"]) > 0.99
     labels = detector.flag(scores)
     assert labels.attrs["threshold_method"] == "fdr" and labels.attrs["level"] == 0.05
     assert labels.attrs["pvalue_cut"] > 0
     metrics = detection_metrics(scores, test["anomaly"], labels)
-    assert metrics["precision"] >= 0.8 and metrics["recall"] >= 0.25  # 0.34: weak evidence, few false flags
+    assert metrics["precision"] >= 0.8 and metrics["recall"] >= 0.9  # 0.89 and 1.00
     # switched off: the per-pixel map, as before
     plain = PCADetector(spatial=False).fit(bulk).score(test["counts"])
     np.testing.assert_allclose(plain.values, scores["pixel_score"].values)

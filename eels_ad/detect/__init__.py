@@ -11,7 +11,16 @@ that :func:`load` reads back whatever the class. ``MODELS`` names the detectors 
 from typing import Any
 
 from ._base import BaseDetector, NotFittedError, SpectrumDetector, detector_class, load
-from ._scores import SCORES, edge_shift, edge_shift_z, one_minus_correlation, pearson_residual, poisson_deviance
+from ._scores import (
+    SCORES,
+    deviance_z,
+    edge_shift,
+    edge_shift_z,
+    one_minus_correlation,
+    pearson_residual,
+    poisson_deviance,
+    shift_or_deviance,
+)
 from .pca import PCADetector
 from .sklearn import SklearnDetector
 from .spatial import (
@@ -31,6 +40,8 @@ MODELS: dict[str, str] = {"pca": "PCADetector", "cvae": "CVAEDetector"}
 __all__ = [
     "MODELS",
     "SCORES",
+    "deviance_z",
+    "shift_or_deviance",
     "BaseDetector",
     "CVAEDetector",
     "NotFittedError",
