@@ -121,8 +121,9 @@ class CVAEDetector(BaseDetector):
         ``precision=None``: 16-bit mixed on a GPU, 32-bit on the CPU). Several GPUs: e.g.
         ``devices=4, strategy="ddp"``.
     energy_range, scoring, score_range, threshold, fdr, false_alarm_rate, spatial, empirical_null
-        As for :class:`~eels_ad.detect.PCADetector`; ``scoring`` can also be ``"nll"``, the model's
-        own mean negative log-likelihood per channel. The held-out strip's scores calibrate the
+        As for :class:`~eels_ad.detect.PCADetector`, but ``scoring="deviance"`` by default (the CVAE has
+        not been measured with ``"shift+deviance"``, PCA's default); ``scoring`` can also be ``"nll"``, the
+        model's own mean negative log-likelihood per channel. The held-out strip's scores calibrate the
         p-values of ``threshold="fdr"`` and of the spatial step.
     seed
         Seed of the initial weights, the split and the batches: same seed, same model on the CPU.
