@@ -3,8 +3,9 @@
 The array-at-a-time FGP loop streams every buffer through memory a dozen times per iteration; on a
 (y, x, energy) cube it is bound by memory bandwidth. These two kernels do the same arithmetic in two
 passes (the primal point from the extrapolated duals, then every dual from the primal point), a
-block of rows per thread, so that each buffer is read or written about once per pass: 2-3x faster
-on 2 CPU cores than the torch tensor loop (``benchmarks/spiral_cube.py --tv-kernel``).
+block of rows per thread, so that each buffer is read or written about once per pass: 3.3x (numpy float64)
+and 3.9x (torch CPU float32) faster than the array loop on 2 CPU cores (``benchmarks/spiral_cube.py
+--large-only``).
 
 The duals here are full-size arrays whose last plane along their axis stays zero (the array loop's
 are one shorter); the iterates are the same to rounding.
@@ -12,6 +13,7 @@ are one shorter); the iterates are the same to rounding.
 
 from __future__ import annotations
 
+import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -106,7 +108,6 @@ if njit is not None:
         return w0 * s0 + w1 * s1 + w2 * s2
 
 
-_POOL: list[ThreadPoolExecutor] = []
 
 
 def _threads() -> int:
@@ -114,6 +115,12 @@ def _threads() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # pragma: no cover - not Linux
         return max(1, os.cpu_count() or 1)
+
+
+@functools.lru_cache(maxsize=1)
+def _pool() -> ThreadPoolExecutor:
+    """The process's one pool of kernel threads (made on first use)."""
+    return ThreadPoolExecutor(max_workers=_threads(), thread_name_prefix="eels-ad-tv")
 
 
 def _row_blocks(ny: int, parts: int) -> list[tuple[int, int]]:
@@ -126,9 +133,7 @@ def _over_rows(kernel, ny: int, *args):
     blocks = _row_blocks(ny, _threads())
     if len(blocks) == 1:
         return [kernel(0, ny, *args)]
-    if not _POOL:
-        _POOL.append(ThreadPoolExecutor(max_workers=_threads(), thread_name_prefix="eels-ad-tv"))
-    futures = [_POOL[0].submit(kernel, a, b, *args) for a, b in blocks]
+    futures = [_pool().submit(kernel, a, b, *args) for a, b in blocks]
     return [future.result() for future in futures]
 
 

@@ -649,12 +649,12 @@ def denoise_cube(
 
     cube = validate(cube)
     options.setdefault("backend", "torch")
+    if isinstance(tau, str) and tau != "auto":
+        raise ValueError(f"tau must be a number >= 0 or 'auto', got {tau!r}")
     if tile is not None or is_lazy(cube):
         return _denoise_tiled(cube, tile=tile or 64, overlap=overlap, penalty=penalty, tau=tau, taus=taus,
                               weights=weights, reference=reference, floor=floor, visited=visited, psf=psf,
                               background=background, truth=truth, **options)
-    if isinstance(tau, str) and tau != "auto":
-        raise ValueError(f"tau must be a number >= 0 or 'auto', got {tau!r}")
     problem = _cube_problem(cube, penalty=penalty, weights=weights, reference=reference, floor=floor, visited=visited,
                             psf=psf, background=background, options=options)
     attrs = dict(cube.attrs)
@@ -662,7 +662,7 @@ def denoise_cube(
         region = _tau_region(problem.counts.shape[:2], TAU_REGION, problem.visited)
         if region < max(problem.counts.shape[:2]):
             # the weight follows the dose and the material, not the field of view: chosen on a central region
-            # (a candidate costs a solve of what it is tried on; 7 or more of them on the whole cube cost minutes)
+            # (a candidate costs a solve of what it is tried on; 5 or more of them on the whole cube cost minutes)
             tau, chosen = _central_tau(cube, region, taus, None if reference is None else problem.scale,
                                        problem.visited, dict(penalty=penalty, weights=weights, floor=floor, psf=psf,
                                                              background=background, options=options))
@@ -776,9 +776,8 @@ def _select_on(problem: _CubeProblem, taus, *, relative: bool) -> tuple[float, d
     """``tau="auto"`` on the whole problem: the weight and the attrs that record the candidates."""
     candidates = (default_taus(problem.visited_counts, count=TAU_CANDIDATES, relative=relative) if taus is None
                   else np.asarray(taus, dtype=float) / np.sqrt(0.5))
-    options = problem.options
     selection = select_tau(problem.counts, candidates, problem.forward, problem.adjoint, penalty=problem.penalty,
-                           background=problem.background, initialize=problem.initialize, **options)
+                           background=problem.background, initialize=problem.initialize, **problem.options)
     return selection.tau, dict(tau_candidates=selection.taus * np.sqrt(0.5), tau_held_out_loss=selection.held_out_loss,
                                tau_at_edge=int(selection.at_edge))
 
@@ -889,9 +888,7 @@ def _denoise_tiled(cube: xr.DataArray, *, tile: int, overlap: int, tau, taus, re
             mean_spectrum = np.asarray((data * mask).sum(axis=(0, 1)).compute(), dtype=float) / visited_values.sum()
         reference = _reference_of(mean_spectrum)
     attrs = dict(cube.attrs)
-    if isinstance(tau, str):  # chosen once, on the central tile
-        if tau != "auto":
-            raise ValueError(f"tau must be a number >= 0 or 'auto', got {tau!r}")
+    if isinstance(tau, str):  # "auto" (denoise_cube checked it), chosen once, on the central tile
         shape = (cube.sizes["y"], cube.sizes["x"])  # a lazy cube's region is read whole: 4 x TAU_REGION at most
         size = _tau_region(shape, min(tile, TAU_REGION), visited_values, largest=4 * TAU_REGION)
         named = ("penalty", "weights", "floor", "psf", "background")
