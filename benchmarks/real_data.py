@@ -93,7 +93,7 @@ def planted(path: Path, seed: int) -> list[dict]:
             "gain + vacuum + spike repair (default)": prepare(cube),
         }
         for name, ready in variants.items():
-            for scoring in ("deviance", "shift"):
+            for scoring in ("deviance", "shift", "shift+deviance"):
                 _, scores, labels, caught = flag(ready, scoring=scoring)
                 ranked = scores.values.copy()
                 if "vacuum" in ready.coords:  # marked vacuum is never flagged: rank it last

@@ -311,7 +311,8 @@ def test_the_neighbour_context_calibrates_the_edge_band_by_its_own_training_pixe
     detector = PCADetector(scoring="shift", context="neighbours").fit(bulk)
     strata = detector.calibration_strata_
     assert strata.shape == detector.calibration_scores_.shape and strata.sum() == 48**2 - 38**2  # rings cut by the edge
-    assert PCADetector(scoring="shift").fit(bulk).__dict__.get("calibration_strata_") is None  # pixel context: one
+    pixel = PCADetector(scoring="shift", context="pixel").fit(bulk)
+    assert pixel.__dict__.get("calibration_strata_") is None  # pixel context: one
     # the same raw score is less surprising in the band when the band's calibration scores run higher
     detector.calibration_scores_ = np.where(strata == 1, 2.0, 1.0) * np.abs(np.random.default_rng(0).normal(
         size=strata.size))
@@ -378,10 +379,9 @@ def test_the_empirical_null_takes_out_a_nuisance_the_calibration_did_not_see():
     z = rng.normal(-0.2, 0.85, 20_000)
     z[:400] += 6.0
     adjusted, centre, spread = empirical_null(stats.norm.sf(z))
-    assert abs(centre - (-0.2)) < 0.05 and abs(spread - 0.85) < 0.05
+    assert abs(centre - (-0.2)) < 0.03 and abs(spread - 0.85) < 0.03
     bulk = adjusted[400:]
-    # uniform again; the 2 % far out move the median up by ~0.025 sigma: a little conservative, as documented
-    assert 0.038 < np.mean(bulk < 0.05) <= 0.052 and 0.0004 < np.mean(bulk < 0.001) < 0.0016
+    assert 0.042 < np.mean(bulk < 0.05) <= 0.058 and 0.0004 < np.mean(bulk < 0.001) < 0.0016  # uniform again
     assert np.mean(adjusted[:400] < 1e-4) > 0.9  # the far-out pixels stay far out
     # p-values already uniform are left nearly as they are
     p = rng.uniform(size=20_000)
@@ -393,6 +393,31 @@ def test_the_empirical_null_takes_out_a_nuisance_the_calibration_did_not_see():
     assert np.isnan(empirical_null(with_nan)[0][::10]).all()
     few = p[:50]
     np.testing.assert_array_equal(empirical_null(few)[0], few)
+
+
+def test_the_empirical_null_is_not_moved_by_a_tenth_of_anomalies_on_a_small_map():
+    # the real-data case (benchmarks/real_data.py): 258 pixels, 26 of them anomalous at ~3.5 sigma; the median and
+    # MAD gave centre 0.13 and spread 1.12 and so no flag; the fit below the discoveries is not moved by them
+    found = {"empirical": [], "theoretical": []}
+    centres, spreads = [], []
+    for seed in range(40):
+        rng = np.random.default_rng(seed)
+        z = np.r_[rng.normal(3.5, 1.0, 26), rng.normal(0.0, 1.0, 232)]
+        adjusted, centre, spread = empirical_null(stats.norm.sf(z))
+        centres.append(centre)
+        spreads.append(spread)
+        found["empirical"].append(fdr_flags(adjusted, 0.05)[0][:26].sum())
+        found["theoretical"].append(fdr_flags(stats.norm.sf(z), 0.05)[0][:26].sum())
+    assert abs(np.mean(centres)) < 0.05 and abs(np.mean(spreads) - 1) < 0.04, (np.mean(centres), np.mean(spreads))
+    # many maps keep the theoretical null whole (the fit's difference from it is within its own noise)
+    assert np.mean(np.abs(np.array(spreads) - 1) < 1e-9) > 0.3 and np.median(np.abs(np.array(spreads) - 1)) < 0.02
+    assert np.mean(found["empirical"]) > 0.85 * np.mean(found["theoretical"]) > 10, found
+    # and under the null alone, a map this small flags about as often as the nominal level says
+    any_flag = []
+    for seed in range(200):
+        p = np.random.default_rng(1000 + seed).uniform(size=258)
+        any_flag.append(fdr_flags(empirical_null(p)[0], 0.05)[0].any())
+    assert 0.02 < np.mean(any_flag) < 0.10, np.mean(any_flag)
 
 
 def test_the_empirical_null_calibrates_bulk_cubes_under_another_drift():
@@ -412,3 +437,31 @@ def test_the_empirical_null_calibrates_bulk_cubes_under_another_drift():
     assert np.mean(errors[True]) < 0.45 and np.mean(errors[True]) < 0.5 * np.mean(errors[False]), errors
     with pytest.raises(ValueError, match="empirical_null must be True or False"):
         PCADetector(empirical_null="yes").fit(cube(100))
+
+
+def test_the_automatic_context_follows_the_training_cubes_drift(tmp_path):
+    def cube(drift, seed):
+        return eels_ad.simulate_fe_l23((48, 48), dose=20, drift=drift, anomaly_fraction=0.03, layout="clusters",
+                                       seed=seed)
+
+    still = PCADetector().fit(cube(0.0, 3)["counts"])
+    assert still.context == "auto" and still.context_ == "pixel" and still.drift_range_ < 0.15
+    drifting = PCADetector(robust=True).fit(cube(1.0, 3)["counts"])
+    # the simulated drift spans ~2 eV (+-1 eV); the estimate is of its smooth part over the sampled pixels
+    assert drifting.context_ == "neighbours" and 1.5 < drifting.drift_range_ < 2.5, drifting.drift_range_
+    assert drifting.calibration_strata_ is not None  # calibrated as the neighbour context is
+    # the choice travels with the saved detector, and scores as the context it chose
+    again = PCADetector.load(drifting.save(tmp_path / "pca.nc"))
+    assert again.context_ == "neighbours" and again.drift_range_ == pytest.approx(drifting.drift_range_)
+    test = cube(1.0, 4)
+    np.testing.assert_allclose(again.score(test["counts"]).values, drifting.score(test["counts"]).values)
+    explicit = PCADetector(robust=True, context="neighbours").fit(cube(1.0, 3)["counts"])
+    np.testing.assert_allclose(explicit.score(test["counts"]).values, drifting.score(test["counts"]).values)
+    # and under that drift it finds the local shifts the pixel context explains away
+    truth = test["anomaly"].values
+    pixel = PCADetector(robust=True, context="pixel").fit(cube(1.0, 3)["counts"])
+    auc = {name: detection_metrics(d.score(test["counts"]).values, truth, threshold=np.inf)["roc_auc"]
+           for name, d in (("auto", drifting), ("pixel", pixel))}
+    assert auc["auto"] > 0.97 and auc["auto"] > auc["pixel"] + 0.1, auc
+    with pytest.raises(ValueError, match="context must be one of"):
+        PCADetector(context="nearby").fit(cube(0.0, 3)["counts"])
