@@ -34,11 +34,12 @@ RESULTS = Path(__file__).parent / "results"
 def detectors(cvae_time: float) -> dict:
     cvae = dict(max_time=cvae_time, progress=False, seed=0)  # the defaults: 12 epochs of 32 patches
     found = {
-        "PCA deviance": lambda: PCADetector(),
-        "PCA shift": lambda: PCADetector(scoring="shift"),
+        "PCA default": lambda: PCADetector(),  # shift+deviance; the context chosen by the training cube's drift
+        "PCA deviance": lambda: PCADetector(scoring="deviance", context="pixel"),
+        "PCA shift": lambda: PCADetector(scoring="shift", context="pixel"),
         "PCA shift, neighbours": lambda: PCADetector(scoring="shift", context="neighbours"),
-        "PCA deviance, neighbours": lambda: PCADetector(context="neighbours"),
-        "PCA shift+deviance": lambda: PCADetector(scoring="shift+deviance"),
+        "PCA deviance, neighbours": lambda: PCADetector(scoring="deviance", context="neighbours"),
+        "PCA shift+deviance": lambda: PCADetector(scoring="shift+deviance", context="pixel"),
         "PCA shift+deviance, neighbours": lambda: PCADetector(scoring="shift+deviance", context="neighbours"),
         "CVAE deviance": lambda: CVAEDetector(**cvae),
         "CVAE shift": lambda: CVAEDetector(scoring="shift", **cvae),

@@ -175,7 +175,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
             parameters["max_epochs"] = args.epochs
         if args.max_time is not None:
             parameters["max_time"] = args.max_time
-    parameters.update(context=args.context, scoring=args.scoring, fdr=args.fdr, spatial=not args.no_spatial,
+    if args.context is not None:
+        parameters["context"] = args.context
+    parameters.update(scoring=args.scoring, fdr=args.fdr, spatial=not args.no_spatial,
                       empirical_null=not args.no_empirical_null)
     if args.energy_range:
         parameters["energy_range"] = tuple(args.energy_range)
@@ -467,15 +469,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     train.add_argument("--scoring", choices=SCORES, default=_api_default(PCADetector, "scoring"),
                        help="per-pixel score (default deviance; shift: the z of an edge shift, for chemical shifts)")
-    train.add_argument("--context", choices=CONTEXTS, default=_api_default(PCADetector, "context"),
-                       help="model each spectrum from itself (pixel, default) or predict it from its "
-                       "neighbours, the pixel hidden (follows an uncorrected energy drift); PCA and CVAE")
+    train.add_argument("--context", choices=("auto", *CONTEXTS), default=None,
+                       help="model each spectrum from itself (pixel) or predict it from its neighbours, the pixel "
+                       "hidden (follows an uncorrected energy drift); auto (PCA's default): neighbours when the "
+                       "training cube drifts, else pixel; the CVAE's default: pixel")
     fdr_default = _api_default(PCADetector, "fdr")
     train.add_argument("--fdr", type=float, default=fdr_default,
                        help=f"flag at this false-discovery rate, 0-1 (default {fdr_default:g})")
     train.add_argument("--no-empirical-null", action="store_true",
                        help="take the p-values as the training bulk calibrates them (default: re-standardise each "
-                       "map's p-values to its own null, median and MAD)")
+                       "map's p-values to its own null, fitted below its discoveries)")
     train.add_argument("--no-spatial", action="store_true",
                        help="judge every pixel alone (default: pool each pixel's evidence with its neighbourhood's)")
     train.add_argument("--max-time", type=float, metavar="SECONDS",

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+from scipy import linalg
 
 from ..datacube import fold_rows
 from ._base import CONTEXTS, RING_EXCLUSION_PVALUE, SpectrumDetector, _as_slice
@@ -91,18 +92,28 @@ class PCADetector(SpectrumDetector):
         pixel judged alone.
     empirical_null
         Re-standardise each map's per-pixel p-values to its own null before pooling and flagging (default
-        True; :func:`~eels_ad.detect.spatial.empirical_null`): the median and MAD of their normal scores
-        give the null's centre and spread, stored in the pooled map's attrs (``null_centre``,
+        True; :func:`~eels_ad.detect.spatial.empirical_null`): a normal fitted to their normal scores
+        below the theoretical null's discoveries (so that the anomalies that stand out do not widen it),
+        shrunk towards the theoretical null by the fit's own noise, gives the null's centre and spread,
+        stored in the pooled map's attrs (``null_centre``,
         ``null_spread``); the pooled p-values likewise (``pooled_null_centre``, ``pooled_null_spread``),
         as a nuisance with spatial structure pools into false regions. It corrects the centre and spread
         of a nuisance the calibration did not see, not the shape of its tail: under an uncorrected drift
         with another pattern than in training
         (``context="neighbours"``, 8 bulk-only 48 x 48 cubes), the share of p < 0.05 went from 0.007-0.092
         to 0.048-0.090, and the per-pixel flags of three 64 x 64 cells from F1 0.00-0.45 to 0.79-0.99.
-        It assumes most pixels are bulk (a share ``f`` of anomalies makes it slightly conservative).
+        It assumes most pixels are bulk (at least three quarters).
         False: the p-values as the calibration scores give them.
     context
-        ``"pixel"`` (default): each spectrum is reconstructed from its own projection on the components.
+        ``"auto"`` (default): ``"neighbours"`` when the training cube's smooth energy drift spans more than
+        :attr:`AUTO_DRIFT_EV` (measured when fitting from the spectra the first pass samples:
+        stored as ``drift_range_``), else ``"pixel"``; the choice is
+        ``context_``; an image too small for neighbourhoods (:attr:`AUTO_MIN_WHOLE_RINGS`) keeps ``"pixel"``
+        (``drift_range_`` None). Measured on 64 x 64 Fe L2,3 cubes at dose 20: a drift of +-0.1 eV spans 0.21-0.23 eV
+        (pixel), +-0.25 eV 0.49-0.50 (neighbours), none 0.06. Under a +-1 eV drift the pixel context's AUC
+        for 0.5 eV local shifts is 0.55-0.62, the neighbours' 0.998-1.000 (``benchmarks/spatial.py``); without
+        drift the pixel context flags fewer bulk pixels.
+        ``"pixel"``: each spectrum is reconstructed from its own projection on the components.
         ``"neighbours"``: from the mean component scores of the pixels 3 to 5 pixels away, the pixel
         itself hidden, rescaled to its counts: what the neighbourhood predicts (at the image's edges a
         plane through the ring's scores, extrapolated to the pixel, rather than a mean that would sit
@@ -131,11 +142,18 @@ class PCADetector(SpectrumDetector):
     components_ : ndarray (n_components, channels)
         Principal axes in the (weighted) channel space.
     explained_variance_ratio_ : ndarray
-        Fraction of the (weighted) variance of each component; all components, not only those kept.
+        Fraction of the (weighted) variance of each leading component: those that can be kept and one more
+        (``max_components + 1`` with ``n_components="auto"``, else ``n_components + 1``).
+    eigenvalues_ : ndarray
+        Their eigenvalues (variances), largest first.
     n_components_ : int
         Number of components kept.
     n_trimmed_ : int
         Training spectra left out as outliers by ``robust`` (0 otherwise).
+    context_ : str
+        The context in use: ``context``, or what ``"auto"`` chose.
+    drift_range_ : float or None
+        With ``context="auto"``: the span (eV) of the training cube's smooth energy drift that chose it.
     channel_weights_ : ndarray (channels,)
         sqrt of the mean bulk spectrum (Poisson) or ones.
     mean_ : ndarray (channels,)
@@ -179,7 +197,7 @@ class PCADetector(SpectrumDetector):
         robust: bool = False,
         robust_quantile: float = 0.999,
         chunk_pixels: int = 1024,
-        context: str = "pixel",
+        context: str = "auto",
     ) -> None:
         self.energy_range = energy_range
         self.scoring = scoring
@@ -200,8 +218,8 @@ class PCADetector(SpectrumDetector):
 
     def _check_params(self) -> None:
         super()._check_params()
-        if self.context not in CONTEXTS:
-            raise ValueError(f"context must be one of {CONTEXTS}, got {self.context!r}")
+        if self.context not in PCA_CONTEXTS:
+            raise ValueError(f"context must be one of {PCA_CONTEXTS}, got {self.context!r}")
 
     def _fit(self, cube, mask: np.ndarray | None, energy: np.ndarray) -> np.ndarray | None:
         """One pass for the moments and a seeded sample of spectra; robust: one pass per trimming round.
@@ -279,7 +297,8 @@ class PCADetector(SpectrumDetector):
             keep &= ~now_dropped
             self._components_from(moments, energy, int(keep.sum()))
             self.n_trimmed_ = int(n_train - keep.sum())
-        if self.context == "pixel":  # the kept sample's scores, a work block at a time
+        self.context_, self.drift_range_ = self._resolved_context(sample, sample_pixels, energy, (ny, nx))
+        if self.context_ == "pixel":  # the kept sample's scores, a work block at a time
             kept = sample[keep.ravel()[sample_pixels]]
             channels = _as_slice(self._score_channels(energy))
             scores = []
@@ -288,6 +307,34 @@ class PCADetector(SpectrumDetector):
                 scores.append(score_spectra(spectra[:, channels], model[:, channels], self.scoring))
             self._sample_scores = np.concatenate(scores) if scores else np.empty(0)
         return keep.ravel()[pixels] if self.robust else None
+
+    def _context(self) -> str:
+        """The context in use: the fitted one (``context_``), else the parameter."""
+        return getattr(self, "context_", None) or self.context
+
+    def _resolved_context(self, sample: np.ndarray, sample_pixels: np.ndarray, energy: np.ndarray,
+                          shape: tuple[int, int]) -> tuple[str, float | None]:
+        """With ``context="auto"``: the training cube's smooth energy drift, from the spectra sampled in the
+        first pass (no pass of its own), and the context it calls for; else the context asked for."""
+        if self.context != "auto":
+            return self.context, None
+        reach = int(np.ceil(NEIGHBOUR_RING[1]))
+        whole_rings = max(shape[0] - 2 * reach, 0) * max(shape[1] - 2 * reach, 0)
+        if whole_rings < self.AUTO_MIN_WHOLE_RINGS * shape[0] * shape[1]:  # too small for neighbourhoods
+            return "pixel", None
+        # every sampled spectrum, trimmed or not: trimming drops the far ends of a large drift, and the drift fit
+        # is robust to local changes of its own
+        drift_range = _training_drift_range(sample, sample_pixels, np.ones(sample_pixels.size, dtype=bool), energy,
+                                           shape, self._score_channels(energy))
+        return ("neighbours" if drift_range > self.AUTO_DRIFT_EV else "pixel"), drift_range
+
+    #: ``context="auto"`` predicts each pixel from its neighbours when the training cube's smooth energy drift
+    #: spans more than this (eV, 2nd to 98th percentile of the drift map): a drift comparable to the chemical
+    #: shifts sought is otherwise learned by the components, which then explain a local shift away
+    AUTO_DRIFT_EV = 0.25
+    #: ... and when at least this share of its pixels has its whole ring of neighbours inside the image (at least
+    #: ~33 x 33 pixels; the 17 x 19 Fe-oxide SI of ``benchmarks/real_data.py``, 20 %, keeps the pixel context)
+    AUTO_MIN_WHOLE_RINGS = 0.45
 
     def _work_blocks_of(self, held: np.ndarray) -> Iterator[np.ndarray]:
         """Spectra held as float32 (the sample, trimmed ones), as float64 a work block at a time."""
@@ -374,7 +421,18 @@ class PCADetector(SpectrumDetector):
             gram = np.outer(mean, -n_train * mean)
             gram += cross
         gram /= n_train
-        eigenvalues, eigenvectors = np.linalg.eigh(gram)
+        if self.n_components != "auto" and int(self.n_components) > min(n_channels, n_train):
+            raise ValueError(
+                f"n_components={int(self.n_components)} exceeds min(channels, training spectra) = "
+                f"{min(n_channels, n_train)}"
+            )
+        # only the leading eigenpairs (one more than can be kept, to show where the noise starts): LAPACK's
+        # subset driver is ~4x faster than the whole decomposition at 1024 channels; the variance ratios come
+        # from the trace
+        wanted = min(n_channels, (self.max_components if self.n_components == "auto" else int(self.n_components)) + 1)
+        total_variance = float(np.trace(gram))
+        eigenvalues, eigenvectors = linalg.eigh(gram, subset_by_index=[n_channels - wanted, n_channels - 1],
+                                                driver="evr", overwrite_a=True, check_finite=False)
         del gram
         order = np.argsort(eigenvalues)[::-1]
         eigenvalues = np.maximum(eigenvalues[order], 0.0)
@@ -388,19 +446,15 @@ class PCADetector(SpectrumDetector):
                 import warnings
 
                 warnings.warn(
-                    f"PCADetector: {above} components rise above the noise edge but max_components="
-                    f"{self.max_components} keeps {n_keep}. With Poisson normalisation this usually means the "
-                    "counts are not electron counts (a detector gain: run eels_ad.prepare.prepare first) or the "
-                    "image holds more than one material; raise max_components or set n_components",
+                    f"PCADetector: more than {self.max_components} components rise above the noise edge but "
+                    f"max_components={self.max_components} keeps {n_keep}. With Poisson normalisation this usually "
+                    "means the counts are not electron counts (a detector gain: run eels_ad.prepare.prepare first) "
+                    "or the image holds more than one material; raise max_components or set n_components",
                     UserWarning, stacklevel=4)
         else:
             n_keep = int(self.n_components)
-            if n_keep > min(n_channels, n_train):
-                raise ValueError(
-                    f"n_components={n_keep} exceeds min(channels, training spectra) = {min(n_channels, n_train)}"
-                )
         self.eigenvalues_ = eigenvalues
-        self.explained_variance_ratio_ = eigenvalues / eigenvalues.sum() if eigenvalues.sum() > 0 else eigenvalues
+        self.explained_variance_ratio_ = eigenvalues / total_variance if total_variance > 0 else eigenvalues
         self.components_ = eigenvectors[:, order[:n_keep]].T.copy()
         self.n_components_ = n_keep
         self.channel_weights_ = channel_weights
@@ -454,7 +508,7 @@ class PCADetector(SpectrumDetector):
         are left out of the rings, and the pixels whose rings held any of them are scored again
         (their rows are read once more).
         """
-        if self.context != "neighbours":
+        if self._context() != "neighbours":
             return super()._score_array(cube)
         cube = cube.transpose("y", "x", "energy")
         own = self._own_coefficients(cube)
@@ -483,7 +537,7 @@ class PCADetector(SpectrumDetector):
         """With ``context="neighbours"``: 1 in the band along the image's edges where the ring is cut (a plane
         extrapolates it: under a curved drift its null tail is heavier, measured P(z > 3) 0.0022-0.0024
         against 0.0006-0.0008 inside), 0 inside; each calibrated by its own training pixels."""
-        if self.context != "neighbours":
+        if self._context() != "neighbours":
             return None
         ny, nx = shape
         yy, xx = np.ogrid[:ny, :nx]
@@ -492,7 +546,7 @@ class PCADetector(SpectrumDetector):
 
     def _model_context(self, cube) -> np.ndarray | None:
         """With ``context="neighbours"``: the (y, x, components) mean scores of each pixel's ring."""
-        return self._neighbour_coefficients(cube) if self.context == "neighbours" else None
+        return self._neighbour_coefficients(cube) if self._context() == "neighbours" else None
 
     def _rows_model(self, spectra: np.ndarray, rows: slice, context: np.ndarray | None) -> np.ndarray:
         """Per-spectrum models (``context="pixel"``), or each pixel predicted by its ring of neighbours."""
@@ -504,7 +558,7 @@ class PCADetector(SpectrumDetector):
         state = {
             "components_": self.components_, "channel_weights_": self.channel_weights_, "mean_": self.mean_,
             "eigenvalues_": self.eigenvalues_, "explained_variance_ratio_": self.explained_variance_ratio_,
-            "n_trimmed_": self.n_trimmed_,
+            "n_trimmed_": self.n_trimmed_, "context_": self.context_, "drift_range_": self.drift_range_,
         }
         if hasattr(self, "noise_edge_"):
             state["noise_edge_"] = self.noise_edge_
@@ -514,3 +568,63 @@ class PCADetector(SpectrumDetector):
         for name, value in state.items():
             setattr(self, name, np.asarray(value) if isinstance(value, np.ndarray) else value)
         self.n_components_ = int(self.components_.shape[0])
+        if getattr(self, "context_", None) is None:  # files written before context="auto": the context asked for
+            self.context_, self.drift_range_ = self.context, None
+
+
+#: the contexts of :class:`PCADetector` (``"auto"`` chooses between the others when fitting)
+PCA_CONTEXTS: tuple[str, ...] = ("auto", *CONTEXTS)
+
+
+def _training_drift_range(sample: np.ndarray, sample_pixels: np.ndarray, kept: np.ndarray, energy: np.ndarray,
+                         shape: tuple[int, int], channels: np.ndarray | None = None) -> float:
+    """Span (eV, 2nd to 98th percentile) of the smooth energy drift of a cube, from a sample of its spectra.
+
+    Each sampled spectrum's edge shift against the sample's mean spectrum scaled to its counts
+    (:func:`~eels_ad.detect.edge_shift`, two Gauss-Newton steps) is placed at its pixel, and the smooth
+    drift is separated from local shifts by :func:`~eels_ad.quantify.separate_drift` (a robust fit: local
+    chemical shifts get weight 0). Fewer than 50 kept spectra, or a flat mean spectrum: 0.
+
+    Parameters
+    ----------
+    sample
+        (n, energy) counts of the sampled spectra.
+    sample_pixels
+        Their flat pixel indices in the (y, x) image of ``shape``.
+    kept
+        (n,) bool: the spectra to use (e.g. those robust trimming kept).
+    energy
+        The energy axis (eV) of the spectra's channels.
+    channels
+        Bool mask of the channels to compare (default all).
+    """
+    import xarray as xr
+
+    from ..quantify import separate_drift
+    from ._scores import edge_shift
+
+    spectra = np.asarray(sample, dtype=float)[np.asarray(kept, dtype=bool)]
+    pixels = np.asarray(sample_pixels)[np.asarray(kept, dtype=bool)]
+    if channels is not None:
+        spectra, energy = spectra[:, channels], np.asarray(energy)[channels]
+    if spectra.shape[0] < 50 or spectra.shape[1] < 3:
+        return 0.0
+    totals = spectra.sum(axis=1)
+    usable = totals > 0
+    spectra, pixels, totals = spectra[usable], pixels[usable], totals[usable]
+    shape_mean = np.mean(spectra / totals[:, None], axis=0)
+    if not np.ptp(shape_mean) > 0:
+        return 0.0
+    shift, error = edge_shift(spectra, totals[:, None] * shape_mean[None, :], iterations=2)
+    dispersion = float(np.abs(np.mean(np.diff(energy))))
+    shift_map = np.full(shape[0] * shape[1], np.nan)
+    error_map = np.full(shape[0] * shape[1], np.nan)
+    shift_map[pixels], error_map[pixels] = shift * dispersion, error * dispersion
+    shifts = xr.Dataset({"shift": (("y", "x"), shift_map.reshape(shape)),
+                         "shift_error": (("y", "x"), error_map.reshape(shape))})
+    try:
+        drift = separate_drift(shifts)["drift"].values.ravel()[pixels]  # where spectra were sampled
+    except (ValueError, np.linalg.LinAlgError):
+        return 0.0
+    low, high = np.nanpercentile(drift, [2, 98])
+    return float(high - low)
