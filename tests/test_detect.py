@@ -55,6 +55,16 @@ def test_auto_components_on_poisson_noise(bulk):
     # thickness x (background + edge) and the Fe concentration map: 2 real components
     assert 2 <= detector.n_components_ <= 3
     assert detector.eigenvalues_[detector.n_components_] < detector.noise_edge_
+    # only the leading eigenpairs are computed: the same as the whole decomposition's
+    assert detector.eigenvalues_.shape == (detector.max_components + 1,)
+    spectra = bulk.values.reshape(-1, bulk.sizes["energy"]).astype(float)
+    weighted = spectra / np.sqrt(spectra.sum(axis=1, keepdims=True)) / detector.channel_weights_  # Keenan-Kotula
+    gram = weighted.T @ weighted / spectra.shape[0]
+    values, vectors = np.linalg.eigh(gram)
+    np.testing.assert_allclose(detector.eigenvalues_, values[::-1][:detector.max_components + 1], rtol=1e-8)
+    np.testing.assert_allclose(detector.explained_variance_ratio_, detector.eigenvalues_ / values.sum(), rtol=1e-8)
+    top = vectors[:, ::-1][:, :detector.n_components_].T
+    np.testing.assert_allclose(np.abs(np.sum(top * detector.components_, axis=1)), 1.0, atol=1e-8)
 
 
 @pytest.mark.parametrize("scoring", ["deviance", "residual", "correlation", "shift", "shift+deviance"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import xarray as xr
-from scipy import sparse
+from scipy import linalg, sparse
 from scipy.interpolate import BSpline
 
 _BISQUARE = 4.685
@@ -92,7 +92,9 @@ def separate_drift(
     for _ in range(max(int(iterations), 1)):
         weighted = design.multiply(weight[:, None]).tocsr()
         normal = (design.T @ weighted).toarray()
-        coefficients = np.linalg.lstsq(normal, weighted.T @ target, rcond=None)[0]
+        # the normal matrix is singular (row offsets and the spline share a constant): a least-squares solution
+        # by a complete orthogonal factorisation (the drift, design @ coefficients, is the same for any of them)
+        coefficients = linalg.lstsq(normal, weighted.T @ target, lapack_driver="gelsy", check_finite=False)[0]
         residual = (target - design @ coefficients) / sigma
         scale = max(1.4826 * float(np.median(np.abs(residual))), 1.0)
         u = residual / (_BISQUARE * scale)
