@@ -348,3 +348,22 @@ def test_shift_or_deviance_finds_a_shift_and_a_new_peak():
     # the shift test alone is blind to the peak
     counts = draw(peak)
     assert np.mean(edge_shift_z(counts, np.broadcast_to(model, counts.shape)) > cut) < 0.2
+
+
+@pytest.mark.parametrize("channels", [1, 2, 50, 300])
+def test_the_fused_score_kernel_equals_the_array_scores(channels):
+    from eels_ad.detect import _score_kernels, _scores
+
+    assert _score_kernels.available()  # numba is a dependency
+    rng = np.random.default_rng(channels)
+    # from below the floor (1e-3) to beyond the moments' table (1e4), zeros among the counts
+    mu = np.exp(rng.uniform(np.log(1e-4), np.log(3e4), (300, channels)))
+    counts = rng.poisson(mu * rng.uniform(0.8, 1.2, (300, 1))).astype(float)
+    counts[::7] = 0
+    array_combined = _scores._in_pieces(
+        lambda c, m: np.maximum(_scores.edge_shift_z(c, m), _scores._deviance_z(c, m)), counts, mu)
+    array_deviance = _scores._in_pieces(_scores._deviance_z, counts, mu)
+    np.testing.assert_allclose(_scores.shift_or_deviance(counts, mu), array_combined, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(_scores.deviance_z(counts, mu), array_deviance, rtol=1e-9, atol=1e-9)
+    # a (..., energy) block keeps its shape
+    assert _scores.shift_or_deviance(counts.reshape(10, 30, channels), mu.reshape(10, 30, channels)).shape == (10, 30)

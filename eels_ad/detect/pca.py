@@ -582,7 +582,7 @@ def _training_drift_range(sample: np.ndarray, sample_pixels: np.ndarray, kept: n
 
     Each sampled spectrum's edge shift against the sample's mean spectrum scaled to its counts
     (:func:`~eels_ad.detect.edge_shift`, one Gauss-Newton step: enough to tell 0.25 eV) is placed at its
-    pixel, and the smooth drift is separated from local shifts by :func:`~eels_ad.quantify.separate_drift`
+    pixel, and the smooth drift is separated from local shifts as :func:`~eels_ad.quantify.separate_drift` does
     (a robust fit: local chemical shifts get weight 0). Fewer than 50 kept spectra, or a flat mean spectrum: 0.
 
     Parameters
@@ -598,9 +598,8 @@ def _training_drift_range(sample: np.ndarray, sample_pixels: np.ndarray, kept: n
     channels
         Bool mask of the channels to compare (default all).
     """
-    import xarray as xr
+    from ..quantify._drift import smooth_drift
 
-    from ..quantify import separate_drift
     spectra = np.asarray(sample, dtype=float)[np.asarray(kept, dtype=bool)]
     pixels = np.asarray(sample_pixels)[np.asarray(kept, dtype=bool)]
     if channels is not None:
@@ -624,10 +623,8 @@ def _training_drift_range(sample: np.ndarray, sample_pixels: np.ndarray, kept: n
     shift_map = np.full(shape[0] * shape[1], np.nan)
     error_map = np.full(shape[0] * shape[1], np.nan)
     shift_map[pixels], error_map[pixels] = shift * dispersion, error * dispersion
-    shifts = xr.Dataset({"shift": (("y", "x"), shift_map.reshape(shape)),
-                         "shift_error": (("y", "x"), error_map.reshape(shape))})
     try:
-        drift = separate_drift(shifts)["drift"].values.ravel()[pixels]  # where spectra were sampled
+        drift = smooth_drift(shift_map.reshape(shape), error_map.reshape(shape)).ravel()[pixels]  # where sampled
     except (ValueError, np.linalg.LinAlgError):
         return 0.0
     low, high = np.nanpercentile(drift, [2, 98])

@@ -83,22 +83,7 @@ def separate_drift(
         usable &= np.asarray(shifts["converged"].values, dtype=bool)
     if usable.sum() < 3:
         raise ValueError(f"only {int(usable.sum())} pixels have a fitted shift: too few to separate a drift")
-    full = _design(ny, nx, order, knots_per_row, rows)
-    design = full[usable.ravel()]
-    target, sigma = value[usable], error[usable]
-    weight = 1.0 / sigma ** 2
-    coefficients = np.zeros(design.shape[1])
-    normal = None
-    for _ in range(max(int(iterations), 1)):
-        weighted = design.multiply(weight[:, None]).tocsr()
-        normal = (design.T @ weighted).toarray()
-        # the normal matrix is singular (row offsets and the spline share a constant): a least-squares solution
-        # by a complete orthogonal factorisation (the drift, design @ coefficients, is the same for any of them)
-        coefficients = linalg.lstsq(normal, weighted.T @ target, lapack_driver="gelsy", check_finite=False)[0]
-        residual = (target - design @ coefficients) / sigma
-        scale = max(1.4826 * float(np.median(np.abs(residual))), 1.0)
-        u = residual / (_BISQUARE * scale)
-        weight = np.where(np.abs(u) < 1, (1 - u ** 2) ** 2, 0.0) / sigma ** 2
+    full, coefficients, normal, weight = _robust_drift(value, error, usable, order, knots_per_row, rows, iterations)
     drift = (full @ coefficients).reshape(ny, nx)
     covariance = np.linalg.pinv(normal)
     drift_error = np.sqrt(np.maximum(_quadratic(full, covariance), 0.0)).reshape(ny, nx)
@@ -116,6 +101,43 @@ def separate_drift(
              "order": int(order), "knots_per_row": float(knots_per_row), "rows": int(bool(rows)),
              "outlier_pixels": int(np.sum(weight == 0))}
     return xr.Dataset(data_vars, coords=coords, attrs=attrs)
+
+
+def _robust_drift(value: np.ndarray, error: np.ndarray, usable: np.ndarray, order: int, knots_per_row: float,
+                  rows: bool, iterations: int) -> tuple[sparse.csr_matrix, np.ndarray, np.ndarray, np.ndarray]:
+    """The drift model's design over every pixel, its coefficients fitted by IRLS (bisquare) to the usable
+    pixels, the last normal matrix and the last weights."""
+    ny, nx = value.shape
+    full = _design(ny, nx, order, knots_per_row, rows)
+    design = full[usable.ravel()]
+    target, sigma = value[usable], error[usable]
+    weight = 1.0 / sigma ** 2
+    coefficients = np.zeros(design.shape[1])
+    normal = np.zeros((design.shape[1], design.shape[1]))
+    for _ in range(max(int(iterations), 1)):
+        weighted = design.multiply(weight[:, None]).tocsr()
+        normal = (design.T @ weighted).toarray()
+        # the normal matrix is singular (row offsets and the spline share a constant): a ridge far below its scale
+        # picks one least-squares solution (the drift, design @ coefficients, is the same for any of them)
+        ridge = 1e-10 * max(float(np.trace(normal)) / normal.shape[0], 1e-300)
+        coefficients = linalg.solve(normal + ridge * np.eye(normal.shape[0]), weighted.T @ target, assume_a="pos",
+                                    check_finite=False)
+        residual = (target - design @ coefficients) / sigma
+        scale = max(1.4826 * float(np.median(np.abs(residual))), 1.0)
+        u = residual / (_BISQUARE * scale)
+        weight = np.where(np.abs(u) < 1, (1 - u ** 2) ** 2, 0.0) / sigma ** 2
+    return full, coefficients, normal, weight
+
+
+def smooth_drift(value: np.ndarray, error: np.ndarray, *, order: int = 1, knots_per_row: float = 2.0,
+                 rows: bool = True, iterations: int = 10) -> np.ndarray:
+    """The drift map alone of :func:`separate_drift` from (y, x) arrays of shifts and errors (NaN: left out),
+    without its errors (no covariance): for a quick look, e.g. PCADetector's ``context="auto"``."""
+    usable = np.isfinite(value) & np.isfinite(error) & (error > 0)
+    if usable.sum() < 3:
+        raise ValueError(f"only {int(usable.sum())} pixels have a fitted shift: too few to separate a drift")
+    full, coefficients, _, _ = _robust_drift(value, error, usable, order, knots_per_row, rows, iterations)
+    return (full @ coefficients).reshape(value.shape)
 
 
 def _quadratic(design: sparse.csr_matrix, covariance: np.ndarray) -> np.ndarray:
