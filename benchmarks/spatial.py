@@ -45,6 +45,9 @@ def detectors(cvae_time: float) -> dict:
         "CVAE shift": lambda: CVAEDetector(scoring="shift", **cvae),
         "CVAE deviance, neighbours": lambda: CVAEDetector(context="neighbours", **cvae),
         "CVAE shift, neighbours": lambda: CVAEDetector(scoring="shift", context="neighbours", **cvae),
+        "CVAE shift+deviance": lambda: CVAEDetector(scoring="shift+deviance", **cvae),
+        "CVAE shift+deviance, neighbours": lambda: CVAEDetector(scoring="shift+deviance", context="neighbours",
+                                                                **cvae),
     }
     return found
 

@@ -363,7 +363,15 @@ def test_the_fused_score_kernel_equals_the_array_scores(channels):
     array_combined = _scores._in_pieces(
         lambda c, m: np.maximum(_scores.edge_shift_z(c, m), _scores._deviance_z(c, m)), counts, mu)
     array_deviance = _scores._in_pieces(_scores._deviance_z, counts, mu)
-    np.testing.assert_allclose(_scores.shift_or_deviance(counts, mu), array_combined, rtol=1e-9, atol=1e-9)
-    np.testing.assert_allclose(_scores.deviance_z(counts, mu), array_deviance, rtol=1e-9, atol=1e-9)
+    table = _scores._deviance_table()
+    fused = _score_kernels.fused_scores(counts, mu, _scores._FLOOR, table, with_shift=True)
+    np.testing.assert_allclose(fused, array_combined, rtol=1e-9, atol=1e-9)
+    fused = _score_kernels.fused_scores(counts, mu, _scores._FLOOR, table, with_shift=False)
+    np.testing.assert_allclose(fused, array_deviance, rtol=1e-9, atol=1e-9)
     # a (..., energy) block keeps its shape
-    assert _scores.shift_or_deviance(counts.reshape(10, 30, channels), mu.reshape(10, 30, channels)).shape == (10, 30)
+    blocks = _score_kernels.fused_scores(counts.reshape(10, 30, channels), mu.reshape(10, 30, channels),
+                                         _scores._FLOOR, table, with_shift=True)
+    assert blocks.shape == (10, 30)
+    # the public scores take the kernel for big blocks only (numba's first dispatch costs ~1 s per process)
+    assert not _score_kernels.worth_it(counts, mu)
+    assert _score_kernels.worth_it(np.zeros((1024, 1024)), np.zeros((1024, 1024)))

@@ -304,7 +304,7 @@ def test_one_cube_quantified_over_the_cluster_by_chunks(tmp_path, cluster, monke
     for name, dataset in local.items():
         for variable in dataset.data_vars:
             np.testing.assert_allclose(remote[name][variable].values, dataset[variable].values, rtol=1e-9,
-                                       err_msg=f"{name}: {variable}")
+                                       atol=1e-12, err_msg=f"{name}: {variable}")  # values near 0: sums' order
     assert np.isfinite(local["shift"]["shift"].values).mean() > 0.9
     folds = [task for task in stream.data if str(task["key"]).startswith("_fold_chunk")]
     # each map's template passes (totals, sums, two rounds of shifts and sums, variance) and its fit: a task per

@@ -9,64 +9,34 @@ versions to rounding (tested).
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+
 import numpy as np
 
-try:
-    from numba import njit
-except ImportError:  # pragma: no cover - numba is a dependency; without it the array versions run
-    njit = None
+#: spectra x channels of a call below which the array versions run: numba's import (~0.6 s) and first dispatch
+#: (~1.1 s, from its cache) are paid once per process, on the first call at least this big (the work blocks of a
+#: cube with ~1,000 channels), and repaid after a few such blocks (2-2.7x faster)
+MIN_ELEMENTS = 1 << 20
+
+
+@functools.lru_cache(maxsize=1)
+def _kernel():
+    """The compiled kernel (numba imported on first use)."""
+    from ._score_rows import _rows
+
+    return _rows
 
 
 def available() -> bool:
-    """Whether the fused kernel can run (numba imported)."""
-    return njit is not None
+    """Whether the fused kernel can run (numba importable)."""
+    return importlib.util.find_spec("numba") is not None
 
 
-if njit is not None:
-
-    @njit(nogil=True, cache=True, fastmath={"nsz", "arcp", "contract", "afn", "reassoc"})
-    def _rows(counts, model, floor, x0, dx, means, variances, with_shift, out):  # pragma: no cover
-        n, ne = counts.shape
-        nt = means.size
-        for i in range(n):
-            information = 0.0
-            score = 0.0
-            deviance = 0.0
-            mean = 0.0
-            variance = 0.0
-            for k in range(ne):
-                mu = max(model[i, k], floor)
-                y = counts[i, k]
-                if with_shift and ne > 1:  # np.gradient of the floored model: central inside, one-sided at the ends
-                    if k == 0:
-                        slope = max(model[i, 1], floor) - mu
-                    elif k == ne - 1:
-                        slope = mu - max(model[i, k - 1], floor)
-                    else:
-                        slope = 0.5 * (max(model[i, k + 1], floor) - max(model[i, k - 1], floor))
-                    information += slope * slope / mu
-                    score += (y - mu) * slope / mu
-                log_mu = np.log(mu)
-                positive = max(y, 0.0)
-                deviance += mu - positive
-                if positive > 0.0:  # y log(y / mu); 0 where y = 0
-                    deviance += positive * (np.log(positive) - log_mu)
-                position = (log_mu - x0) / dx
-                if position > nt - 1:  # beyond the table: the large-count expansion
-                    mean += 1.0 + 1.0 / (6.0 * mu)
-                    variance += 2.0 + 2.0 / mu
-                else:
-                    j = min(max(int(position), 0), nt - 2)
-                    f = min(max(position - j, 0.0), 1.0)
-                    mean += means[j] * (1.0 - f) + means[j + 1] * f
-                    variance += variances[j] * (1.0 - f) + variances[j + 1] * f
-            z = (2.0 * deviance - mean) / np.sqrt(max(variance, 1e-12))
-            if with_shift:  # the shift test's |z| (its shift clipped to the window, as edge_shift), 0 where flat
-                shift_z = 0.0
-                if information > 0:
-                    shift_z = min(abs(score) / information, ne - 1.0) * np.sqrt(information)
-                z = max(z, shift_z)
-            out[i] = z
+def worth_it(counts: np.ndarray, model: np.ndarray) -> bool:
+    """Whether to score these spectra with the kernel: numba there and the block at least :data:`MIN_ELEMENTS`
+    (by size alone, so that a block's scores never depend on what the process did before)."""
+    return available() and max(np.size(counts), np.size(model)) >= MIN_ELEMENTS
 
 
 def fused_scores(counts: np.ndarray, model: np.ndarray, floor: float, table: tuple[np.ndarray, np.ndarray, np.ndarray],
@@ -79,6 +49,6 @@ def fused_scores(counts: np.ndarray, model: np.ndarray, floor: float, table: tup
     flat_model = np.ascontiguousarray(model.reshape(-1, model.shape[-1]))
     out = np.empty(flat_counts.shape[0])
     step = float(log_mu[1] - log_mu[0])
-    _rows(flat_counts, flat_model, float(floor), float(log_mu[0]), step, np.ascontiguousarray(means),
-          np.ascontiguousarray(variances), bool(with_shift), out)
+    _kernel()(flat_counts, flat_model, float(floor), float(log_mu[0]), step, np.ascontiguousarray(means),
+              np.ascontiguousarray(variances), bool(with_shift), out)
     return out.reshape(shape)

@@ -118,9 +118,10 @@ def deviance_z(counts: np.ndarray, model: np.ndarray) -> np.ndarray:
     ``z = (sum_k d_k - sum_k m(mu_k)) / sqrt(sum_k v(mu_k))``, ``d_k = 2 [y log(y / mu) - (y - mu)]``, with ``m`` and
     ``v`` the mean and variance of one channel's deviance when ``y ~ Poisson(mu)`` (summed over the counts, not the
     large-count limits 1 and 2, which are wrong by tens of per cent below ~5 counts): close to standard normal under
-    the model at any dose, whatever the channels' counts. One fused pass per spectrum where numba is there.
+    the model at any dose, whatever the channels' counts. Big blocks: one fused pass per spectrum
+    (``_score_kernels``, equal to rounding).
     """
-    if _score_kernels.available():
+    if _score_kernels.worth_it(counts, model):
         return _score_kernels.fused_scores(counts, model, _FLOOR, _deviance_table(), with_shift=False)
     return _in_pieces(_deviance_z, counts, model)
 
@@ -129,8 +130,8 @@ def shift_or_deviance(counts: np.ndarray, model: np.ndarray) -> np.ndarray:
     """The larger of :func:`edge_shift_z` and :func:`deviance_z`: both on the scale of a standard normal under
     the model, so that a chemical shift is found with the shift test's power and a change that does not move the
     edge (an L3/L2 ratio, a new peak) with the deviance's. The null's tail is calibrated like any score's. One fused
-    pass per spectrum where numba is there."""
-    if _score_kernels.available():
+    pass per spectrum for big blocks (``_score_kernels``)."""
+    if _score_kernels.worth_it(counts, model):
         return _score_kernels.fused_scores(counts, model, _FLOOR, _deviance_table(), with_shift=True)
     return _in_pieces(lambda c, m: np.maximum(edge_shift_z(c, m), _deviance_z(c, m)), counts, model)
 
