@@ -28,6 +28,7 @@ def _kernel():
     return _rows
 
 
+@functools.lru_cache(maxsize=1)
 def available() -> bool:
     """Whether the fused kernel can run (numba importable)."""
     return importlib.util.find_spec("numba") is not None
@@ -36,7 +37,7 @@ def available() -> bool:
 def worth_it(counts: np.ndarray, model: np.ndarray) -> bool:
     """Whether to score these spectra with the kernel: numba there and the block at least :data:`MIN_ELEMENTS`
     (by size alone, so that a block's scores never depend on what the process did before)."""
-    return available() and max(np.size(counts), np.size(model)) >= MIN_ELEMENTS
+    return max(np.size(counts), np.size(model)) >= MIN_ELEMENTS and available()
 
 
 def fused_scores(counts: np.ndarray, model: np.ndarray, floor: float, table: tuple[np.ndarray, np.ndarray, np.ndarray],

@@ -324,8 +324,7 @@ class PCADetector(SpectrumDetector):
             return "pixel", None
         # every sampled spectrum, trimmed or not: trimming drops the far ends of a large drift, and the drift fit
         # is robust to local changes of its own
-        drift_range = _training_drift_range(sample, sample_pixels, np.ones(sample_pixels.size, dtype=bool), energy,
-                                           shape, self._score_channels(energy))
+        drift_range = _training_drift_range(sample, sample_pixels, energy, shape, self._score_channels(energy))
         return ("neighbours" if drift_range > self.AUTO_DRIFT_EV else "pixel"), drift_range
 
     #: ``context="auto"`` predicts each pixel from its neighbours when the training cube's smooth energy drift
@@ -576,14 +575,14 @@ class PCADetector(SpectrumDetector):
 PCA_CONTEXTS: tuple[str, ...] = ("auto", *CONTEXTS)
 
 
-def _training_drift_range(sample: np.ndarray, sample_pixels: np.ndarray, kept: np.ndarray, energy: np.ndarray,
-                         shape: tuple[int, int], channels: np.ndarray | None = None) -> float:
+def _training_drift_range(sample: np.ndarray, sample_pixels: np.ndarray, energy: np.ndarray,
+                          shape: tuple[int, int], channels: np.ndarray | None = None) -> float:
     """Span (eV, 2nd to 98th percentile) of the smooth energy drift of a cube, from a sample of its spectra.
 
     Each sampled spectrum's edge shift against the sample's mean spectrum scaled to its counts
     (:func:`~eels_ad.detect.edge_shift`, one Gauss-Newton step: enough to tell 0.25 eV) is placed at its
     pixel, and the smooth drift is separated from local shifts as :func:`~eels_ad.quantify.separate_drift` does
-    (a robust fit: local chemical shifts get weight 0). Fewer than 50 kept spectra, or a flat mean spectrum: 0.
+    (a robust fit: local chemical shifts get weight 0). Fewer than 50 spectra, or a flat mean spectrum: 0.
 
     Parameters
     ----------
@@ -591,8 +590,6 @@ def _training_drift_range(sample: np.ndarray, sample_pixels: np.ndarray, kept: n
         (n, energy) counts of the sampled spectra.
     sample_pixels
         Their flat pixel indices in the (y, x) image of ``shape``.
-    kept
-        (n,) bool: the spectra to use (e.g. those robust trimming kept).
     energy
         The energy axis (eV) of the spectra's channels.
     channels
@@ -600,8 +597,8 @@ def _training_drift_range(sample: np.ndarray, sample_pixels: np.ndarray, kept: n
     """
     from ..quantify._drift import smooth_drift
 
-    spectra = np.asarray(sample, dtype=float)[np.asarray(kept, dtype=bool)]
-    pixels = np.asarray(sample_pixels)[np.asarray(kept, dtype=bool)]
+    spectra = np.asarray(sample, dtype=float)
+    pixels = np.asarray(sample_pixels)
     if channels is not None:
         spectra, energy = spectra[:, channels], np.asarray(energy)[channels]
     if spectra.shape[0] < 50 or spectra.shape[1] < 3:

@@ -81,8 +81,6 @@ def separate_drift(
     usable = np.isfinite(value) & np.isfinite(error) & (error > 0)
     if "converged" in shifts:
         usable &= np.asarray(shifts["converged"].values, dtype=bool)
-    if usable.sum() < 3:
-        raise ValueError(f"only {int(usable.sum())} pixels have a fitted shift: too few to separate a drift")
     full, coefficients, normal, weight = _robust_drift(value, error, usable, order, knots_per_row, rows, iterations)
     drift = (full @ coefficients).reshape(ny, nx)
     covariance = np.linalg.pinv(normal)
@@ -107,6 +105,8 @@ def _robust_drift(value: np.ndarray, error: np.ndarray, usable: np.ndarray, orde
                   rows: bool, iterations: int) -> tuple[sparse.csr_matrix, np.ndarray, np.ndarray, np.ndarray]:
     """The drift model's design over every pixel, its coefficients fitted by IRLS (bisquare) to the usable
     pixels, the last normal matrix and the last weights."""
+    if usable.sum() < 3:
+        raise ValueError(f"only {int(usable.sum())} pixels have a fitted shift: too few to separate a drift")
     ny, nx = value.shape
     full = _design(ny, nx, order, knots_per_row, rows)
     design = full[usable.ravel()]
@@ -134,8 +134,6 @@ def smooth_drift(value: np.ndarray, error: np.ndarray, *, order: int = 1, knots_
     """The drift map alone of :func:`separate_drift` from (y, x) arrays of shifts and errors (NaN: left out),
     without its errors (no covariance): for a quick look, e.g. PCADetector's ``context="auto"``."""
     usable = np.isfinite(value) & np.isfinite(error) & (error > 0)
-    if usable.sum() < 3:
-        raise ValueError(f"only {int(usable.sum())} pixels have a fitted shift: too few to separate a drift")
     full, coefficients, _, _ = _robust_drift(value, error, usable, order, knots_per_row, rows, iterations)
     return (full @ coefficients).reshape(value.shape)
 
