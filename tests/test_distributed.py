@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
@@ -34,8 +35,8 @@ def _environment() -> dict[str, str]:
     return env
 
 
-@pytest.fixture
-def cluster(tmp_path):
+@contextmanager
+def _cluster(tmp_path: Path):
     """``dask scheduler`` and two ``dask worker --no-nanny`` processes on localhost; yields (address, workers)."""
     if not DASK.exists():
         pytest.skip(f"no `dask` command beside {sys.executable}")
@@ -74,6 +75,20 @@ def cluster(tmp_path):
             log.close()
 
 
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """One cluster for the tests that leave its workers alive (starting one takes seconds)."""
+    with _cluster(tmp_path_factory.mktemp("cluster")) as started:
+        yield started
+
+
+@pytest.fixture
+def own_cluster(tmp_path):
+    """A cluster of the test's own, for a test that kills a worker."""
+    with _cluster(tmp_path) as started:
+        yield started
+
+
 @pytest.fixture
 def cubes(tmp_path) -> tuple[Path, Path]:
     inputs = tmp_path / "in"
@@ -88,10 +103,10 @@ def _scores(out: Path) -> dict[str, np.ndarray]:
     return {p.name: eels_ad.open_results(p)["score"].values for p in sorted(out.glob("*.detect.nc"))}
 
 
-def test_a_folder_job_survives_a_killed_worker(tmp_path, cluster, cubes):
+def test_a_folder_job_survives_a_killed_worker(tmp_path, own_cluster, cubes):
     from distributed import Client
 
-    address, workers = cluster
+    address, workers = own_cluster
     inputs, model = cubes
     job = partial(detect_job, model=str(model))
     reference = run(job, plan([inputs], tmp_path / "ref", suffix=".detect.nc"), tmp_path / "ref", progress=False)
@@ -250,6 +265,9 @@ def test_one_cube_scored_by_the_cvae_over_the_cluster(tmp_path, cluster, monkeyp
     for name in ("_score_rows_task", "_first_step_task"):
         tasks = [task for task in stream.data if str(task["key"]).startswith(name)]
         assert len(tasks) >= 4 and len({task["worker"] for task in tasks}) == 2, (name, len(tasks))
+    # the second step (centres whose ring held suspects, predicted again with the suspects replaced) runs
+    # on the workers too, a task per band that holds such a centre
+    assert any(str(task["key"]).startswith("_second_step_task") for task in stream.data)
     # a chunk damaged in the middle of the file: the error names the file and the rows, from the cluster too
     _damage(path)
     with Client(address, timeout=60), pytest.raises(DatacubeReadError, match=r"cube\.nc: rows \d+-\d+ \(of 40\) "

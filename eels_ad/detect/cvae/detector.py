@@ -378,16 +378,12 @@ class CVAEDetector(BaseDetector):
         spectra = np.stack([held[index][1] for index in replaced])
         blocks = self._blocks_seeing(replaced // nx, replaced % nx, (ny, nx))
         patched = _with_spectra(cube, replaced, spectra)
-        for rows, counts, predicted, _ in self._inpainted_bands(patched, blocks=blocks):
-            again = np.isfinite(predicted[..., 0])
-            if again.any():
-                counts = counts.copy()  # the patched cube's: the replaced pixels get their own counts back
-                for index in replaced[(replaced // nx >= rows.start) & (replaced // nx < rows.stop)]:
-                    counts[index // nx - rows.start, index % nx] = held[index][0]
-                band_scores = self._band_scores(counts[again][None], predicted[again][None], channels)
-                block_scores = scores[rows]
-                block_scores[again] = band_scores[0]
-                scores[rows] = block_scores
+        own = {int(index): held[index][0] for index in replaced}
+        # the second step where the first ran: over the cluster's workers for a lazy cube while a client is current
+        steps = self._second_step(self._inpainted_bands(patched, blocks=blocks), own, channels, nx) \
+            if client is None else self._second_step_on_cluster(client, patched, blocks, own, channels)
+        for rows, again, band_scores in steps:
+            scores[rows][again] = band_scores
         return scores
 
     def _band_scores(self, counts: np.ndarray, predicted: np.ndarray, channels: np.ndarray) -> np.ndarray:
@@ -595,6 +591,44 @@ class CVAEDetector(BaseDetector):
             held = {(rows.start + y) * nx + x: (counts[y, x], predicted[y, x])
                     for y, x in zip(*np.nonzero(band_scores > lenient), strict=True)}
             yield rows, band_scores, held
+
+    def _second_step(self, parts, own: dict[int, np.ndarray], channels: np.ndarray, nx: int):
+        """Per band of :meth:`_inpainted_bands`' output for the patched cube (``blocks`` given): (cube rows, the
+        pixels predicted again (bool, rows x nx), their scores), each scored against its own counts: ``own``
+        (flat index: counts) gives the replaced pixels theirs back."""
+        for rows, counts, predicted, _ in parts:
+            again = np.isfinite(predicted[..., 0])
+            if not again.any():
+                continue
+            counts = counts.copy()  # the patched cube's
+            for index, spectrum in own.items():
+                if rows.start <= index // nx < rows.stop:
+                    counts[index // nx - rows.start, index % nx] = spectrum
+            yield rows, again, self._band_scores(counts[again][None], predicted[again][None], channels)[0]
+
+    def _second_step_on_cluster(self, client, patched: xr.DataArray, blocks: np.ndarray,
+                                own: dict[int, np.ndarray], channels: np.ndarray):
+        """:meth:`_second_step` of a lazy cube over the cluster: a task per band that holds a hidden centre to
+        predict again, reading its rows of the patched cube's mirrored frame on a worker."""
+        import dask
+
+        shape = (patched.sizes["y"], patched.sizes["x"], patched.sizes["energy"])
+        patch, hole, rows_of, cols_of, _ = self._hole_frame(shape[:2])
+        padded = self._hole_padded(patched)
+        scorer = client.scatter(self, broadcast=True)
+        band_rows = self._band_rows(cols_of, shape[2])
+        tasks = []
+        for first in range(0, rows_of, band_rows):
+            last = min(rows_of, first + band_rows)
+            if not blocks[first:last].any():
+                continue
+            top, bottom = first * hole[0], (last - 1) * hole[0] + patch[0]
+            rows = (first * hole[0], last * hole[0])
+            mine = {index: spectrum for index, spectrum in own.items() if rows[0] <= index // shape[1] < rows[1]}
+            tasks.append(dask.delayed(_second_step_task, pure=True)(scorer, padded[top:bottom], top, shape, blocks,
+                                                                    mine, channels, (first, last)))
+        for parts in cluster_compute(client, tasks, patched):
+            yield from parts
 
     def _first_step_on_cluster(self, client, cube: xr.DataArray, channels: np.ndarray, lenient: float):
         """:meth:`_first_step` of a lazy cube over the cluster: a task per band of hidden centres, reading its
@@ -816,6 +850,17 @@ def _score_rows_task(detector: CVAEDetector, band: np.ndarray, first_row: int, p
     band = np.asarray(band, dtype=np.float32)
     return detector._score_padded_rows(lambda start, stop: band[start - first_row:stop - first_row], padded_shape,
                                        channels, rows)
+
+
+def _second_step_task(detector: CVAEDetector, band: np.ndarray, top: int, shape: tuple[int, int, int],
+                      blocks: np.ndarray, own: dict[int, np.ndarray], channels: np.ndarray,
+                      centre_rows: tuple[int, int]) -> list:
+    """A cluster task of :meth:`CVAEDetector._second_step_on_cluster`: ``band`` holds the patched cube's mirrored
+    frame's rows from ``top``."""
+    band = np.asarray(band, dtype=np.float32)
+    parts = detector._predicted_bands(lambda start, stop: band[start - top:stop - top], shape, False, None, blocks,
+                                      centre_rows)
+    return list(detector._second_step(parts, own, channels, shape[1]))
 
 
 def _first_step_task(detector: CVAEDetector, band: np.ndarray, top: int, shape: tuple[int, int, int], nll: bool,
