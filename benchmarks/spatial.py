@@ -41,11 +41,12 @@ def detectors(cvae_time: float) -> dict:
         "PCA deviance, neighbours": lambda: PCADetector(scoring="deviance", context="neighbours"),
         "PCA shift+deviance": lambda: PCADetector(scoring="shift+deviance", context="pixel"),
         "PCA shift+deviance, neighbours": lambda: PCADetector(scoring="shift+deviance", context="neighbours"),
-        "CVAE deviance": lambda: CVAEDetector(**cvae),
-        "CVAE shift": lambda: CVAEDetector(scoring="shift", **cvae),
-        "CVAE deviance, neighbours": lambda: CVAEDetector(context="neighbours", **cvae),
+        "CVAE default": lambda: CVAEDetector(**cvae),  # shift+deviance; the context chosen as PCA's
+        "CVAE deviance": lambda: CVAEDetector(scoring="deviance", context="pixel", **cvae),
+        "CVAE shift": lambda: CVAEDetector(scoring="shift", context="pixel", **cvae),
+        "CVAE deviance, neighbours": lambda: CVAEDetector(scoring="deviance", context="neighbours", **cvae),
         "CVAE shift, neighbours": lambda: CVAEDetector(scoring="shift", context="neighbours", **cvae),
-        "CVAE shift+deviance": lambda: CVAEDetector(scoring="shift+deviance", **cvae),
+        "CVAE shift+deviance": lambda: CVAEDetector(scoring="shift+deviance", context="pixel", **cvae),
         "CVAE shift+deviance, neighbours": lambda: CVAEDetector(scoring="shift+deviance", context="neighbours",
                                                                 **cvae),
     }
@@ -100,7 +101,8 @@ def run(quick: bool, null_cubes: int = 200, null_cubes_cvae: int = 30, only: tup
             if name.startswith("CVAE"):
                 results["cvae"].setdefault(name, []).append({
                     "drift_eV": drift, "training_seconds": detector.training_seconds_, "epochs": detector.epochs_,
-                    "parameters": detector.n_parameters_})
+                    "parameters": detector.n_parameters_, "context": detector.context_,
+                    "drift_range_eV": detector.drift_range_})
             for layout in layouts:
                 truths, pixel_scores, pooled_scores, flags, plain_flags, seconds = [], [], [], [], [], 0.0
                 for k in range(test_cubes):  # cube 0 is the table's cube of earlier sessions

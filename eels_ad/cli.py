@@ -465,14 +465,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--plain", action="store_true", help="PCA without Poisson normalisation")
     train.add_argument("--robust", action="store_true", help="PCA: trim spectra that do not belong to the bulk")
     from .detect import SCORES, PCADetector
-    from .detect._base import CONTEXTS
+    from .detect._base import FIT_CONTEXTS
 
     train.add_argument("--scoring", choices=SCORES, default=_api_default(PCADetector, "scoring"),
-                       help="per-pixel score (default deviance; shift: the z of an edge shift, for chemical shifts)")
-    train.add_argument("--context", choices=("auto", *CONTEXTS), default=None,
+                       help="per-pixel score (default %(default)s: the stronger of an edge shift's z and the deviance "
+                       "left once the shift is explained; shift: the edge shift alone; deviance: any change)")
+    train.add_argument("--context", choices=FIT_CONTEXTS, default=None,
                        help="model each spectrum from itself (pixel) or predict it from its neighbours, the pixel "
-                       "hidden (follows an uncorrected energy drift); auto (PCA's default): neighbours when the "
-                       "training cube drifts, else pixel; the CVAE's default: pixel")
+                       "hidden (follows an uncorrected energy drift); auto (the default): neighbours when the "
+                       "training cube drifts, else pixel")
     fdr_default = _api_default(PCADetector, "fdr")
     train.add_argument("--fdr", type=float, default=fdr_default,
                        help=f"flag at this false-discovery rate, 0-1 (default {fdr_default:g})")

@@ -20,7 +20,7 @@
 
 # %%
 SIZE = 32      # pixels per side of the simulated cubes
-EPOCHS = 6     # CVAE training epochs (25 by default in CVAEDetector)
+EPOCHS = 6     # CVAE training epochs (12 by default in CVAEDetector)
 SHIFT = 0.5    # Fe edge shift of the anomalies, eV
 DOSE = 20.0    # counts per channel before the edge (20: low dose)
 

@@ -366,3 +366,40 @@ def test_the_ring_predicts_a_gradient_at_each_hidden_pixel(patch, hole):
     ring_mean = shape[..., model._ring_weights(patch, shape.device)[0]].mean(-1)
     torch.testing.assert_close(model.ring_shape(shape, hole_only=True), predicted[hidden])
     assert (field[:, model.hole[0], model.hole[1]] - ring_mean[0, 0, :, None, None]).abs().max() > 0.02
+
+
+def test_auto_context_follows_the_training_cubes_drift(tmp_path):
+    import json
+
+    energy = 690.0 + 0.5 * np.arange(96)
+    chosen = {}
+    for drift in (0.0, 1.0):
+        bulk = eels_ad.simulate_fe_l23((40, 40), energy=energy, dose=20, drift=drift, anomaly_fraction=0.0, seed=4)
+        detector = CVAEDetector(progress=False, max_epochs=1, seed=0).fit(bulk["counts"])  # context="auto"
+        chosen[drift] = detector
+        # the same drift measure and choice as PCA's (one rule for both detectors)
+        pca = eels_ad.detect.PCADetector().fit(bulk["counts"])
+        assert detector.context_ == pca.context_ and detector.drift_range_ == pytest.approx(pca.drift_range_, rel=0.2)
+    assert chosen[0.0].context_ == "pixel" and chosen[0.0].drift_range_ < 0.25 and chosen[0.0]._hole() is None
+    assert chosen[1.0].context_ == "neighbours" and 1.0 < chosen[1.0].drift_range_ < 3.0
+    assert chosen[1.0]._hole() == (4, 4) and chosen[1.0].model_.hole is not None
+    assert chosen[0.0].model_.hole is None
+    # saved and loaded: the choice travels with the model
+    test = eels_ad.simulate_fe_l23((24, 24), energy=energy, dose=20, drift=1.0, anomaly_fraction=0.03, seed=5)
+    path = chosen[1.0].save(tmp_path / "auto.nc")
+    loaded = eels_ad.detect.load(path)
+    assert loaded.context_ == "neighbours" and loaded.drift_range_ == chosen[1.0].drift_range_
+    xr.testing.assert_identical(loaded.score(test["counts"]), chosen[1.0].score(test["counts"]))
+    # a file from before context="auto" (no context_, its context a parameter): the parameter
+    old = xr.open_dataset(path).load()
+    state, params = json.loads(old.attrs["state"]), json.loads(old.attrs["params"])
+    del state["context_"], state["drift_range_"]
+    params["context"] = "neighbours"
+    old.attrs["state"], old.attrs["params"] = json.dumps(state), json.dumps(params)
+    old.to_netcdf(tmp_path / "old.nc", engine="h5netcdf")
+    before = eels_ad.detect.load(tmp_path / "old.nc")
+    assert before.context_ == "neighbours" and before.drift_range_ is None
+    xr.testing.assert_identical(before.score(test["counts"]), loaded.score(test["counts"]))
+    # a hole that leaves no ring is refused before training, whichever context "auto" would choose
+    with pytest.raises(ValueError, match=r"hole_size \(7, 7\) must leave a ring"):
+        CVAEDetector(hole_size=7, progress=False, max_epochs=1).fit(test["counts"])

@@ -37,6 +37,8 @@ FORMAT_VERSION = 2
 #: how a spectrum's bulk model is found: from the pixel itself, or predicted from its neighbours, the pixel
 #: hidden (``context`` of the PCA and CVAE detectors)
 CONTEXTS: tuple[str, ...] = ("pixel", "neighbours")
+#: what ``context`` accepts: ``"auto"`` chooses between :data:`CONTEXTS` when fitting
+FIT_CONTEXTS: tuple[str, ...] = ("auto", *CONTEXTS)
 #: with ``context="neighbours"``, pixels whose first-pass p-value falls below this are left out of the
 #: neighbourhoods that predict the others, and the pixels whose neighbourhoods held them are scored again
 RING_EXCLUSION_PVALUE: float = 1e-3
@@ -89,6 +91,40 @@ class BaseDetector(abc.ABC):
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
         return f"{type(self).__name__}({params})"
+
+    def _context(self) -> str:
+        """The context in use: the fitted one (``context_``), else the parameter."""
+        return getattr(self, "context_", None) or self.context
+
+    def _context_reach(self) -> int:
+        """Pixels from a pixel to the far side of its neighbourhood (detectors with a ``context`` say)."""
+        raise NotImplementedError
+
+    def _resolved_context(self, sample: np.ndarray, sample_pixels: np.ndarray, energy: np.ndarray,
+                          shape: tuple[int, int]) -> tuple[str, float | None]:
+        """(context, drift span or None): with ``context="auto"`` the training cube's smooth energy drift, from a
+        sample of its spectra (``sample_pixels``: their flat indices in ``shape``), and the context it calls
+        for; else the context asked for."""
+        from ._drift_range import training_drift_range
+
+        if self.context != "auto":
+            return self.context, None
+        reach = self._context_reach()
+        whole_rings = max(shape[0] - 2 * reach, 0) * max(shape[1] - 2 * reach, 0)
+        if whole_rings < self.AUTO_MIN_WHOLE_RINGS * shape[0] * shape[1]:  # too small for neighbourhoods
+            return "pixel", None
+        # every sampled spectrum, trimmed or not: trimming drops the far ends of a large drift, and the drift fit
+        # is robust to local changes of its own
+        drift_range = training_drift_range(sample, sample_pixels, energy, shape, self._score_channels(energy))
+        return ("neighbours" if drift_range > self.AUTO_DRIFT_EV else "pixel"), drift_range
+
+    #: ``context="auto"`` predicts each pixel from its neighbours when the training cube's smooth energy drift
+    #: spans more than this (eV, 2nd to 98th percentile of the drift map): a drift comparable to the chemical
+    #: shifts sought is otherwise learned by the model, which then explains a local shift away
+    AUTO_DRIFT_EV = 0.25
+    #: ... and when at least this share of its pixels has its whole neighbourhood inside the image (PCA: at least
+    #: ~33 x 33 pixels; the 17 x 19 Fe-oxide SI of ``benchmarks/real_data.py``, 20 %, keeps the pixel context)
+    AUTO_MIN_WHOLE_RINGS = 0.45
 
     def _check_params(self) -> None:
         """Check the parameters every detector may have (subclasses extend it for their own)."""

@@ -10,7 +10,7 @@ import numpy as np
 from scipy import linalg
 
 from ..datacube import fold_rows
-from ._base import CONTEXTS, RING_EXCLUSION_PVALUE, SpectrumDetector, _as_slice
+from ._base import FIT_CONTEXTS, RING_EXCLUSION_PVALUE, SpectrumDetector, _as_slice
 from ._scores import score_spectra
 from .spatial import ring_prediction
 from .threshold import ThresholdMethod
@@ -218,8 +218,8 @@ class PCADetector(SpectrumDetector):
 
     def _check_params(self) -> None:
         super()._check_params()
-        if self.context not in PCA_CONTEXTS:
-            raise ValueError(f"context must be one of {PCA_CONTEXTS}, got {self.context!r}")
+        if self.context not in FIT_CONTEXTS:
+            raise ValueError(f"context must be one of {FIT_CONTEXTS}, got {self.context!r}")
 
     def _fit(self, cube, mask: np.ndarray | None, energy: np.ndarray) -> np.ndarray | None:
         """One pass for the moments and a seeded sample of spectra; robust: one pass per trimming round.
@@ -308,32 +308,9 @@ class PCADetector(SpectrumDetector):
             self._sample_scores = np.concatenate(scores) if scores else np.empty(0)
         return keep.ravel()[pixels] if self.robust else None
 
-    def _context(self) -> str:
-        """The context in use: the fitted one (``context_``), else the parameter."""
-        return getattr(self, "context_", None) or self.context
-
-    def _resolved_context(self, sample: np.ndarray, sample_pixels: np.ndarray, energy: np.ndarray,
-                          shape: tuple[int, int]) -> tuple[str, float | None]:
-        """With ``context="auto"``: the training cube's smooth energy drift, from the spectra sampled in the
-        first pass (no pass of its own), and the context it calls for; else the context asked for."""
-        if self.context != "auto":
-            return self.context, None
-        reach = int(np.ceil(NEIGHBOUR_RING[1]))
-        whole_rings = max(shape[0] - 2 * reach, 0) * max(shape[1] - 2 * reach, 0)
-        if whole_rings < self.AUTO_MIN_WHOLE_RINGS * shape[0] * shape[1]:  # too small for neighbourhoods
-            return "pixel", None
-        # every sampled spectrum, trimmed or not: trimming drops the far ends of a large drift, and the drift fit
-        # is robust to local changes of its own
-        drift_range = _training_drift_range(sample, sample_pixels, energy, shape, self._score_channels(energy))
-        return ("neighbours" if drift_range > self.AUTO_DRIFT_EV else "pixel"), drift_range
-
-    #: ``context="auto"`` predicts each pixel from its neighbours when the training cube's smooth energy drift
-    #: spans more than this (eV, 2nd to 98th percentile of the drift map): a drift comparable to the chemical
-    #: shifts sought is otherwise learned by the components, which then explain a local shift away
-    AUTO_DRIFT_EV = 0.25
-    #: ... and when at least this share of its pixels has its whole ring of neighbours inside the image (at least
-    #: ~33 x 33 pixels; the 17 x 19 Fe-oxide SI of ``benchmarks/real_data.py``, 20 %, keeps the pixel context)
-    AUTO_MIN_WHOLE_RINGS = 0.45
+    def _context_reach(self) -> int:
+        """Pixels from a pixel to the far side of its ring of neighbours (``context="auto"``'s size test)."""
+        return int(np.ceil(NEIGHBOUR_RING[1]))
 
     def _work_blocks_of(self, held: np.ndarray) -> Iterator[np.ndarray]:
         """Spectra held as float32 (the sample, trimmed ones), as float64 a work block at a time."""
@@ -571,58 +548,3 @@ class PCADetector(SpectrumDetector):
             self.context_, self.drift_range_ = self.context, None
 
 
-#: the contexts of :class:`PCADetector` (``"auto"`` chooses between the others when fitting)
-PCA_CONTEXTS: tuple[str, ...] = ("auto", *CONTEXTS)
-
-
-def _training_drift_range(sample: np.ndarray, sample_pixels: np.ndarray, energy: np.ndarray,
-                          shape: tuple[int, int], channels: np.ndarray | None = None) -> float:
-    """Span (eV, 2nd to 98th percentile) of the smooth energy drift of a cube, from a sample of its spectra.
-
-    Each sampled spectrum's edge shift against the sample's mean spectrum scaled to its counts
-    (:func:`~eels_ad.detect.edge_shift`, one Gauss-Newton step: enough to tell 0.25 eV) is placed at its
-    pixel, and the smooth drift is separated from local shifts as :func:`~eels_ad.quantify.separate_drift` does
-    (a robust fit: local chemical shifts get weight 0). Fewer than 50 spectra, or a flat mean spectrum: 0.
-
-    Parameters
-    ----------
-    sample
-        (n, energy) counts of the sampled spectra.
-    sample_pixels
-        Their flat pixel indices in the (y, x) image of ``shape``.
-    energy
-        The energy axis (eV) of the spectra's channels.
-    channels
-        Bool mask of the channels to compare (default all).
-    """
-    from ..quantify._drift import smooth_drift
-
-    spectra = np.asarray(sample, dtype=float)
-    pixels = np.asarray(sample_pixels)
-    if channels is not None:
-        spectra, energy = spectra[:, channels], np.asarray(energy)[channels]
-    if spectra.shape[0] < 50 or spectra.shape[1] < 3:
-        return 0.0
-    totals = spectra.sum(axis=1)
-    usable = totals > 0
-    spectra, pixels, totals = spectra[usable], pixels[usable], totals[usable]
-    shape_mean = np.mean(spectra / totals[:, None], axis=0)
-    if not np.ptp(shape_mean) > 0:
-        return 0.0
-    # edge_shift's one Gauss-Newton step against the model totals x shape_mean, in closed form for that
-    # rank-one model (one product with the spectra instead of a model and its gradient per spectrum)
-    floor = np.maximum(shape_mean, 1e-12)
-    slope = np.gradient(floor)
-    information = totals * float(np.sum(slope * slope / floor))
-    score = spectra @ (slope / floor) - totals * float(np.sum(slope))
-    shift, error = -score / information, 1.0 / np.sqrt(information)
-    dispersion = float(np.abs(np.mean(np.diff(energy))))
-    shift_map = np.full(shape[0] * shape[1], np.nan)
-    error_map = np.full(shape[0] * shape[1], np.nan)
-    shift_map[pixels], error_map[pixels] = shift * dispersion, error * dispersion
-    try:
-        drift = smooth_drift(shift_map.reshape(shape), error_map.reshape(shape)).ravel()[pixels]  # where sampled
-    except (ValueError, np.linalg.LinAlgError):
-        return 0.0
-    low, high = np.nanpercentile(drift, [2, 98])
-    return float(high - low)
