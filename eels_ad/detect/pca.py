@@ -357,8 +357,9 @@ class PCADetector(SpectrumDetector):
                 scaled = spectra / np.sqrt(pixel_totals)
             else:
                 scaled = spectra
-            channel_sum = channel_sum + spectra.sum(axis=0)
-            total = total + float(spectra.sum())
+            channels = spectra.sum(axis=0)
+            channel_sum = channel_sum + channels
+            total = total + float(channels.sum())  # from the channel sums: one pass over the spectra fewer
             part = scaled.T @ scaled
             del scaled
             if isinstance(gram, np.ndarray):

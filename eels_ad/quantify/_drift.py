@@ -120,8 +120,10 @@ def _robust_drift(value: np.ndarray, error: np.ndarray, usable: np.ndarray, orde
         # the normal matrix is singular (row offsets and the spline share a constant): a ridge far below its scale
         # picks one least-squares solution (the drift, design @ coefficients, is the same for any of them)
         ridge = 1e-10 * max(float(np.trace(normal)) / normal.shape[0], 1e-300)
-        coefficients = linalg.solve(normal + ridge * np.eye(normal.shape[0]), weighted.T @ target, assume_a="pos",
-                                    check_finite=False)
+        # Cholesky: ~3-15x faster than scipy's general solve (which also estimates the condition number)
+        # at these sizes (200-1500 columns), ten times per fit
+        factor = linalg.cho_factor(normal + ridge * np.eye(normal.shape[0]), check_finite=False)
+        coefficients = linalg.cho_solve(factor, weighted.T @ target, check_finite=False)
         residual = (target - design @ coefficients) / sigma
         scale = max(1.4826 * float(np.median(np.abs(residual))), 1.0)
         u = residual / (_BISQUARE * scale)
