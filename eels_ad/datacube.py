@@ -621,3 +621,9 @@ def as_mask(mask: xr.DataArray | np.ndarray, cube: xr.DataArray) -> xr.DataArray
     return xr.DataArray(values, dims=("y", "x"), coords={"y": cube["y"], "x": cube["x"]})
 
 
+def channel_index(channels: np.ndarray) -> slice | np.ndarray:
+    """A boolean channel selection as a slice when it is one run of channels (indexing then makes views)."""
+    chosen = np.flatnonzero(channels)
+    if chosen.size and chosen[-1] - chosen[0] + 1 == chosen.size:
+        return slice(int(chosen[0]), int(chosen[-1]) + 1)
+    return channels

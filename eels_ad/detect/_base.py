@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 import numpy as np
 import xarray as xr
 
-from ..datacube import as_mask, fold_rows, is_lazy, iter_spectra, validate
+from ..datacube import as_mask, channel_index, fold_rows, is_lazy, iter_spectra, validate
 from ._scores import SCORE_TAIL_FAMILY, SCORES, score_spectra
 from .spatial import UpperTail, check_level, empirical_null, fdr_flags, normal_scores, pool_evidence, spatial_flags
 from .threshold import THRESHOLD_METHODS, choose_threshold
@@ -191,7 +191,7 @@ class BaseDetector(abc.ABC):
         tolerance = self._ENERGY_TOLERANCE * step
         energy = cube["energy"].values
         inside = (energy >= fitted[0] - tolerance) & (energy <= fitted[-1] + tolerance)
-        chosen = _as_slice(inside)  # one run of channels: a view of the cube, not a copy
+        chosen = channel_index(inside)  # one run of channels: a view of the cube, not a copy
         selected = cube.isel(energy=chosen if isinstance(chosen, slice) else np.flatnonzero(inside))
         values = selected["energy"].values
         if values.size != fitted.size or np.max(np.abs(values - fitted)) > tolerance:
@@ -592,7 +592,7 @@ class SpectrumDetector(BaseDetector):
         :func:`~eels_ad.datacube.fold_rows`), each spectrum against :meth:`_rows_model` given ``context``
         (rows first, e.g. (y, x, components)). With ``rows_wanted`` only those rows' pixels whose context
         is finite are scored again, into ``scores``."""
-        channels = _as_slice(self._score_channels(cube["energy"].values))  # a view, not a copy, per block
+        channels = channel_index(self._score_channels(cube["energy"].values))  # a view, not a copy, per block
         nx = cube.sizes["x"]
 
         def block_scores(rows: slice, spectra: np.ndarray, row_context: np.ndarray | None) -> list:
@@ -680,14 +680,6 @@ def _mapped_sf(sf: Callable[[np.ndarray], np.ndarray], low: float, ref_low: floa
                scores: np.ndarray) -> np.ndarray:
     """``sf`` of scores moved to the reference stratum's location and scale (quantile matching)."""
     return sf(ref_low + (np.asarray(scores, dtype=float) - low) * ratio)
-
-
-def _as_slice(channels: np.ndarray) -> slice | np.ndarray:
-    """A boolean channel selection as a slice when it is one run of channels (indexing then makes views)."""
-    chosen = np.flatnonzero(channels)
-    if chosen.size and chosen[-1] - chosen[0] + 1 == chosen.size:
-        return slice(int(chosen[0]), int(chosen[-1]) + 1)
-    return channels
 
 
 def _check_has_counts(cube: xr.DataArray) -> None:

@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 from scipy import linalg
 
-from ..datacube import fold_rows
-from ._base import FIT_CONTEXTS, RING_EXCLUSION_PVALUE, SpectrumDetector, _as_slice
+from ..datacube import channel_index, fold_rows
+from ._base import FIT_CONTEXTS, RING_EXCLUSION_PVALUE, SpectrumDetector
 from ._scores import score_spectra
 from .spatial import ring_prediction
 from .threshold import ThresholdMethod
@@ -300,7 +300,7 @@ class PCADetector(SpectrumDetector):
         self.context_, self.drift_range_ = self._resolved_context(sample, sample_pixels, energy, (ny, nx))
         if self.context_ == "pixel":  # the kept sample's scores, a work block at a time
             kept = sample[keep.ravel()[sample_pixels]]
-            channels = _as_slice(self._score_channels(energy))
+            channels = channel_index(self._score_channels(energy))
             scores = []
             for spectra in self._work_blocks_of(kept):
                 model = self._reconstruct_spectra(spectra)

@@ -8,7 +8,7 @@ import numpy as np
 import xarray as xr
 
 from .._xp import Backend
-from ..datacube import as_mask, fold_rows, read_rows, row_blocks, validate
+from ..datacube import as_mask, channel_index, fold_rows, read_rows, row_blocks, validate
 from .negbin import Method, Test, group_moments, nb_test, nb_test_from_moments
 
 #: pixels per work block (a lazy cube is read a chunk at a time, converted a work block at a time)
@@ -107,22 +107,26 @@ def compare_regions(
     tested = np.isin(source["energy"].values, cube["energy"].values)
     normalising = np.isin(source["energy"].values, normalising_cube["energy"].values)
     if method == "mom" and test == "wald":
+        # runs of channels as slices: views, not copies, of each block
+        tested_channels, normalising_channels = channel_index(tested), channel_index(normalising)
+
         # one pass over the rows, summing each region's moments: the cube is never held whole
         def block_moments(rows: slice, spectra: np.ndarray, regions: np.ndarray) -> tuple[dict | None, float]:
             region_b = regions[..., 1].ravel()
             chosen = regions[..., 0].ravel() | region_b
             if not chosen.any():
                 return None, 0.0
-            spectra = spectra[chosen]
-            counts = spectra[:, tested]
+            if not chosen.all():
+                spectra, region_b = spectra[chosen], region_b[chosen]
+            counts = spectra[:, tested_channels]
             log_totals = 0.0
             if normalize == "total":
-                totals = spectra[:, normalising].sum(axis=1)
+                totals = spectra[:, normalising_channels].sum(axis=1)
                 _check_totals(totals)
                 log_totals = float(np.log(totals).sum())
             else:
                 totals = np.ones(counts.shape[0])
-            return group_moments(counts.T, region_b[chosen], totals), log_totals
+            return group_moments(counts.T, region_b, totals), log_totals
 
         # rows that hold neither region are not read; over the cluster where one is current
         moments, log_totals = fold_rows(source, block_moments, _add_moments, work_pixels=CHUNK_PIXELS,
