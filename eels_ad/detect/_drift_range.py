@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..datacube import channel_index
+
 
 def training_drift_range(sample: np.ndarray, sample_pixels: np.ndarray, energy: np.ndarray,
                           shape: tuple[int, int], channels: np.ndarray | None = None) -> float:
@@ -27,16 +29,17 @@ def training_drift_range(sample: np.ndarray, sample_pixels: np.ndarray, energy: 
     """
     from ..quantify._drift import smooth_drift
 
-    spectra = np.asarray(sample, dtype=float)
     pixels = np.asarray(sample_pixels)
     if channels is not None:
-        spectra, energy = spectra[:, channels], np.asarray(energy)[channels]
+        sample, energy = sample[:, channel_index(channels)], np.asarray(energy)[channels]
+    spectra = np.asarray(sample, dtype=float)  # one copy of the sample at most
     if spectra.shape[0] < 50 or spectra.shape[1] < 3:
         return 0.0
     totals = spectra.sum(axis=1)
     usable = totals > 0
-    spectra, pixels, totals = spectra[usable], pixels[usable], totals[usable]
-    shape_mean = np.mean(spectra / totals[:, None], axis=0)
+    if not usable.all():
+        spectra, pixels, totals = spectra[usable], pixels[usable], totals[usable]
+    shape_mean = (1.0 / totals) @ spectra / totals.size  # the mean of the spectra / their totals, without a copy
     if not np.ptp(shape_mean) > 0:
         return 0.0
     # edge_shift's one Gauss-Newton step against the model totals x shape_mean, in closed form for that
