@@ -304,10 +304,11 @@ class CVAEDetector(BaseDetector):
             raise ValueError(f"likelihood must be 'poisson' or 'gaussian', got {self.likelihood!r}")
         patch, stride = _pair(self.patch_size, "patch_size"), _pair(self.stride, "stride")
         counts = np.asarray(cube.transpose("y", "x", "energy").values, dtype=np.float32)
-        # context="auto": the training cube's smooth drift, from a seeded sample of its training spectra
-        pixels = np.flatnonzero(np.ones(counts.shape[:2], bool) if mask is None else np.asarray(mask, bool).ravel())
-        sample_pixels = np.sort(np.random.default_rng(self.seed).choice(
-            pixels, min(self.DRIFT_SAMPLE, pixels.size), replace=False))
+        sample_pixels = np.empty(0, dtype=np.int64)
+        if self.context == "auto":  # the training cube's smooth drift, from a seeded sample of its training spectra
+            pixels = np.flatnonzero(np.ones(counts.shape[:2], bool) if mask is None else np.asarray(mask, bool))
+            sample_pixels = np.sort(np.random.default_rng(self.seed).choice(
+                pixels, min(self.DRIFT_SAMPLE, pixels.size), replace=False))
         self.context_, self.drift_range_ = self._resolved_context(
             counts.reshape(-1, energy.size)[sample_pixels], sample_pixels, energy, counts.shape[:2])
         pl.seed_everything(self.seed, workers=True, verbose=False)
