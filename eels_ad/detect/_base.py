@@ -113,8 +113,8 @@ class BaseDetector(abc.ABC):
         whole_rings = max(shape[0] - 2 * reach, 0) * max(shape[1] - 2 * reach, 0)
         if whole_rings < self.AUTO_MIN_WHOLE_RINGS * shape[0] * shape[1]:  # too small for neighbourhoods
             return "pixel", None
-        # every sampled spectrum, trimmed or not: trimming drops the far ends of a large drift, and the drift fit
-        # is robust to local changes of its own
+        # every sampled spectrum (PCA: trimmed or not, as trimming drops the far ends of a large drift); the drift
+        # fit is robust to local changes of its own
         drift_range = training_drift_range(sample, sample_pixels, energy, shape, self._score_channels(energy))
         return ("neighbours" if drift_range > self.AUTO_DRIFT_EV else "pixel"), drift_range
 

@@ -357,9 +357,9 @@ class PCADetector(SpectrumDetector):
                 scaled = spectra / np.sqrt(pixel_totals)
             else:
                 scaled = spectra
-            channels = spectra.sum(axis=0)
-            channel_sum = channel_sum + channels
-            total = total + float(channels.sum())  # from the channel sums: one pass over the spectra fewer
+            block_sums = spectra.sum(axis=0)
+            channel_sum = channel_sum + block_sums
+            total = total + float(block_sums.sum())  # from the channel sums: one pass over the spectra fewer
             part = scaled.T @ scaled
             del scaled
             if isinstance(gram, np.ndarray):
@@ -547,5 +547,3 @@ class PCADetector(SpectrumDetector):
         self.n_components_ = int(self.components_.shape[0])
         if getattr(self, "context_", None) is None:  # files written before context="auto": the context asked for
             self.context_, self.drift_range_ = self.context, None
-
-
