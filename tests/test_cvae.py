@@ -390,6 +390,11 @@ def test_auto_context_follows_the_training_cubes_drift(tmp_path):
     loaded = eels_ad.detect.load(path)
     assert loaded.context_ == "neighbours" and loaded.drift_range_ == chosen[1.0].drift_range_
     xr.testing.assert_identical(loaded.score(test["counts"]), chosen[1.0].score(test["counts"]))
+    # the training pixels' scores (the tail's shape) travel too: every pixel of the training cube is scored once
+    fitted = chosen[1.0]
+    assert fitted.calibration_scores_.size + fitted.training_scores_.size == 40 * 40
+    np.testing.assert_array_equal(loaded.training_scores_, fitted.training_scores_)
+    np.testing.assert_array_equal(loaded.training_strata_, fitted.training_strata_)
     # a file from before context="auto" (no context_, its context a parameter): the parameter
     old = xr.open_dataset(path).load()
     state, params = json.loads(old.attrs["state"]), json.loads(old.attrs["params"])
@@ -403,3 +408,41 @@ def test_auto_context_follows_the_training_cubes_drift(tmp_path):
     # a hole that leaves no ring is refused before training, whichever context "auto" would choose
     with pytest.raises(ValueError, match=r"hole_size \(7, 7\) must leave a ring"):
         CVAEDetector(hole_size=7, progress=False, max_epochs=1).fit(test["counts"])
+
+
+
+def test_the_tail_takes_its_shape_from_the_training_pixels_and_its_scale_from_the_held_out_ones():
+    """A network fits its training pixels more closely than new ones: their scores are too small to calibrate
+    alone, but moved onto the held-out scores' median and 95th percentile they shape the tail beyond the
+    held-out scores' reach (the mass there and every p-value below it stay the held-out scores')."""
+    rng = np.random.default_rng(3)
+    detector = CVAEDetector()
+    detector.calibration_scores_ = 1.0 + rng.gamma(20, 0.065, 512)  # new bulk pixels
+    detector.training_scores_ = rng.gamma(20, 0.05, 3584)  # the training pixels, fitted more closely
+    moved, strata = detector._training_tail_scores()
+    assert moved.size == 3584 and (strata == 0).all()
+    np.testing.assert_allclose(np.quantile(moved, [0.5, 0.95]),
+                               np.quantile(detector.calibration_scores_, [0.5, 0.95]), rtol=1e-9)
+    scores = np.linspace(0.5, 6.0, 400)
+    with_training = detector._tails()[-1](scores)
+    detector.training_scores_ = None
+    detector.__dict__.pop("_tail_cache")
+    held_out = detector._tails()[-1](scores)
+    top = np.sort(detector.calibration_scores_)[-30]  # the tail's threshold: the 30th largest held-out score
+    np.testing.assert_array_equal(with_training[scores <= top], held_out[scores <= top])
+    assert not np.array_equal(with_training[scores > top + 0.2], held_out[scores > top + 0.2])
+    assert np.all(np.diff(with_training) <= 0) and with_training[-1] > 0
+    # with strata (the image's edge band): each stratum's training scores move onto its own held-out scores
+    detector.calibration_scores_ = np.r_[rng.gamma(20, 0.065, 300), 0.5 + rng.gamma(20, 0.08, 212)]
+    detector.calibration_strata_ = np.r_[np.zeros(300, np.int8), np.ones(212, np.int8)]
+    detector.training_scores_ = np.r_[rng.gamma(20, 0.05, 3000), rng.gamma(20, 0.06, 584)]
+    detector.training_strata_ = np.r_[np.zeros(3000, np.int8), np.ones(584, np.int8)]
+    moved, strata = detector._training_tail_scores()
+    for stratum in (0, 1):
+        held = detector.calibration_scores_[detector.calibration_strata_ == stratum]
+        np.testing.assert_allclose(np.quantile(moved[strata == stratum], [0.5, 0.95]),
+                                   np.quantile(held, [0.5, 0.95]), rtol=1e-9)
+    assert set(detector._tails()) == {-1, 0, 1}
+    # a stratum with too few held-out scores for a scale of its own brings no training scores
+    detector.calibration_strata_ = np.r_[np.zeros(400, np.int8), np.ones(112, np.int8)]
+    assert (detector._training_tail_scores()[1] == 0).all()

@@ -231,7 +231,8 @@ class BaseDetector(abc.ABC):
         """
         self._check_params()
         cube = validate(cube)
-        for stale in ("calibration_scores_", "calibration_strata_"):  # a new fit is calibrated afresh
+        for stale in ("calibration_scores_", "calibration_strata_", "training_scores_", "training_strata_"):
+            # a new fit is calibrated afresh
             self.__dict__.pop(stale, None)
         mask_values = None if mask is None else np.asarray(as_mask(mask, cube).values)
         if mask_values is not None and not mask_values.any():
@@ -264,6 +265,10 @@ class BaseDetector(abc.ABC):
             self.calibration_scores_ = scores if calibration is None else scores[calibration]
             if strata is not None:
                 self.calibration_strata_ = strata if calibration is None else strata[calibration]
+            if self.TAIL_FROM_TRAINING and calibration is not None:  # held out: the other pixels trained the model
+                self.training_scores_ = scores[~calibration]
+                if strata is not None:
+                    self.training_strata_ = strata[~calibration]
         threshold = self.get_params().get("threshold", "auto")
         self.threshold_ = float(threshold) if isinstance(threshold, (int, float)) else None
         return self
@@ -314,6 +319,9 @@ class BaseDetector(abc.ABC):
     #: location and scale first (True), rather than to the reference stratum's scores alone (False): for a
     #: calibration set too small to split (the CVAE's held-out strip)
     STRATA_SHARE_TAIL = False
+    #: with a held-out calibration set: the tail's shape also from the scores of the training pixels, each stratum's
+    #: moved onto its held-out scores' location and scale first (:meth:`_tail_sample`)
+    TAIL_FROM_TRAINING = False
 
     def _strata(self, shape: tuple[int, int]) -> np.ndarray | None:
         """(y, x) int map of the calibration strata of a map of ``shape``: pixels whose scores have nulls of
@@ -330,34 +338,68 @@ class BaseDetector(abc.ABC):
         0.877 without drift, for the same realised FDR under drift).
         """
         family = SCORE_TAIL_FAMILY.get(str(self.get_params().get("scoring", "")))
-        strata = getattr(self, "calibration_strata_", None)
+        key = (self.calibration_scores_, getattr(self, "calibration_strata_", None),
+               getattr(self, "training_scores_", None))
         cached = getattr(self, "_tail_cache", None)
-        stale = cached is None or cached[0] is not self.calibration_scores_ or cached[2] is not strata
-        if stale or cached[1] != family:
-            scores = self.calibration_scores_
-            tails = {-1: UpperTail(scores, family=family).sf}
+        if cached is None or any(a is not b for a, b in zip(cached[0], key, strict=True)) or cached[1] != family:
+            scores, strata = self.calibration_scores_, getattr(self, "calibration_strata_", None)
+            extra, extra_strata = self._training_tail_scores()
+            tails = {-1: UpperTail(scores, family=family, tail_sample=extra).sf}
             if strata is not None:
                 values, counts = np.unique(strata, return_counts=True)
                 reference = int(values[np.argmax(counts)])
                 inside = scores[strata == reference]
-                ref_low, ref_high = np.quantile(inside, [0.5, 0.95])
+                inside_extra = None if extra is None else extra[extra_strata == reference]
                 moves = {}
                 for stratum, count in zip(values, counts, strict=True):
                     if int(stratum) != reference and count >= self.MIN_STRATUM_SCORES:
-                        low, high = np.quantile(scores[strata == stratum], [0.5, 0.95])
-                        if high > low and ref_high > ref_low:
-                            moves[int(stratum)] = (low, (ref_high - ref_low) / (high - low))
+                        move = _scale_match(scores[strata == stratum], inside)
+                        if move is not None:
+                            moves[int(stratum)] = move
                 if self.STRATA_SHARE_TAIL:  # every score on the reference's scale, one tail fitted to them all
                     inside = np.array(scores, dtype=float)
-                    for stratum, (low, ratio) in moves.items():
+                    inside_extra = None if extra is None else np.array(extra, dtype=float)
+                    for stratum, move in moves.items():
                         chosen = strata == stratum
-                        inside[chosen] = ref_low + (inside[chosen] - low) * ratio
-                tails[reference] = UpperTail(inside, family=family).sf
-                for stratum, (low, ratio) in moves.items():
-                    tails[stratum] = partial(_mapped_sf, tails[reference], low, ref_low, ratio)
-            cached = (self.calibration_scores_, family, strata, tails)
+                        inside[chosen] = _moved(inside[chosen], *move)
+                        if extra is not None:
+                            chosen = extra_strata == stratum
+                            inside_extra[chosen] = _moved(inside_extra[chosen], *move)
+                tails[reference] = UpperTail(inside, family=family, tail_sample=inside_extra).sf
+                for stratum, move in moves.items():
+                    tails[stratum] = partial(_mapped_sf, tails[reference], move)
+            cached = (key, family, tails)
             self._tail_cache = cached
-        return cached[3]
+        return cached[2]
+
+    def _training_tail_scores(self) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """With :attr:`TAIL_FROM_TRAINING`: the training pixels' scores, each stratum's moved onto the location and
+        scale (median, 95th percentile) of its held-out scores, and their strata; else (None, None).
+
+        They shape the calibration's tail beyond its threshold (:class:`~.spatial.UpperTail`'s ``tail_sample``)
+        while the held-out scores alone set the p-values below it and the tail's mass: the network fits its
+        training pixels more closely than new ones, so their scores would make p-values too small, but they
+        are many, and it is their number that a tail out to 1e-5 needs (the CVAE's held-out strip has 512
+        scores at 64 x 64; the training pixels 3,584). A stratum with fewer than :attr:`MIN_STRATUM_SCORES`
+        held-out scores brings none.
+        """
+        training = getattr(self, "training_scores_", None)
+        if training is None or training.size == 0:
+            return None, None
+        scores, strata = self.calibration_scores_, getattr(self, "calibration_strata_", None)
+        training_strata = getattr(self, "training_strata_", None)
+        if strata is None or training_strata is None:
+            strata, training_strata = np.zeros(scores.shape, np.int8), np.zeros(training.shape, np.int8)
+        parts, part_strata = [], []
+        for stratum in np.unique(strata):
+            held, own = scores[strata == stratum], training[training_strata == stratum]
+            move = _scale_match(own, held) if held.size >= self.MIN_STRATUM_SCORES and own.size else None
+            if move is not None:
+                parts.append(_moved(own, *move))
+                part_strata.append(np.full(own.size, stratum, dtype=np.int8))
+        if not parts:
+            return None, None
+        return np.concatenate(parts), np.concatenate(part_strata)
 
     def _pixel_pvalues(self, raw: np.ndarray, vacuum: np.ndarray | None) -> tuple[np.ndarray, float, float]:
         """Per-pixel p-values of raw scores against the calibration scores (vacuum NaN), each pixel against
@@ -488,8 +530,11 @@ class BaseDetector(abc.ABC):
 
         self._check_fitted()
         state = {"energy_": self.energy_, "calibration_scores_": self.calibration_scores_, **self._state()}
-        if getattr(self, "calibration_strata_", None) is not None:
-            state["calibration_strata_"] = np.asarray(self.calibration_strata_, dtype=np.int8)
+        for name in ("calibration_strata_", "training_strata_"):
+            if getattr(self, name, None) is not None:
+                state[name] = np.asarray(getattr(self, name), dtype=np.int8)
+        if getattr(self, "training_scores_", None) is not None:
+            state["training_scores_"] = np.asarray(self.training_scores_, dtype=float)
         arrays = {name: np.asarray(value) for name, value in state.items() if isinstance(value, np.ndarray)}
         others = {name: value for name, value in state.items() if name not in arrays}
         variables = {name: (tuple(f"{name}_{i}" for i in range(value.ndim)), value) for name, value in arrays.items()}
@@ -524,8 +569,11 @@ class BaseDetector(abc.ABC):
         state.update(json.loads(dataset.attrs.get("state", "{}")))
         detector.energy_ = state.pop("energy_")
         detector.calibration_scores_ = state.pop("calibration_scores_")
-        if "calibration_strata_" in state:  # files written before strata have none: one stratum
-            detector.calibration_strata_ = np.asarray(state.pop("calibration_strata_"), dtype=np.int8)
+        for name in ("calibration_strata_", "training_strata_"):  # files written before strata have none
+            if name in state:
+                setattr(detector, name, np.asarray(state.pop(name), dtype=np.int8))
+        if "training_scores_" in state:  # files written before session 16: the held-out scores alone
+            detector.training_scores_ = np.asarray(state.pop("training_scores_"), dtype=float)
         detector.threshold_ = json.loads(dataset.attrs["threshold_"])
         detector.n_training_spectra_ = int(dataset.attrs["n_training_spectra_"])
         detector._set_state(state)
@@ -676,10 +724,24 @@ def load(path: str | os.PathLike) -> BaseDetector:
         raise ValueError(f"{path}: {error}") from error
 
 
-def _mapped_sf(sf: Callable[[np.ndarray], np.ndarray], low: float, ref_low: float, ratio: float,
+def _scale_match(values: np.ndarray, reference: np.ndarray) -> tuple[float, float, float] | None:
+    """(low, reference low, ratio) that move ``values`` onto ``reference``'s location and scale by their medians
+    and 95th percentiles (:func:`_moved`), or None where either has no spread there."""
+    low, high = np.quantile(values, [0.5, 0.95])
+    ref_low, ref_high = np.quantile(reference, [0.5, 0.95])
+    if not (high > low and ref_high > ref_low):
+        return None
+    return float(low), float(ref_low), float((ref_high - ref_low) / (high - low))
+
+
+def _moved(values: np.ndarray, low: float, ref_low: float, ratio: float) -> np.ndarray:
+    return ref_low + (np.asarray(values, dtype=float) - low) * ratio
+
+
+def _mapped_sf(sf: Callable[[np.ndarray], np.ndarray], move: tuple[float, float, float],
                scores: np.ndarray) -> np.ndarray:
     """``sf`` of scores moved to the reference stratum's location and scale (quantile matching)."""
-    return sf(ref_low + (np.asarray(scores, dtype=float) - low) * ratio)
+    return sf(_moved(scores, *move))
 
 
 def _check_has_counts(cube: xr.DataArray) -> None:

@@ -134,10 +134,15 @@ def pixel_pvalues(
 
 class UpperTail:
     """The upper-tail p-value of scores against a sample of null scores (see :func:`pixel_pvalues`):
-    conformal below the ``1 - tail_fraction`` quantile, a generalised Pareto tail above it, fitted once."""
+    conformal below the ``1 - tail_fraction`` quantile, a generalised Pareto tail above it, fitted once.
+
+    ``tail_sample``: more null scores on the sample's scale that shape the tail beyond the threshold ``t`` but
+    not its mass there or the p-values below it, which stay the sample's: ``P(X > x) = P(X > t) P(X > x | X >
+    t)``, the first factor from the sample alone, the second from an upper tail of both samples together.
+    """
 
     def __init__(self, sample: np.ndarray, *, tail_fraction: float = 0.025, outlier_mads: float | None = None,
-                 family: str | None = None):
+                 family: str | None = None, tail_sample: np.ndarray | None = None):
         from scipy import stats
 
         if family is not None and family not in TAIL_FAMILIES:
@@ -151,8 +156,13 @@ class UpperTail:
             else int(np.floor(n * (1 - tail_fraction)))
         self.threshold = self.bulk[start]
         excess = self.bulk[start:] - self.threshold
-        self.tail = self.light = None
-        if excess.size >= 10 and np.ptp(excess) > 0:
+        self.tail = self.light = self.outer = None
+        if tail_sample is not None and excess.size > 0:  # the tail's shape from the larger sample, its mass from ours
+            self.outer = UpperTail(np.concatenate([self.bulk, np.asarray(tail_sample, dtype=float).ravel()]),
+                                   tail_fraction=tail_fraction, family=family)
+            self.outer_at_threshold = float(self.outer.sf(np.array([self.threshold]))[0])
+            self.tail = ((n - start) / (n + 1.0), 0.0, 0.0)
+        elif excess.size >= 10 and np.ptp(excess) > 0:
             shape, _, scale = stats.genpareto.fit(excess, floc=0)
             if family is not None and shape < FAMILY_SHAPE:  # not clearly heavier than the exponential
                 log_sf = self._family_tail(family)
@@ -163,7 +173,7 @@ class UpperTail:
             if shape < SHAPE_FLOOR:  # lighter than the floor allows: the floor's tail, with the same mean excess
                 shape, scale = SHAPE_FLOOR, float(np.mean(excess)) * (1 - SHAPE_FLOOR)
             # the conformal p-value at the tail's start, less its own +1
-            self.tail = (excess.size / (n + 1.0), shape, scale)
+            self.tail = ((n - start) / (n + 1.0), shape, scale)
 
     def _family_tail(self, family: str) -> Callable[[np.ndarray], np.ndarray]:
         """The log survival function of the family fitted to the whole null sample (scale, or moments)."""
@@ -200,7 +210,9 @@ class UpperTail:
         in_tail = values > self.threshold
         if self.tail is not None and in_tail.any():
             anchor, shape, scale = self.tail
-            if self.light is not None:  # the family's decay, from its value at the threshold
+            if self.outer is not None:  # P(X > x | X > threshold) from the larger sample
+                log_tail = np.log(self.outer.sf(values[in_tail]) / self.outer_at_threshold)
+            elif self.light is not None:  # the family's decay, from its value at the threshold
                 log_tail = self.light(values[in_tail])
             else:
                 log_tail = stats.genpareto.logsf(values[in_tail] - self.threshold, shape, scale=scale)
