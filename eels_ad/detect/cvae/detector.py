@@ -519,8 +519,9 @@ class CVAEDetector(BaseDetector):
         """With ``context="neighbours"``: 1 for the pixels whose patch reaches past the image's edge (its ring is
         partly a mirror image; under a drift their null is heavier), 0 inside. Each takes its location and scale
         from its part of the held-out strip, and one tail is fitted to the whole strip on the inside's scale
-        (the strip's parts are too small for tails of their own; the training pixels' scores are no guide
-        here: the network has learnt its training cube's edges)."""
+        (the strip's parts are too small for tails of their own; the training pixels' scores alone are no guide
+        here, as the network has learnt its training cube's edges, but moved onto each stratum's held-out
+        scale they shape the tail beyond the strip's reach: :meth:`_training_tail_scores`)."""
         if self._hole() is None:
             return None
         _, hole, rows_of, cols_of, pad = self._hole_frame(shape)
