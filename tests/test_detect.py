@@ -375,3 +375,39 @@ def test_the_fused_score_kernel_equals_the_array_scores(channels):
     # the public scores take the kernel for big blocks only (numba's first dispatch costs ~1 s per process)
     assert not _score_kernels.worth_it(counts, mu)
     assert _score_kernels.worth_it(np.zeros((1024, 1024)), np.zeros((1024, 1024)))
+
+
+def test_the_score_kernel_gives_the_same_scores_in_one_thread_or_several(monkeypatch):
+    from eels_ad.detect import _score_kernels
+    from eels_ad.detect._scores import _FLOOR, _deviance_table
+
+    if not _score_kernels.available():
+        pytest.skip("numba is not installed: the array versions score")
+    rng = np.random.default_rng(5)
+    model = rng.uniform(0.5, 60.0, (1500, 400))
+    counts = rng.poisson(model).astype(float)
+    counts[0, :5] = [0.5, 7000.0, 2.5, 0.0, 4095.0]  # not whole, beyond the log table, its last entry
+    several = _score_kernels.fused_scores(counts, model, _FLOOR, _deviance_table(), True)
+    monkeypatch.setattr(_score_kernels, "_threads", lambda: 1)
+    one = _score_kernels.fused_scores(counts, model, _FLOOR, _deviance_table(), True)
+    np.testing.assert_array_equal(several, one)  # each spectrum alone: the same whatever the split
+    from eels_ad.detect._scores import _in_pieces, _deviance_z, edge_shift_z
+
+    arrays = _in_pieces(lambda c, m: np.maximum(edge_shift_z(c, m), _deviance_z(c, m)), counts, model)
+    np.testing.assert_allclose(one, arrays, rtol=1e-9, atol=1e-9)
+
+
+def test_the_approximate_eigenpairs_that_judge_trimming_match_lapack_where_they_stand_out():
+    from eels_ad.detect.pca import _leading_eigenpairs
+
+    rng = np.random.default_rng(2)
+    noise = rng.standard_normal((400, 4000))
+    gram = noise @ noise.T / 4000
+    basis = np.linalg.qr(rng.standard_normal((400, 3)))[0]
+    gram += basis @ np.diag([500.0, 40.0, 6.0]) @ basis.T  # three components above noise eigenvalues of ~1-3
+    exact_values, exact_vectors = _leading_eigenpairs(gram.copy(), 21, exact=True)
+    values, vectors = _leading_eigenpairs(gram.copy(), 21, exact=False)
+    np.testing.assert_allclose(values[-3:], exact_values[-3:], rtol=1e-10)
+    np.testing.assert_allclose(np.abs(np.sum(vectors[:, -3:] * exact_vectors[:, -3:], axis=0)), 1.0, atol=1e-8)
+    # those within the noise only roughly: never above the exact ones (Ritz values), within 10 %
+    assert np.all(values[:-3] <= exact_values[:-3] + 1e-9) and np.all(values[:-3] > 0.9 * exact_values[:-3])

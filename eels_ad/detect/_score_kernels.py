@@ -16,8 +16,9 @@ import numpy as np
 
 #: spectra x channels of a call below which the array versions run: numba's import (~0.6 s) and first dispatch
 #: (~1.1 s, from its cache) are paid once per process, on the first call at least this big (the work blocks of a
-#: cube with ~1,000 channels), and repaid after a few such blocks (2-2.7x faster)
-MIN_ELEMENTS = 1 << 20
+#: cube with ~1,000 channels, and the last, shorter block of PCA's 4,000 calibration spectra), and repaid after
+#: a few such blocks (2-2.7x faster)
+MIN_ELEMENTS = 1 << 19
 
 
 @functools.lru_cache(maxsize=1)
@@ -50,6 +51,43 @@ def fused_scores(counts: np.ndarray, model: np.ndarray, floor: float, table: tup
     flat_model = np.ascontiguousarray(model.reshape(-1, model.shape[-1]))
     out = np.empty(flat_counts.shape[0])
     step = float(log_mu[1] - log_mu[0])
-    _kernel()(flat_counts, flat_model, float(floor), float(log_mu[0]), step, np.ascontiguousarray(means),
-              np.ascontiguousarray(variances), bool(with_shift), out)
+    args = (float(floor), float(log_mu[0]), step, np.ascontiguousarray(means), np.ascontiguousarray(variances),
+            bool(with_shift), _log_counts())
+    kernel, n = _kernel(), flat_counts.shape[0]
+    workers = _threads()
+    if workers > 1 and n >= 2 * MIN_THREAD_SPECTRA:
+        # the kernel releases the GIL: the spectra in as many parts as the process has cores
+        bounds = np.linspace(0, n, workers + 1).astype(int)
+        parts = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        list(_pool(workers).map(lambda part: kernel(flat_counts[part], flat_model[part], *args, out[part]), parts))
+    else:
+        kernel(flat_counts, flat_model, *args, out)
     return out.reshape(shape)
+
+
+#: spectra per thread at least when the kernel runs in several threads
+MIN_THREAD_SPECTRA = 256
+
+
+@functools.lru_cache(maxsize=1)
+def _threads() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+@functools.lru_cache(maxsize=1)
+def _pool(workers: int):
+    from concurrent.futures import ThreadPoolExecutor
+
+    return ThreadPoolExecutor(workers, thread_name_prefix="eels-ad-score")
+
+
+#: whole counts whose logs the kernel looks up rather than computes
+LOG_TABLE_COUNTS = 4096
+
+
+@functools.lru_cache(maxsize=1)
+def _log_counts() -> np.ndarray:
+    """``log(k)`` of the whole counts ``k < LOG_TABLE_COUNTS`` (0 at k = 0, never looked up)."""
+    return np.log(np.maximum(np.arange(LOG_TABLE_COUNTS, dtype=np.float64), 1.0))

@@ -43,6 +43,29 @@ def _accumulate_moments_and_lists(total: tuple, part: tuple) -> tuple:
     return _accumulate_moments(total[0], part[0]), total[1]
 
 
+#: subspace iterations of :func:`_leading_eigenpairs`' approximate path
+SUBSPACE_ITERATIONS: int = 16
+
+
+def _leading_eigenpairs(gram: np.ndarray, wanted: int, exact: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """The ``wanted`` largest eigenvalues (ascending) and their vectors of a symmetric matrix.
+
+    Exact: LAPACK's subset driver (~4x faster than the whole decomposition at 1024 channels). Otherwise
+    :data:`SUBSPACE_ITERATIONS` block power iterations of a seeded basis 10 wider than ``wanted``, then
+    Rayleigh-Ritz: the eigenpairs well above the rest (the bulk's components, hundreds of times the noise) to
+    rounding, those within the noise only roughly, for a tenth of the time.
+    """
+    n = gram.shape[0]
+    if exact or 4 * (wanted + 10) > n:
+        return linalg.eigh(gram, subset_by_index=[n - wanted, n - 1], driver="evr", overwrite_a=True,
+                           check_finite=False)
+    basis = np.random.default_rng(0).standard_normal((n, wanted + 10))
+    for _ in range(SUBSPACE_ITERATIONS):
+        basis, _ = np.linalg.qr(gram @ basis)
+    values, vectors = np.linalg.eigh(basis.T @ gram @ basis)
+    return values[-wanted:], basis @ vectors[:, -wanted:]
+
+
 class PCADetector(SpectrumDetector):
     """Anomalies are spectra the principal components of the bulk cannot reconstruct.
 
@@ -255,7 +278,7 @@ class PCADetector(SpectrumDetector):
                                    accumulate=_accumulate_moments_and_lists)
         sample = np.concatenate(parts)
         del parts
-        self._components_from(moments, energy, n_train)
+        self._components_from(moments, energy, n_train, exact=not self.robust)  # robust: a second fit follows
         self.n_trimmed_ = 0
         keep = training.copy()  # (y, x): training spectra not trimmed
         limit = self.TRIMMED_HELD
@@ -281,6 +304,7 @@ class PCADetector(SpectrumDetector):
             dropped, held = fold_rows(cube, trim_pass, gather, work_pixels=self.chunk_pixels,
                                       rows_wanted=keep.any(axis=1), row_data=keep)
             if dropped.size == 0:
+                self._components_from(moments, energy, n_train)  # the approximate components not kept
                 break
             now_dropped = np.zeros_like(keep)
             now_dropped.ravel()[dropped] = True
@@ -349,7 +373,13 @@ class PCADetector(SpectrumDetector):
 
     def _moments(self, blocks) -> tuple[np.ndarray, float, np.ndarray]:
         """(channel sums, total counts, cross-product matrix) of the spectra of ``blocks``, Poisson-scaled when
-        normalising (spectra dropped by trimming are taken out by subtracting their moments)."""
+        normalising (spectra dropped by trimming are taken out by subtracting their moments).
+
+        Double precision throughout: single-precision cross products about each block's mean measured 1.5x
+        faster per block at 1,024 channels (0.2 s of PCA's 2 s at 128 x 128 x 1024) but left scores ~2e-5
+        apart between a lazy cube and the same cube in memory (their work blocks differ), where double
+        precision keeps them within 1e-9.
+        """
         channel_sum, total, gram = 0.0, 0.0, 0.0
         for spectra in blocks:
             if self.poisson_normalize:
@@ -370,14 +400,32 @@ class PCADetector(SpectrumDetector):
 
     def _coefficients(self, spectra: np.ndarray) -> np.ndarray:
         """Component scores of spectra, per unit pixel weight."""
-        weighted = spectra - self.mean_  # in place from here: one array of the spectra's size
-        weighted /= self.channel_weights_
+        analysis, _, offset = self._projectors()
+        coefficients = spectra @ analysis
+        coefficients -= offset
         if self.poisson_normalize:
-            weighted /= np.sqrt(np.maximum(spectra.sum(axis=1, keepdims=True), 1e-12))
-        return weighted @ self.components_.T
+            coefficients /= np.sqrt(np.maximum(spectra.sum(axis=1, keepdims=True), 1e-12))
+        return coefficients
+
+    def _projectors(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(channels x components, components x channels, components): the components divided and multiplied by
+        the channel weights, and the mean's coefficients, so that ``((x - mean) / w) @ V.T = x @ A - offset`` and
+        ``(c @ V) * w = c @ S``: a spectrum goes to its coefficients and back by two thin products, without
+        temporaries of the spectra's size (kept until the components change)."""
+        cached = getattr(self, "_projector_cache", None)
+        if cached is None or cached[0] is not self.components_ or cached[1] is not self.channel_weights_ \
+                or cached[2] is not self.mean_:
+            analysis = self.components_.T / self.channel_weights_[:, None]
+            cached = (self.components_, self.channel_weights_, self.mean_, analysis,
+                      self.components_ * self.channel_weights_, self.mean_ @ analysis)
+            self._projector_cache = cached
+        return cached[3:]
 
     def _components_from(self, moments: tuple[np.ndarray, float, np.ndarray], energy: np.ndarray,
-                         n_train: int) -> None:
+                         n_train: int, exact: bool = True) -> None:
+        """Components, eigenvalues and weights from the moments. ``exact=False`` (the components that only judge
+        which spectra robust trimming leaves out): the leading eigenpairs by a few seeded subspace iterations
+        instead of LAPACK (:func:`_leading_eigenpairs`)."""
         if not (self.n_components == "auto" or (isinstance(self.n_components, (int, np.integer))
                                                 and self.n_components >= 1)):
             raise ValueError(f"n_components must be a positive integer or 'auto', got {self.n_components!r}")
@@ -408,8 +456,7 @@ class PCADetector(SpectrumDetector):
         # from the trace
         wanted = min(n_channels, (self.max_components if self.n_components == "auto" else int(self.n_components)) + 1)
         total_variance = float(np.trace(gram))
-        eigenvalues, eigenvectors = linalg.eigh(gram, subset_by_index=[n_channels - wanted, n_channels - 1],
-                                                driver="evr", overwrite_a=True, check_finite=False)
+        eigenvalues, eigenvectors = _leading_eigenpairs(gram, wanted, exact)
         del gram
         order = np.argsort(eigenvalues)[::-1]
         eigenvalues = np.maximum(eigenvalues[order], 0.0)
@@ -440,12 +487,12 @@ class PCADetector(SpectrumDetector):
     def _reconstruct_spectra(self, spectra: np.ndarray) -> np.ndarray:
         # a pixel's own weight sqrt(g_i) cancels in projection then rescaling, so each spectrum is
         # reconstructed from itself alone (scores never depend on the rest of the cube)
-        weighted = spectra - self.mean_
-        weighted /= self.channel_weights_
-        projected = (weighted @ self.components_.T) @ self.components_
-        del weighted
-        projected *= self.channel_weights_
-        projected += self.mean_
+        analysis, synthesis, offset = self._projectors()
+        coefficients = spectra @ analysis
+        coefficients -= offset
+        projected = coefficients @ synthesis
+        if not self.poisson_normalize:  # centred PCA (Poisson normalisation does not centre: mean_ is 0)
+            projected += self.mean_
         return projected
 
     def _own_coefficients(self, cube) -> np.ndarray:
@@ -505,10 +552,12 @@ class PCADetector(SpectrumDetector):
 
     def _predicted_spectra(self, spectra: np.ndarray, coefficients: np.ndarray) -> np.ndarray:
         """Spectra from component scores (per unit pixel weight), rescaled to each spectrum's counts."""
-        model = (coefficients @ self.components_) * self.channel_weights_
+        model = coefficients @ self._projectors()[1]
         if self.poisson_normalize:
-            model = model * np.sqrt(np.maximum(spectra.sum(axis=1, keepdims=True), 1e-12))
-        return model + self.mean_
+            model *= np.sqrt(np.maximum(spectra.sum(axis=1, keepdims=True), 1e-12))
+        else:
+            model += self.mean_
+        return model
 
     def _strata(self, shape: tuple[int, int]) -> np.ndarray | None:
         """With ``context="neighbours"``: 1 in the band along the image's edges where the ring is cut (a plane
