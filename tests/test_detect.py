@@ -391,7 +391,7 @@ def test_the_score_kernel_gives_the_same_scores_in_one_thread_or_several(monkeyp
     monkeypatch.setattr(_score_kernels, "_threads", lambda: 1)
     one = _score_kernels.fused_scores(counts, model, _FLOOR, _deviance_table(), True)
     np.testing.assert_array_equal(several, one)  # each spectrum alone: the same whatever the split
-    from eels_ad.detect._scores import _in_pieces, _deviance_z, edge_shift_z
+    from eels_ad.detect._scores import _deviance_z, _in_pieces, edge_shift_z
 
     arrays = _in_pieces(lambda c, m: np.maximum(edge_shift_z(c, m), _deviance_z(c, m)), counts, model)
     np.testing.assert_allclose(one, arrays, rtol=1e-9, atol=1e-9)
