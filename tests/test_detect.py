@@ -387,6 +387,7 @@ def test_the_score_kernel_gives_the_same_scores_in_one_thread_or_several(monkeyp
     model = rng.uniform(0.5, 60.0, (1500, 400))
     counts = rng.poisson(model).astype(float)
     counts[0, :5] = [0.5, 7000.0, 2.5, 0.0, 4095.0]  # not whole, beyond the log table, its last entry
+    monkeypatch.setattr(_score_kernels, "_threads", lambda: 3)  # whatever cores this test process may use
     several = _score_kernels.fused_scores(counts, model, _FLOOR, _deviance_table(), True)
     monkeypatch.setattr(_score_kernels, "_threads", lambda: 1)
     one = _score_kernels.fused_scores(counts, model, _FLOOR, _deviance_table(), True)

@@ -320,7 +320,7 @@ class BaseDetector(abc.ABC):
     #: calibration set too small to split (the CVAE's held-out strip)
     STRATA_SHARE_TAIL = False
     #: with a held-out calibration set: the tail's shape also from the scores of the training pixels, each stratum's
-    #: moved onto its held-out scores' location and scale first (:meth:`_tail_sample`)
+    #: moved onto its held-out scores' location and scale first (:meth:`_training_tail_scores`)
     TAIL_FROM_TRAINING = False
 
     def _strata(self, shape: tuple[int, int]) -> np.ndarray | None:

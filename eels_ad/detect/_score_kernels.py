@@ -76,11 +76,18 @@ def _threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-@functools.lru_cache(maxsize=1)
+_POOLS: dict = {}
+
+
 def _pool(workers: int):
+    """This process's pool of scoring threads (a forked child makes its own: its parent's threads are not in it)."""
+    import os
     from concurrent.futures import ThreadPoolExecutor
 
-    return ThreadPoolExecutor(workers, thread_name_prefix="eels-ad-score")
+    key = (os.getpid(), workers)
+    if key not in _POOLS:
+        _POOLS[key] = ThreadPoolExecutor(workers, thread_name_prefix="eels-ad-score")
+    return _POOLS[key]
 
 
 #: whole counts whose logs the kernel looks up rather than computes
