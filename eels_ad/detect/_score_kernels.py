@@ -43,7 +43,9 @@ def worth_it(counts: np.ndarray, model: np.ndarray) -> bool:
 
 def fused_scores(counts: np.ndarray, model: np.ndarray, floor: float, table: tuple[np.ndarray, np.ndarray, np.ndarray],
                  with_shift: bool) -> np.ndarray:
-    """max(shift z, deviance z) (``with_shift``) or the deviance z of (..., energy) spectra, float64."""
+    """max(shift z, deviance z) (``with_shift``) or the deviance z of (..., energy) spectra, float64; the spectra
+    split over one thread per core of the process (the kernel releases the GIL; each spectrum is scored alone, so
+    the split does not change a score)."""
     log_mu, means, variances = table
     counts, model = np.broadcast_arrays(np.asarray(counts, dtype=float), np.asarray(model, dtype=float))
     shape = counts.shape[:-1]

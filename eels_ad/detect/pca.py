@@ -284,7 +284,7 @@ class PCADetector(SpectrumDetector):
         limit = self.TRIMMED_HELD
         # the robust fit's spectra: a seeded part of the sample
         judged = sample[np.sort(rng.permutation(size)[:min(self.MCD_SAMPLE, size)])]
-        for _ in range(self.TRIM_ROUNDS if self.robust else 0):
+        for trim_round in range(self.TRIM_ROUNDS if self.robust else 0):
             location, precision, cut = self._robust_fit(self._features(self._coefficients(judged)))
 
             def trim_pass(rows: slice, spectra: np.ndarray, rows_keep: np.ndarray, location=location,
@@ -304,7 +304,8 @@ class PCADetector(SpectrumDetector):
             dropped, held = fold_rows(cube, trim_pass, gather, work_pixels=self.chunk_pixels,
                                       rows_wanted=keep.any(axis=1), row_data=keep)
             if dropped.size == 0:
-                self._components_from(moments, energy, n_train)  # the approximate components not kept
+                if trim_round == 0:  # the first round's components are approximate: not kept
+                    self._components_from(moments, energy, n_train)
                 break
             now_dropped = np.zeros_like(keep)
             now_dropped.ravel()[dropped] = True

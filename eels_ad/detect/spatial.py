@@ -161,7 +161,7 @@ class UpperTail:
             self.outer = UpperTail(np.concatenate([self.bulk, np.asarray(tail_sample, dtype=float).ravel()]),
                                    tail_fraction=tail_fraction, family=family)
             self.outer_at_threshold = float(self.outer.sf(np.array([self.threshold]))[0])
-            self.tail = ((n - start) / (n + 1.0), 0.0, 0.0)
+            self.tail = ((n - start) / (n + 1.0), 0.0, 0.0)  # the anchor; the shape is the outer tail's
         elif excess.size >= 10 and np.ptp(excess) > 0:
             shape, _, scale = stats.genpareto.fit(excess, floc=0)
             if family is not None and shape < FAMILY_SHAPE:  # not clearly heavier than the exponential
