@@ -174,13 +174,16 @@ def test_pca_on_a_lazy_cube_holds_two_chunks_and_the_model_whatever_the_cube_siz
         if rows == 96:  # imports and caches out of the count
             PCADetector(robust=True, chunk_pixels=256).fit(lazy).score(lazy)
         for context in ("pixel", "neighbours"):
-            tracemalloc.start()
-            detector = PCADetector(robust=True, chunk_pixels=256, context=context).fit(lazy)
-            fits[rows, context] = tracemalloc.get_traced_memory()[1]
-            tracemalloc.reset_peak()
-            detector.score(lazy)
-            scores[rows, context] = tracemalloc.get_traced_memory()[1]
-            tracemalloc.stop()
+            # whether the chunk read ahead is held at the peak depends on the threads' timing (measured on one
+            # core: 22.1 or 24.2 MiB for the same fit): the largest of three runs is each figure
+            for _ in range(3):
+                tracemalloc.start()
+                detector = PCADetector(robust=True, chunk_pixels=256, context=context).fit(lazy)
+                fits[rows, context] = max(fits.get((rows, context), 0), tracemalloc.get_traced_memory()[1])
+                tracemalloc.reset_peak()
+                detector.score(lazy)
+                scores[rows, context] = max(scores.get((rows, context), 0), tracemalloc.get_traced_memory()[1])
+                tracemalloc.stop()
     chunk_bytes = 32 * 64 * 512 * 4  # one stored chunk of rows (int32 counts)
     work_bytes = 4 * 256 * 512 * 8  # a work block of chunk_pixels spectra as float64, and its temporaries
     # the model: the sample of spectra (float32) held for the robust fit and the calibration, and the
