@@ -23,6 +23,8 @@ from typing import Any, Literal
 import numpy as np
 import xarray as xr
 
+from ._threads import cores
+
 DIMS: tuple[str, str, str] = ("y", "x", "energy")
 """The dims of every datacube, in this order."""
 
@@ -276,8 +278,8 @@ def row_blocks(cube: xr.DataArray, max_pixels: int) -> Iterator[slice]:
 
 def read_blocks(cube: xr.DataArray, blocks: Iterable[slice], dtype: Any = None) -> Iterator[tuple[slice, np.ndarray]]:
     """(rows, values) of each block of rows in turn (:func:`read_rows`); for a lazy cube the next block is
-    read (decompressed) in a thread while the caller works on this one, so reading and computing overlap.
-    At most two blocks are held."""
+    read (decompressed) in a thread while the caller works on this one, so reading and computing overlap
+    (:func:`compute_cores` says how many cores that work has meanwhile). At most two blocks are held."""
     blocks = list(blocks)
     if not is_lazy(cube) or len(blocks) < 2:
         for block in blocks:
@@ -285,13 +287,29 @@ def read_blocks(cube: xr.DataArray, blocks: Iterable[slice], dtype: Any = None) 
         return
     from concurrent.futures import ThreadPoolExecutor
 
+    def submit(block: slice) -> Any:
+        future = pool.submit(read_rows, cube, block, dtype)
+        _READS_IN_FLIGHT.add(future)
+        future.add_done_callback(_READS_IN_FLIGHT.discard)
+        return future
+
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="eels-ad-read") as pool:
-        pending = pool.submit(read_rows, cube, blocks[0], dtype)
+        pending = submit(blocks[0])
         for index, block in enumerate(blocks):
             values = pending.result()
             if index + 1 < len(blocks):
-                pending = pool.submit(read_rows, cube, blocks[index + 1], dtype)
+                pending = submit(blocks[index + 1])
             yield block, values
+
+
+#: the chunk reads running in :func:`read_blocks`' threads (each leaves when it is done)
+_READS_IN_FLIGHT: set = set()
+
+
+def compute_cores() -> int:
+    """The cores that work on spectra may use now: all of the process's, one fewer while a chunk is being read
+    (decompressed) beside it (:func:`read_blocks`), at least one."""
+    return max(1, cores() - (1 if any(not read.done() for read in list(_READS_IN_FLIGHT)) else 0))
 
 
 def iter_spectra(cube: xr.DataArray, work_pixels: int, *, rows_wanted: np.ndarray | None = None,
@@ -439,17 +457,52 @@ def _cores_beside_reader(reading: bool) -> Any:
     """A context in which BLAS leaves one core to the thread that reads (decompresses) the next chunk.
 
     Measured on 2 cores (a 256 x 256 x 1024 compressed NetCDF): a robust PCA fit and score in 6.9 s with
-    one BLAS thread against 8.3 s with two, which fought the reader for the cores.
+    one BLAS thread against 8.3 s with two, which fought the reader for the cores. (Work that splits itself
+    over threads while no read is in flight, :func:`compute_cores`, does so with Python threads: BLAS's own
+    threads spin for a while after each call and slow down what follows.)
     """
     import contextlib
 
     if not reading:
         return contextlib.nullcontext()
-    from threadpoolctl import threadpool_info, threadpool_limits
+    from threadpoolctl import threadpool_info
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     current = max((pool["num_threads"] for pool in threadpool_info() if pool.get("user_api") == "blas"), default=1)
-    return threadpool_limits(max(1, min(current, cores - 1)), user_api="blas")
+    return _BlasBesideReader(max(1, min(current, cores() - 1)))
+
+
+class _BlasBesideReader:
+    """threadpoolctl's limit on BLAS's threads beside the chunk reader, noted for :func:`work_parts`."""
+
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+
+    def __enter__(self) -> _BlasBesideReader:
+        from threadpoolctl import threadpool_limits
+
+        global _BLAS_BESIDE_READER
+        self.limits = threadpool_limits(self.threads, user_api="blas")
+        self.before, _BLAS_BESIDE_READER = _BLAS_BESIDE_READER, self.threads
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        global _BLAS_BESIDE_READER
+        _BLAS_BESIDE_READER = self.before
+        self.limits.restore_original_limits()
+
+
+#: BLAS's threads while a fold reads beside its work (:func:`_cores_beside_reader`), else None
+_BLAS_BESIDE_READER: int | None = None
+
+
+def work_parts() -> int:
+    """Into how many parts, each in a Python thread, BLAS-heavy work of a fold may split now: inside a fold over a
+    lazy cube (BLAS limited to leave the chunk reader a core), as many as the cores not reading hold BLAS's
+    threads, e.g. 2 on 2 cores while the reader has nothing in flight (the last chunk's work, or work that
+    outruns the reads); 1 elsewhere (BLAS has every core)."""
+    if _BLAS_BESIDE_READER is None:
+        return 1
+    return max(1, compute_cores() // _BLAS_BESIDE_READER)
 
 
 def _fold_chunk(values: np.ndarray, first_row: int, func: Any, combine: Any, work_pixels: int,

@@ -412,3 +412,35 @@ def test_the_approximate_eigenpairs_that_judge_trimming_match_lapack_where_they_
     np.testing.assert_allclose(np.abs(np.sum(vectors[:, -3:] * exact_vectors[:, -3:], axis=0)), 1.0, atol=1e-8)
     # those within the noise only roughly: never above the exact ones (Ritz values), within 10 %
     assert np.all(values[:-3] <= exact_values[:-3] + 1e-9) and np.all(values[:-3] > 0.9 * exact_values[:-3])
+
+
+def test_the_cross_products_split_over_threads_equal_one_product(monkeypatch):
+    from eels_ad import datacube
+    from eels_ad.detect import pca
+
+    scaled = np.random.default_rng(3).poisson(5.0, (1500, 200)).astype(float)
+    monkeypatch.setattr(datacube, "work_parts", lambda: 3)
+    np.testing.assert_allclose(pca._cross_products(scaled), scaled.T @ scaled, rtol=1e-12)
+    # fewer than 256 spectra a part: one product
+    assert pca._cross_products(scaled[:300]) is not None
+
+
+def test_work_beside_a_chunk_read_leaves_the_reader_a_core():
+    from concurrent.futures import Future
+
+    from eels_ad import _threads, datacube
+
+    assert datacube.work_parts() == 1  # outside a fold BLAS has every core
+    reading = Future()  # a read in flight
+    datacube._READS_IN_FLIGHT.add(reading)
+    try:
+        assert datacube.compute_cores() == max(1, _threads.cores() - 1)
+        with datacube._cores_beside_reader(True):
+            assert datacube.work_parts() == 1
+    finally:
+        datacube._READS_IN_FLIGHT.discard(reading)
+    assert datacube.compute_cores() == _threads.cores()
+    with datacube._cores_beside_reader(True) as limited:
+        # with nothing in flight the reader's core is spare: as many parts as the cores hold BLAS's threads
+        assert datacube.work_parts() == max(1, _threads.cores() // limited.threads)
+    assert datacube.work_parts() == 1

@@ -14,6 +14,8 @@ import importlib.util
 
 import numpy as np
 
+from .._threads import pool
+
 #: spectra x channels of a call below which the array versions run: numba's import (~0.6 s) and first dispatch
 #: (~1.1 s, from its cache) are paid once per process, on the first call at least this big (the work blocks of a
 #: cube with ~1,000 channels, and the last, shorter block of PCA's 4,000 calibration spectra), and repaid after
@@ -61,7 +63,7 @@ def fused_scores(counts: np.ndarray, model: np.ndarray, floor: float, table: tup
         # the kernel releases the GIL: the spectra in as many parts as the process has cores
         bounds = np.linspace(0, n, workers + 1).astype(int)
         parts = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-        list(_pool(workers).map(lambda part: kernel(flat_counts[part], flat_model[part], *args, out[part]), parts))
+        list(pool(workers).map(lambda part: kernel(flat_counts[part], flat_model[part], *args, out[part]), parts))
     else:
         kernel(flat_counts, flat_model, *args, out)
     return out.reshape(shape)
@@ -71,25 +73,11 @@ def fused_scores(counts: np.ndarray, model: np.ndarray, floor: float, table: tup
 MIN_THREAD_SPECTRA = 256
 
 
-@functools.lru_cache(maxsize=1)
 def _threads() -> int:
-    import os
+    """The process's cores, one fewer while a chunk of a lazy cube is being read beside the scoring."""
+    from ..datacube import compute_cores
 
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-_POOLS: dict = {}
-
-
-def _pool(workers: int):
-    """This process's pool of scoring threads (a forked child makes its own: its parent's threads are not in it)."""
-    import os
-    from concurrent.futures import ThreadPoolExecutor
-
-    key = (os.getpid(), workers)
-    if key not in _POOLS:
-        _POOLS[key] = ThreadPoolExecutor(workers, thread_name_prefix="eels-ad-score")
-    return _POOLS[key]
+    return compute_cores()
 
 
 #: whole counts whose logs the kernel looks up rather than computes

