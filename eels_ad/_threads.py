@@ -18,10 +18,11 @@ def cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def pool(workers: int) -> ThreadPoolExecutor:
-    """This process's pool of ``workers`` threads (a forked child makes its own: its parent's threads are not in
-    it)."""
-    key = (os.getpid(), workers)
+def pool(workers: int, role: str = "work") -> ThreadPoolExecutor:
+    """This process's pool of ``workers`` threads for ``role`` (work that splits itself over cores; "read": the
+    chunk reader; "side": work beside the main thread's). A forked child makes its own: its parent's threads are
+    not in it."""
+    key = (os.getpid(), role, workers)
     if key not in _POOLS:
-        _POOLS[key] = ThreadPoolExecutor(workers, thread_name_prefix="eels-ad-work")
+        _POOLS[key] = ThreadPoolExecutor(workers, thread_name_prefix=f"eels-ad-{role}")
     return _POOLS[key]
