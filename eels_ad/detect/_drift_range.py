@@ -32,14 +32,17 @@ def training_drift_range(sample: np.ndarray, sample_pixels: np.ndarray, energy: 
     pixels = np.asarray(sample_pixels)
     if channels is not None:
         sample, energy = sample[:, channel_index(channels)], np.asarray(energy)[channels]
-    spectra = np.asarray(sample, dtype=float)  # one copy of the sample at most
+    spectra = np.asarray(sample)  # as held (PCA holds float32): products in its type, no float64 copy
+    if not np.issubdtype(spectra.dtype, np.floating):
+        spectra = spectra.astype(np.float64)
     if spectra.shape[0] < 50 or spectra.shape[1] < 3:
         return 0.0
-    totals = spectra.sum(axis=1)
+    totals = spectra.sum(axis=1, dtype=np.float64)
     usable = totals > 0
     if not usable.all():
         spectra, pixels, totals = spectra[usable], pixels[usable], totals[usable]
-    shape_mean = (1.0 / totals) @ spectra / totals.size  # the mean of the spectra / their totals, without a copy
+    # the mean of the spectra / their totals, without a copy
+    shape_mean = ((1.0 / totals).astype(spectra.dtype) @ spectra).astype(np.float64) / totals.size
     if not np.ptp(shape_mean) > 0:
         return 0.0
     # edge_shift's one Gauss-Newton step against the model totals x shape_mean, in closed form for that
@@ -47,7 +50,7 @@ def training_drift_range(sample: np.ndarray, sample_pixels: np.ndarray, energy: 
     floor = np.maximum(shape_mean, 1e-12)
     slope = np.gradient(floor)
     information = totals * float(np.sum(slope * slope / floor))
-    score = spectra @ (slope / floor) - totals * float(np.sum(slope))
+    score = (spectra @ (slope / floor).astype(spectra.dtype)).astype(np.float64) - totals * float(np.sum(slope))
     shift, error = -score / information, 1.0 / np.sqrt(information)
     dispersion = float(np.abs(np.mean(np.diff(energy))))
     shift_map = np.full(shape[0] * shape[1], np.nan)
