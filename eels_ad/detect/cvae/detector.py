@@ -320,8 +320,7 @@ class CVAEDetector(BaseDetector):
             counts.reshape(-1, energy.size)[sample_pixels], sample_pixels, energy, counts.shape[:2])
         pl.seed_everything(self.seed, workers=True, verbose=False)
         data = PatchDataModule(counts, mask, patch_size=patch, stride=stride, batch_size=self.batch_size,
-                               val_fraction=self.val_fraction, augment=self.augment, hole=self._hole(),
-                               seed=self.seed)
+                               val_fraction=self.val_fraction, augment=self.augment, seed=self.seed)
         data.setup("fit")  # here, not only in DDP worker processes: the split is needed below
         model = CVAE3D(n_channels=energy.size, patch_size=patch, latent_dim=self.latent_dim,
                        widths=tuple(self.widths), likelihood=self.likelihood, beta=self.beta,
@@ -482,8 +481,8 @@ class CVAEDetector(BaseDetector):
             for start in range(0, len(patches), batch_size):
                 block = patches[start:start + batch_size].to(device)
                 scale = scales[start:start + batch_size].to(device)
-                shape = model.shape_of(block, scale).contiguous(memory_format=self.MEMORY_FORMAT)
-                decoded, _, _ = model(shape, sample=False, hole_only=hole_only, seen=model.seen_of(scale))
+                shape = (block / scale.clamp_min(1e-12)).contiguous(memory_format=self.MEMORY_FORMAT)
+                decoded, _, _ = model(shape, sample=False, hole_only=hole_only)
                 if hole_only:
                     block, scale = model.crop_hole(block), model.crop_hole(scale)
                 expected = model.expected_counts(scale, decoded)
@@ -601,7 +600,6 @@ class CVAEDetector(BaseDetector):
                 if blocks is not None:
                     wanted = [i for i, (y, x) in enumerate(corners) if blocks[first + y // hole[0], x // hole[1]]]
                     patches, scales, corners = patches[wanted], scales[wanted], [corners[i] for i in wanted]
-                scales = _beyond_edges(scales, corners, top, (before_y, before_x), (ny, nx))
                 outputs = self._run_patches(patches, scales, corners, device, self._score_batch(band.shape[-1]),
                                             nll, hole_only=True)
                 for corners, _, expected, voxel_nll in outputs:  # (N, E, hy, hx): the hidden centres
@@ -891,21 +889,6 @@ def _score_rows_task(detector: CVAEDetector, band: np.ndarray, first_row: int, p
     band = np.asarray(band, dtype=np.float32)
     return detector._score_padded_rows(lambda start, stop: band[start - first_row:stop - first_row], padded_shape,
                                        channels, rows)
-
-
-def _beyond_edges(scales: torch.Tensor, corners: list, top: int, before: tuple[int, int],
-                  shape: tuple[int, int]) -> torch.Tensor:
-    """Patch scales (N, 1, 1, py, px) with those of the pixels beyond the image's edges set to zero (the network
-    sees no mirror copy there: :meth:`~eels_ad.detect.cvae.module.CVAE3D.seen_of`); the patches' ``corners``
-    are in a band of the mirrored frame from its row ``top``, whose image starts at ``before`` (rows, columns)
-    and is ``shape`` (rows, columns)."""
-    py, px = scales.shape[-2:]
-    rows = top + np.array([y for y, _ in corners])[:, None] + np.arange(py) - before[0]
-    cols = np.array([x for _, x in corners])[:, None] + np.arange(px) - before[1]
-    inside = ((rows >= 0) & (rows < shape[0]))[:, :, None] & ((cols >= 0) & (cols < shape[1]))[:, None, :]
-    if inside.all():
-        return scales
-    return scales * torch.from_numpy(inside)[:, None, None].to(scales.dtype)
 
 
 def _second_step_task(detector: CVAEDetector, band: np.ndarray, top: int, shape: tuple[int, int, int],

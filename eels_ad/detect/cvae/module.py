@@ -47,7 +47,7 @@ def gaussian_nll(target: torch.Tensor, mean: torch.Tensor, log_variance: torch.T
 
 
 #: the layout of the layers: a saved model of another architecture must be trained again
-ARCHITECTURE = 5
+ARCHITECTURE = 4
 
 
 def hole_slices(patch_size: tuple[int, int], hole: tuple[int, int]) -> tuple[slice, slice]:
@@ -139,20 +139,18 @@ class CVAE3D(pl.LightningModule):
             raise ValueError(f"patch of shape {(e, y, x)} is larger than the model's {self.padded_shape}")
         return F.pad(tensor, (0, px, 0, py, 0, pe), mode="replicate") if pe or py or px else tensor
 
-    def _hide(self, features: torch.Tensor, seen: torch.Tensor | None = None) -> torch.Tensor:
-        """The input with the hidden centre (``hole``), and the pixels not ``seen`` (N, y, x), set to zero."""
-        if self.hole is None and seen is None:
+    def _hide(self, features: torch.Tensor) -> torch.Tensor:
+        """The input with the hidden centre (``hole``) set to zero."""
+        if self.hole is None:
             return features
-        features = features.clone() if seen is None else features * seen[:, None, None].to(features.dtype)
-        if self.hole is not None:
-            features[..., self.hole[0], self.hole[1]] = 0.0
+        features = features.clone()
+        features[..., self.hole[0], self.hole[1]] = 0.0
         return features
 
-    def encode(self, shape: torch.Tensor, seen: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, shape: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior mean and log-variance of the latent for normalised spectra (N, 1, E, y, x); with a
-        ``hole``, from the patch without its centre; ``seen`` (N, y, x, bool): the pixels that are there (those
-        beyond an image's edge are not)."""
-        features = self.encoder(self._pad(self._hide(torch.log1p(shape), seen)))
+        ``hole``, from the patch without its centre."""
+        features = self.encoder(self._pad(self._hide(torch.log1p(shape))))
         mean, log_variance = self.to_latent(features.flatten(1)).chunk(2, dim=1)
         return mean, log_variance.clamp(-12.0, 8.0)
 
@@ -201,27 +199,7 @@ class CVAE3D(pl.LightningModule):
         self._ring_cache = (key, found)
         return found
 
-    def _ring_plane(self, shape: torch.Tensor, seen: torch.Tensor, hole_only: bool) -> torch.Tensor:
-        """:meth:`ring_shape`'s plane fitted to each patch's ring pixels that are ``seen`` (N, y, x) only: a least-
-        squares plane per patch and channel (3 x 3 normal equations), at every pixel or the hidden centre's."""
-        size = tuple(shape.shape[-2:])
-        ring = self._ring_weights(size, shape.device)[0]
-        yy, xx = torch.meshgrid(torch.arange(size[0], dtype=torch.float32, device=shape.device),
-                                torch.arange(size[1], dtype=torch.float32, device=shape.device), indexing="ij")
-        centre_y = (self.hole[0].start + self.hole[0].stop - 1) / 2
-        centre_x = (self.hole[1].start + self.hole[1].stop - 1) / 2
-        design = torch.stack([torch.ones_like(yy), yy - centre_y, xx - centre_x], dim=-1)  # (y, x, 3)
-        weight = (seen & ring).to(shape.dtype).flatten(1)  # (N, y * x)
-        flat = design.reshape(-1, 3).to(shape.dtype)
-        normal = torch.einsum("np,pk,pl->nkl", weight, flat, flat)
-        normal = normal + 1e-6 * torch.eye(3, dtype=shape.dtype, device=shape.device)  # a ring cut to one line
-        moments = torch.einsum("np,pk,nep->nek", weight, flat, shape[:, 0].flatten(2))
-        coefficients = torch.linalg.solve(normal[:, None], moments[..., None])[..., 0]  # (N, E, 3)
-        at = design[self.hole[0], self.hole[1]] if hole_only else design
-        return torch.einsum("yxk,nek->neyx", at.to(shape.dtype), coefficients)[:, None]
-
-    def ring_shape(self, shape: torch.Tensor, hole_only: bool = False,
-                   seen: torch.Tensor | None = None) -> torch.Tensor | None:
+    def ring_shape(self, shape: torch.Tensor, hole_only: bool = False) -> torch.Tensor | None:
         """With a ``hole``: what the ring around it predicts for every pixel of the patch (N, 1, E, y, x), or for
         the hidden centre's (``hole_only``: N, 1, E, hy, hx), in the decoder's units (log for the Poisson
         model). None without a hole.
@@ -237,38 +215,19 @@ class CVAE3D(pl.LightningModule):
         if self.hole is None:
             return None
         ring, weights, hidden = self._ring_weights(tuple(shape.shape[-2:]), shape.device)
-        if seen is not None and not bool(seen[:, ring].all()):  # patches at an image's edge: their ring cut
-            fitted = self._ring_plane(shape, seen, hole_only)
-        elif hole_only:
+        if hole_only:
             size = (self.hole[0].stop - self.hole[0].start, self.hole[1].stop - self.hole[1].start)
             fitted = (shape[..., ring] @ hidden.T).unflatten(-1, size)
         else:
             fitted = (shape[..., ring] @ weights.T).unflatten(-1, tuple(shape.shape[-2:]))
         return torch.log(fitted.clamp_min(1e-6)) if self.hparams.likelihood == "poisson" else fitted
 
-    def forward(self, shape: torch.Tensor, sample: bool = False, hole_only: bool = False,
-                seen: torch.Tensor | None = None):
-        """(decoded, latent mean, latent log-variance); ``hole_only``: decoded for the hidden centre only;
-        ``seen`` (N, y, x, bool): the pixels there (None: all), the others hidden from the encoder and the ring's
-        plane alike."""
-        mean, log_variance = self.encode(shape, seen)
+    def forward(self, shape: torch.Tensor, sample: bool = False, hole_only: bool = False):
+        """(decoded, latent mean, latent log-variance); ``hole_only``: decoded for the hidden centre only."""
+        mean, log_variance = self.encode(shape)
         latent = mean + torch.randn_like(mean) * torch.exp(0.5 * log_variance) if sample else mean
-        decoded = self.decode(latent, tuple(shape.shape[-3:]), self.ring_shape(shape, hole_only, seen),
-                              hole_only=hole_only)
+        decoded = self.decode(latent, tuple(shape.shape[-3:]), self.ring_shape(shape, hole_only), hole_only=hole_only)
         return decoded, mean, log_variance
-
-    @staticmethod
-    def seen_of(scale: torch.Tensor) -> torch.Tensor | None:
-        """The pixels (N, y, x) of patches whose ``scale`` (N, 1, 1, y, x) is above zero: a scale of zero marks
-        a pixel beyond the image's edge. None where all are."""
-        seen = scale[:, 0, 0] > 0
-        return None if bool(seen.all()) else seen
-
-    @staticmethod
-    def shape_of(counts: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """Spectra divided by their scale (pixels of scale zero, beyond the edge: zero)."""
-        return torch.where(scale > 0, counts / scale.clamp_min(1e-12), torch.zeros((), dtype=counts.dtype,
-                                                                                   device=counts.device))
 
     def crop_hole(self, tensor: torch.Tensor) -> torch.Tensor:
         """The hidden centre's pixels of a (..., y, x) tensor (the tensor itself without a hole)."""
@@ -290,13 +249,9 @@ class CVAE3D(pl.LightningModule):
         return scale * decoded[:, :1]
 
     def loss(self, counts: torch.Tensor, scale: torch.Tensor, sample: bool = True) -> dict[str, torch.Tensor]:
-        """The loss of a batch; ring pixels of ``scale`` zero are taken as beyond an image's edge (training
-        patches with their ring so cut teach the network the edges, :class:`~eels_ad.detect.cvae.data.
-        PatchDataModule`'s ``edge_share``)."""
-        shape = self.shape_of(counts, scale)
+        shape = counts / scale.clamp_min(1e-12)
         # with a hole, the blind spot is judged on the pixels it did not see
-        decoded, mean, log_variance = self(shape, sample=sample, hole_only=self.hole is not None,
-                                           seen=self.seen_of(scale))
+        decoded, mean, log_variance = self(shape, sample=sample, hole_only=self.hole is not None)
         voxel_nll = self.voxel_nll(self.crop_hole(counts), self.crop_hole(scale), decoded)
         nll = voxel_nll.sum(dim=(1, 2, 3, 4))
         kl = -0.5 * (1 + log_variance - mean**2 - torch.exp(log_variance)).sum(dim=1)
