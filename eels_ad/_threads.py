@@ -11,11 +11,15 @@ _POOLS: dict = {}
 
 @functools.lru_cache(maxsize=1)
 def cores() -> int:
-    """The cores this process may run on (its CPU affinity where the system says)."""
+    """The cores this process's own kernels may use: its CPU affinity where the system says, at most
+    ``OMP_NUM_THREADS`` where that is set (as a Dask worker's nanny sets it to 1, and ``dask worker --nthreads 1``
+    users do, so that several workers on one machine do not each take every core)."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        found = max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
+        found = max(1, os.cpu_count() or 1)
+    limit = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return min(found, int(limit)) if limit.isdigit() and int(limit) > 0 else found
 
 
 def pool(workers: int, role: str = "work") -> ThreadPoolExecutor:

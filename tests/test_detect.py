@@ -444,3 +444,22 @@ def test_work_beside_a_chunk_read_leaves_the_reader_a_core():
         # with nothing in flight the reader's core is spare: as many parts as the cores hold BLAS's threads
         assert datacube.work_parts() == max(1, _threads.cores() // limited.threads)
     assert datacube.work_parts() == 1
+
+
+def test_the_kernels_threads_keep_to_omp_num_threads(monkeypatch):
+    from eels_ad import _threads
+
+    _threads.cores.cache_clear()
+    try:
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        assert _threads.cores() == 1
+        _threads.cores.cache_clear()
+        monkeypatch.setenv("OMP_NUM_THREADS", "not a number")
+        affinity = _threads.cores()
+        assert affinity >= 1
+        _threads.cores.cache_clear()
+        monkeypatch.setenv("OMP_NUM_THREADS", str(affinity + 5))
+        assert _threads.cores() == affinity
+    finally:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        _threads.cores.cache_clear()
