@@ -320,9 +320,11 @@ class PCADetector(SpectrumDetector):
         for trim_round in range(self.TRIM_ROUNDS if self.robust else 0):
             # beside the main thread, which meanwhile starts the trimming pass and waits for its first chunk: the
             # robust fit, then the drift that context="auto" measures (it needs only the sample) while the pass
-            # waits on the chunk reader (0.06 s and 0.13 s of a 1.3 s fit at 128 x 128 x 1024)
+            # waits on the chunk reader (0.06 s and 0.13 s of a 1.3 s fit at 128 x 128 x 1024); the drift only for
+            # images of at most SIDE_DRIFT_PIXELS, as its model spans every pixel (~100 MiB at 512 x 512, held
+            # beside the pass's chunks) for a small share of a large cube's fit (1.4 of 45 s at 512 x 512 x 1024)
             robust = pool(1, "side").submit(self._robust_fit, self._features(self._coefficients(judged)))
-            if context is None:
+            if context is None and ny * nx <= self.SIDE_DRIFT_PIXELS:
                 context = pool(1, "side").submit(self._resolved_context, sample, sample_pixels, energy, (ny, nx))
             if is_lazy(cube) and cluster_client() is not None:  # the cluster's tasks carry the fit, not a future
                 robust = robust.result()
@@ -383,6 +385,9 @@ class PCADetector(SpectrumDetector):
         step = max(self.chunk_pixels, 1)
         return (held[first:first + step].astype(np.float64) for first in range(0, held.shape[0], step))
 
+    #: images of at most this many pixels have their drift estimate (``context="auto"``) made beside the trimming
+    #: pass; larger ones after it, so that its model of every pixel is not held beside the pass's chunks
+    SIDE_DRIFT_PIXELS = 256 * 256
     #: spectra drawn (seeded) for the robust fit of the component scores (minimum covariance determinant)
     MCD_SAMPLE = 500
     #: trimming rounds at most, each a pass over the cube (1: one step, as MCD's reweighting step)
