@@ -260,9 +260,10 @@ def test_neighbour_context_predicts_a_pixel_it_does_not_see(small_cubes, tmp_pat
     cube = test["counts"]
     before = detector.reconstruct(cube).values
     # another spectral shape with the same total counts at one pixel: its prediction does not move, as its
-    # own spectrum is hidden (only its total scales the prediction); pixels whose ring holds it do move
-    # inside the cube (at its edges the mirror copies the hidden rows into the ring: see _inpainted_bands)
-    for y, x in ((6, 5), (5, 6)):
+    # own spectrum is hidden (only its total scales the prediction); pixels whose ring holds it do move. At the
+    # cube's edges and corners too: the mirrored frame's pixels beyond the edge (copies of the hidden ones among
+    # them) are hidden from the network as well
+    for y, x in ((6, 5), (5, 6), (0, 5), (12, 0), (0, 0), (12, 10)):
         changed = cube.copy(deep=True)
         changed.values[y, x] = changed.values[y, x, ::-1]
         after = detector.reconstruct(changed).values
@@ -356,6 +357,9 @@ def test_the_ring_predicts_a_gradient_at_each_hidden_pixel(patch, hole):
                             indexing="ij")
     energy = torch.linspace(1.0, 2.0, 12)[:, None, None]
     field = 1.0 + energy * (0.05 * yy - 0.03 * xx + 0.4)  # (E, y, x), linear in y and x per channel
+    with torch.no_grad():  # the bulk's shapes: a + b * energy, and four more directions
+        raw = torch.cat([torch.ones(1, 12), energy[:, 0, 0][None], torch.rand(4, 12)])
+        model.ring_basis.copy_(torch.linalg.qr(raw.T)[0].T)
     shape = field.expand(2, 1, *field.shape).clone()
     shape[..., model.hole[0], model.hole[1]] = 7.0  # hidden: must not matter
     predicted = model.ring_shape(shape)
@@ -363,9 +367,67 @@ def test_the_ring_predicts_a_gradient_at_each_hidden_pixel(patch, hole):
     hidden = (..., model.hole[0], model.hole[1])
     torch.testing.assert_close(predicted[hidden], field.expand_as(shape)[hidden], rtol=1e-4, atol=1e-5)
     # the ring's mean would be off by the gradient at the hole's corners
-    ring_mean = shape[..., model._ring_weights(patch, shape.device)[0]].mean(-1)
+    ring_mean = shape[..., model._ring_design(patch, shape.device, shape.dtype)[0]].mean(-1)
     torch.testing.assert_close(model.ring_shape(shape, hole_only=True), predicted[hidden])
     assert (field[:, model.hole[0], model.hole[1]] - ring_mean[0, 0, :, None, None]).abs().max() > 0.02
+
+
+@pytest.mark.parametrize("patch,hole", [((8, 8), (4, 4)), ((7, 8), (3, 2))])
+def test_a_ring_cut_by_the_image_edge_is_fitted_from_the_pixels_inside(patch, hole):
+    model = CVAE3D(n_channels=12, patch_size=patch, latent_dim=3, widths=(4, 4, 8), hole=hole,
+                   likelihood="gaussian").eval()
+    yy, xx = torch.meshgrid(torch.arange(patch[0], dtype=torch.float32), torch.arange(patch[1], dtype=torch.float32),
+                            indexing="ij")
+    energy = torch.linspace(1.0, 2.0, 12)[:, None, None]
+    field = 1.0 + energy * (0.05 * yy - 0.03 * xx + 0.4)
+    # the bulk's shapes: spectra a + b * energy (the field's), and four more directions
+    raw = torch.cat([torch.ones(1, 12), torch.linspace(1.0, 2.0, 12)[None], torch.rand(4, 12)])
+    with torch.no_grad():
+        model.ring_basis.copy_(torch.linalg.qr(raw.T)[0].T)
+    shape = field.expand(3, 1, *field.shape).clone() + 0.01 * torch.rand(3, 1, 12, *patch)
+    seen = torch.ones(3, *patch, dtype=torch.bool)
+    # all seen: the same as no mask
+    exact = field.expand(3, 1, *field.shape).clone()
+    torch.testing.assert_close(model.ring_shape(shape, hole_only=True, seen=seen),
+                               model.ring_shape(shape, hole_only=True))
+    top = model.hole[0].start
+    seen[0, :top] = False  # the top of the ring beyond the edge
+    seen[1, :, :model.hole[1].start] = False  # the left side
+    seen[2, :top] = False
+    seen[2, :, :model.hole[1].start] = False  # a corner
+    with torch.no_grad():
+        before = model(shape, hole_only=True, seen=seen)[0]
+        changed = shape.clone()
+        changed[~seen[:, None, None].expand_as(shape)] = 9.0  # what lies beyond the edge must not matter
+        changed[..., model.hole[0], model.hole[1]] = 5.0  # nor the hidden pixels
+        torch.testing.assert_close(model(changed, hole_only=True, seen=seen)[0], before)
+    # each patch's plane is its own: a whole ring in a batch with cut ones as alone
+    mixed = seen.clone()
+    mixed[0] = True
+    torch.testing.assert_close(model.ring_shape(shape, hole_only=True, seen=mixed)[0],
+                               model.ring_shape(shape, hole_only=True)[0])
+    # a linear field is still followed into the hole from the part of the ring inside
+    torch.testing.assert_close(model.ring_shape(exact, hole_only=True, seen=seen),
+                               exact[..., model.hole[0], model.hole[1]], rtol=1e-4, atol=1e-4)
+
+
+def test_training_patches_have_their_rings_cut_as_at_the_edges():
+    from eels_ad.detect.cvae.data import cut_rings
+
+    scales = torch.ones(4000, 1, 1, 8, 8)
+    cut = cut_rings(scales, ((2, 2), (2, 2)), 0.25, torch.Generator().manual_seed(0))
+    rows_cut = (cut[:, 0, 0] == 0).all(dim=2)  # (N, y): whole rows of zeros
+    cols_cut = (cut[:, 0, 0] == 0).all(dim=1)
+    # only whole rows or columns of the ring, from one side, at most two deep
+    assert not rows_cut[:, 2:6].any() and not cols_cut[:, 2:6].any()
+    assert not (rows_cut[:, :2].any(1) & rows_cut[:, 6:].any(1)).any()
+    assert torch.equal((cut == 0).flatten(1).any(1), (rows_cut | cols_cut).any(1))
+    share = rows_cut.any(1).float().mean().item()
+    assert 0.22 < share < 0.28 and 0.22 < cols_cut.any(1).float().mean().item() < 0.28
+    deep = (rows_cut[:, 1] & rows_cut[:, 0]) | (rows_cut[:, 6] & rows_cut[:, 7])
+    assert 0.75 < deep.sum().item() / rows_cut.any(1).sum().item() < 0.85  # the whole ring's width 4 times in 5
+    assert torch.equal(cut, cut_rings(scales, ((2, 2), (2, 2)), 0.25, torch.Generator().manual_seed(0)))
+    assert torch.equal(scales, torch.ones_like(scales))  # not written into
 
 
 def test_auto_context_follows_the_training_cubes_drift(tmp_path):

@@ -64,6 +64,33 @@ def random_dihedral(patches: torch.Tensor, choice: torch.Tensor) -> torch.Tensor
     return out
 
 
+def cut_rings(scales: torch.Tensor, ring: tuple[tuple[int, int], tuple[int, int]], share: float,
+              generator: torch.Generator) -> torch.Tensor:
+    """Scales (N, 1, 1, py, px) with the rows or columns of some patches' rings set to zero: as if beyond an
+    image's edge (:meth:`~eels_ad.detect.cvae.module.CVAE3D.seen_of`).
+
+    Along each axis a patch is cut with probability ``share``, on one side or the other alike, by the ring's
+    whole width on that side (``ring`` = ((above, below), (left, right)) pixels) four times in five, else by
+    fewer pixels: what a patch whose hidden centre lies at an image's edge or corner sees when scored.
+    """
+    scales = scales.clone()
+    n = scales.shape[0]
+    for axis, (before, after) in enumerate(ring):
+        cut = torch.rand(n, generator=generator) < share
+        low = torch.rand(n, generator=generator) < 0.5
+        whole = torch.rand(n, generator=generator) < 0.8
+        partial = torch.rand(n, generator=generator)
+        for index in torch.nonzero(cut).flatten().tolist():
+            width = before if low[index] else after
+            depth = width if whole[index] or width < 2 else 1 + int(partial[index] * (width - 1))
+            edge = slice(0, depth) if low[index] else slice(scales.shape[-2 + axis] - depth, None)
+            if axis == 0:
+                scales[index, ..., edge, :] = 0.0
+            else:
+                scales[index, ..., edge] = 0.0
+    return scales
+
+
 class PatchDataModule(pl.LightningDataModule):
     """Overlapping patches of the bulk pixels of a spectrum image, split into training and validation.
 
@@ -89,8 +116,15 @@ class PatchDataModule(pl.LightningDataModule):
         only a few hundred patches. It is there for real images with oriented features (a grain
         boundary, a scan distortion) that a small training set would otherwise tie to one direction;
         on the simulated grid it changed nothing measurable (``benchmarks/README.md``).
+    hole
+        ``(hy, hx)`` pixels hidden at each patch's centre (a blind-spot model), or None.
+    edge_share
+        With a ``hole``: along each axis, the share of training patches whose ring is cut on one side (its
+        pixels' scales set to zero, :func:`cut_rings`), so that the network learns to predict a hidden centre at
+        an image's edge from the part of its ring inside the image (scoring hides the pixels beyond the edge
+        alike, rather than showing the network their mirror copies, which hold the hidden pixels themselves).
     seed
-        Seed of the split, the shuffling and the augmentation.
+        Seed of the split, the shuffling, the augmentation and the cut rings.
 
     Attributes
     ----------
@@ -99,7 +133,8 @@ class PatchDataModule(pl.LightningDataModule):
     """
 
     def __init__(self, counts: np.ndarray, mask: np.ndarray | None = None, *, patch_size=(8, 8), stride=(4, 4),
-                 batch_size: int = 16, val_fraction: float = 0.15, augment: bool = True, seed: int = 0) -> None:
+                 batch_size: int = 16, val_fraction: float = 0.15, augment: bool = True,
+                 hole: tuple[int, int] | None = None, edge_share: float = 0.25, seed: int = 0) -> None:
         super().__init__()
         self.counts = np.asarray(counts, dtype=np.float32)
         self.mask = mask
@@ -108,6 +143,8 @@ class PatchDataModule(pl.LightningDataModule):
         self.batch_size = batch_size
         self.val_fraction = val_fraction
         self.augment = augment
+        self.hole = hole
+        self.edge_share = edge_share
         self.seed = seed
 
     def setup(self, stage: str | None = None) -> None:
@@ -147,12 +184,21 @@ class PatchDataModule(pl.LightningDataModule):
         self.val_set = TensorDataset(patches[val_index], scales[val_index])
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        if not (self.augment and self.trainer is not None and self.trainer.training):
+        if self.trainer is None or not self.trainer.training:
             return batch
-        if not hasattr(self, "_augment_generator"):
-            self._augment_generator = torch.Generator().manual_seed(self.seed + 1)
-        choice = torch.randint(0, 8, (len(batch[0]),), generator=self._augment_generator)
-        return tuple(random_dihedral(tensor, choice) for tensor in batch)
+        if self.augment:
+            if not hasattr(self, "_augment_generator"):
+                self._augment_generator = torch.Generator().manual_seed(self.seed + 1)
+            choice = torch.randint(0, 8, (len(batch[0]),), generator=self._augment_generator)
+            batch = tuple(random_dihedral(tensor, choice) for tensor in batch)
+        if self.hole is not None and self.edge_share > 0:
+            if not hasattr(self, "_edge_generator"):
+                self._edge_generator = torch.Generator().manual_seed(self.seed + 2)
+            ring = tuple(((p - h) // 2, p - h - (p - h) // 2) for p, h in zip(self.patch_size, self.hole,
+                                                                              strict=True))
+            counts, scales = batch
+            batch = counts, cut_rings(scales, ring, self.edge_share, self._edge_generator).to(scales.device)
+        return batch
 
     def train_dataloader(self) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed)

@@ -19,7 +19,7 @@ from .._base import FIT_CONTEXTS, RING_EXCLUSION_PVALUE, BaseDetector
 from .._scores import SCORES, score_spectra
 from ..threshold import ThresholdMethod
 from .data import PatchDataModule, extract_patches, patch_starts, pixel_scale
-from .module import ARCHITECTURE, CVAE3D, Likelihood, hole_slices
+from .module import ARCHITECTURE, CVAE3D, RING_RANK, Likelihood, hole_slices
 
 
 def _centre_weights(patch: tuple[int, int]) -> np.ndarray:
@@ -320,7 +320,8 @@ class CVAEDetector(BaseDetector):
             counts.reshape(-1, energy.size)[sample_pixels], sample_pixels, energy, counts.shape[:2])
         pl.seed_everything(self.seed, workers=True, verbose=False)
         data = PatchDataModule(counts, mask, patch_size=patch, stride=stride, batch_size=self.batch_size,
-                               val_fraction=self.val_fraction, augment=self.augment, seed=self.seed)
+                               val_fraction=self.val_fraction, augment=self.augment, hole=self._hole(),
+                               seed=self.seed)
         data.setup("fit")  # here, not only in DDP worker processes: the split is needed below
         model = CVAE3D(n_channels=energy.size, patch_size=patch, latent_dim=self.latent_dim,
                        widths=tuple(self.widths), likelihood=self.likelihood, beta=self.beta,
@@ -330,6 +331,7 @@ class CVAEDetector(BaseDetector):
         bulk_shape = np.log(np.maximum(shape, 1e-6)) if self.likelihood == "poisson" else shape
         with torch.no_grad():
             model.bulk_shape.copy_(torch.as_tensor(bulk_shape, dtype=torch.float32))
+            model.ring_basis.copy_(torch.as_tensor(_leading_shapes(bulk, RING_RANK, self.seed), dtype=torch.float32))
         started = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="eels-ad-cvae-") as scratch, quiet_lightning(not self.progress):
             directory = self.checkpoint_dir or os.path.join(scratch, "checkpoints")
@@ -481,8 +483,8 @@ class CVAEDetector(BaseDetector):
             for start in range(0, len(patches), batch_size):
                 block = patches[start:start + batch_size].to(device)
                 scale = scales[start:start + batch_size].to(device)
-                shape = (block / scale.clamp_min(1e-12)).contiguous(memory_format=self.MEMORY_FORMAT)
-                decoded, _, _ = model(shape, sample=False, hole_only=hole_only)
+                shape = model.shape_of(block, scale).contiguous(memory_format=self.MEMORY_FORMAT)
+                decoded, _, _ = model(shape, sample=False, hole_only=hole_only, seen=model.seen_of(scale))
                 if hole_only:
                     block, scale = model.crop_hole(block), model.crop_hole(scale)
                 expected = model.expected_counts(scale, decoded)
@@ -600,6 +602,7 @@ class CVAEDetector(BaseDetector):
                 if blocks is not None:
                     wanted = [i for i, (y, x) in enumerate(corners) if blocks[first + y // hole[0], x // hole[1]]]
                     patches, scales, corners = patches[wanted], scales[wanted], [corners[i] for i in wanted]
+                scales = _beyond_edges(scales, corners, top, (before_y, before_x), (ny, nx))
                 outputs = self._run_patches(patches, scales, corners, device, self._score_batch(band.shape[-1]),
                                             nll, hole_only=True)
                 for corners, _, expected, voxel_nll in outputs:  # (N, E, hy, hx): the hidden centres
@@ -889,6 +892,31 @@ def _score_rows_task(detector: CVAEDetector, band: np.ndarray, first_row: int, p
     band = np.asarray(band, dtype=np.float32)
     return detector._score_padded_rows(lambda start, stop: band[start - first_row:stop - first_row], padded_shape,
                                        channels, rows)
+
+
+def _leading_shapes(bulk: np.ndarray, rank: int, seed: int, sample: int = 4000) -> np.ndarray:
+    """(rank, channels): the leading right singular vectors of a seeded sample of the bulk's spectra, each divided by
+    its pixel scale (orthonormal rows; zero rows beyond the sample's rank)."""
+    spectra = bulk.reshape(-1, bulk.shape[-1])
+    chosen = np.sort(np.random.default_rng(seed).choice(len(spectra), min(sample, len(spectra)), replace=False))
+    shapes = spectra[chosen] / pixel_scale(spectra[chosen])[:, None]
+    found = np.linalg.svd(shapes.astype(np.float64), full_matrices=False)[2][:rank]
+    return np.vstack([found, np.zeros((rank - len(found), bulk.shape[-1]))])
+
+
+def _beyond_edges(scales: torch.Tensor, corners: list, top: int, before: tuple[int, int],
+                  shape: tuple[int, int]) -> torch.Tensor:
+    """Patch scales (N, 1, 1, py, px) with those of the pixels beyond the image's edges set to zero (the network
+    sees no mirror copy there: :meth:`~eels_ad.detect.cvae.module.CVAE3D.seen_of`); the patches' ``corners``
+    are in a band of the mirrored frame from its row ``top``, whose image starts at ``before`` (rows, columns)
+    and is ``shape`` (rows, columns)."""
+    py, px = scales.shape[-2:]
+    rows = top + np.array([y for y, _ in corners])[:, None] + np.arange(py) - before[0]
+    cols = np.array([x for _, x in corners])[:, None] + np.arange(px) - before[1]
+    inside = ((rows >= 0) & (rows < shape[0]))[:, :, None] & ((cols >= 0) & (cols < shape[1]))[:, None, :]
+    if inside.all():
+        return scales
+    return scales * torch.from_numpy(inside)[:, None, None].to(scales.dtype)
 
 
 def _second_step_task(detector: CVAEDetector, band: np.ndarray, top: int, shape: tuple[int, int, int],
