@@ -76,17 +76,18 @@ class CVAEDetector(BaseDetector):
         ``"pixel"``.
         ``"pixel"``: the network sees the whole patch and reconstructs it, each pixel included.
         ``"neighbours"``: a blind spot. The centre ``hole_size`` pixels of every patch are hidden from the
-        encoder; the decoder predicts them as a plane fitted (per energy channel) to the normalised spectra
-        of the ring of pixels around the hole, evaluated at each hidden pixel, plus a learned correction,
-        scaled by each pixel's own total counts, and the loss counts
-        the hidden pixels only. To score a cube the hidden centres tile it (patches step by the hole's
-        size; ``score_stride`` is not used), so each pixel is judged once, by what its neighbourhood
-        predicts. A smooth nuisance that moves the whole neighbourhood (an uncorrected energy drift,
-        a thickness gradient) is predicted; a local change is not. Measured on uncorrected +-1 eV
-        drift with another drift pattern in training (``benchmarks/README.md``, spatial table): it lifts
-        the CVAE's ROC AUC for local 0.5 eV shifts from 0.50-0.73 to 0.98 or more. Without drift it
-        matches the pixel context within 0.005 (shift scoring). The counterpart of
-        :class:`~eels_ad.detect.PCADetector`'s ``context``.
+        encoder; the decoder predicts them as a plane fitted to the normalised spectra of the ring of pixels
+        around the hole (in the bulk's leading spectral shapes,
+        :meth:`~eels_ad.detect.cvae.module.CVAE3D.ring_shape`), evaluated at each hidden pixel, plus a learned
+        correction, scaled by each pixel's own total counts, and the loss counts the hidden pixels only. At the
+        image's edges the ring's part beyond the edge is hidden too (the network was trained on patches with their
+        rings so cut), so no mirror image of a hidden pixel reaches it. To score a cube the hidden centres tile it
+        (patches step by the hole's size; ``score_stride`` is not used), so each pixel is judged once, by what its
+        neighbourhood predicts. A smooth nuisance that moves the whole neighbourhood (an uncorrected energy drift,
+        a thickness gradient) is predicted; a local change is not. Measured on uncorrected +-1 eV drift with
+        another drift pattern in training (``benchmarks/README.md``, spatial table): it lifts the CVAE's ROC AUC
+        for local 0.5 eV shifts from 0.50-0.73 to 0.98 or more. Without drift it matches the pixel context within
+        0.005 (shift scoring). The counterpart of :class:`~eels_ad.detect.PCADetector`'s ``context``.
     hole_size
         Side of the hidden centre with ``context="neighbours"`` (an int or a (y, x) pair; default half the
         patch, which leaves a ring of 2 pixels in the default 8-pixel patch). It must leave a ring of at
@@ -555,11 +556,10 @@ class CVAEDetector(BaseDetector):
         Lazy cubes are read a band of rows at a time (the same numbers). ``blocks`` (hidden centres down,
         across; bool): predict only those (the others NaN; bands without one are not read).
 
-        At the cube's edges the mirror copies the hidden pixels' own rows into their ring: there the blind
-        spot is partial (measured: shifted blobs at the edges z 2.8 against 4.9 inside). A frame mirrored
-        about the hidden centre instead copies nothing hidden (edge blobs z 3.2), but leaves the network no
-        gradient to follow: under an uncorrected +-1 eV drift 2 of 6 bulk-only cubes got 15-60 false
-        flags along their edges (0 of 6 with this mirror). The mirror that copies was kept.
+        At the cube's edges the mirror frame's pixels beyond the edge (among them copies of the hidden pixels,
+        which made the blind spot partial there: shifted blobs at the edges z 2.8 against 4.9 inside) are
+        hidden from the network and its ring's plane (:func:`_beyond_edges`): the hidden centre is predicted
+        from the ring's pixels inside the image.
         """
         padded = self._hole_padded(cube)
         read = (lambda start, stop: _read_padded(padded, start, stop, cube)) if is_lazy(cube) else \

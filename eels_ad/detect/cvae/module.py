@@ -12,8 +12,9 @@ so the model stays at about 0.14 million parameters for the default patch and 32
 Sultanov et al. had about 777 million, almost all in two dense layers).
 
 With a ``hole`` (a blind spot, ``CVAEDetector(context="neighbours")``) the encoder never sees the centre
-pixels of a patch, the decoder adds its output to what a plane fitted to the ring around the hole predicts
-for each pixel instead of the bulk's mean shape, and the loss counts the hidden pixels only: the network
+pixels of a patch, the decoder adds its output to what a plane fitted to the ring around the hole (in the
+bulk's leading spectral shapes) predicts for each pixel instead of the bulk's mean shape, and the loss counts
+the hidden pixels only (pixels of scale zero, beyond an image's edge, are hidden as well): the network
 learns how a pixel differs from its neighbourhood, so a nuisance the neighbourhood shares (a drift of the
 energy axis) is predicted and a local change is not.
 """
