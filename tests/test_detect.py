@@ -415,14 +415,18 @@ def test_the_approximate_eigenpairs_that_judge_trimming_match_lapack_where_they_
 
 
 def test_the_cross_products_split_over_threads_equal_one_product(monkeypatch):
-    from eels_ad import datacube
     from eels_ad.detect import pca
 
     scaled = np.random.default_rng(3).poisson(5.0, (1500, 200)).astype(float)
-    monkeypatch.setattr(datacube, "work_parts", lambda: 3)
+    monkeypatch.setattr(pca, "work_parts", lambda: 3)
+    split = []
+    real_pool = pca.pool
+    monkeypatch.setattr(pca, "pool", lambda workers, *args: split.append(workers) or real_pool(workers, *args))
     np.testing.assert_allclose(pca._cross_products(scaled), scaled.T @ scaled, rtol=1e-12)
-    # fewer than 256 spectra a part: one product
-    assert pca._cross_products(scaled[:300]) is not None
+    assert split == [3]  # in three threads
+    # fewer than 256 spectra a part: one product, in this thread
+    np.testing.assert_allclose(pca._cross_products(scaled[:300]), scaled[:300].T @ scaled[:300], rtol=1e-12)
+    assert split == [3]
 
 
 def test_work_beside_a_chunk_read_leaves_the_reader_a_core():

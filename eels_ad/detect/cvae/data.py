@@ -7,6 +7,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from .module import hole_slices
+
 
 def patch_starts(size: int, patch: int, stride: int) -> list[int]:
     """Start indices of patches along one axis: every ``stride``, and one flush with the far end."""
@@ -194,8 +196,9 @@ class PatchDataModule(pl.LightningDataModule):
         if self.hole is not None and self.edge_share > 0:
             if not hasattr(self, "_edge_generator"):
                 self._edge_generator = torch.Generator().manual_seed(self.seed + 2)
-            ring = tuple(((p - h) // 2, p - h - (p - h) // 2) for p, h in zip(self.patch_size, self.hole,
-                                                                              strict=True))
+            ring = tuple((edge.start, p - edge.stop) for p, edge in zip(self.patch_size,
+                                                                        hole_slices(self.patch_size, self.hole),
+                                                                        strict=True))
             counts, scales = batch
             batch = counts, cut_rings(scales, ring, self.edge_share, self._edge_generator).to(scales.device)
         return batch

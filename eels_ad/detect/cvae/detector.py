@@ -899,7 +899,8 @@ def _leading_shapes(bulk: np.ndarray, rank: int, seed: int, sample: int = 4000) 
     its pixel scale (orthonormal rows; zero rows beyond the sample's rank)."""
     spectra = bulk.reshape(-1, bulk.shape[-1])
     chosen = np.sort(np.random.default_rng(seed).choice(len(spectra), min(sample, len(spectra)), replace=False))
-    shapes = spectra[chosen] / pixel_scale(spectra[chosen])[:, None]
+    picked = spectra[chosen]
+    shapes = picked / pixel_scale(picked)[:, None]
     found = np.linalg.svd(shapes.astype(np.float64), full_matrices=False)[2][:rank]
     return np.vstack([found, np.zeros((rank - len(found), bulk.shape[-1]))])
 

@@ -289,8 +289,8 @@ class CVAE3D(pl.LightningModule):
 
     def loss(self, counts: torch.Tensor, scale: torch.Tensor, sample: bool = True) -> dict[str, torch.Tensor]:
         """The loss of a batch; ring pixels of ``scale`` zero are taken as beyond an image's edge (training
-        patches with their ring so cut teach the network the edges, :class:`~eels_ad.detect.cvae.data.
-        PatchDataModule`'s ``edge_share``)."""
+        patches with their ring so cut teach the network the edges: ``edge_share`` of
+        :class:`~eels_ad.detect.cvae.data.PatchDataModule`)."""
         shape = self.shape_of(counts, scale)
         # with a hole, the blind spot is judged on the pixels it did not see
         decoded, mean, log_variance = self(shape, sample=sample, hole_only=self.hole is not None,
