@@ -296,10 +296,10 @@ def test_neighbour_context_follows_a_drift_the_training_never_saw():
     assert auc["neighbours"] > auc["pixel"] + 0.1, auc
 
 
-def test_neighbour_context_second_step_hides_shifted_blobs_from_their_neighbours(monkeypatch):
+def test_neighbour_context_second_step_leaves_shifted_blobs_out_of_their_neighbours_planes(monkeypatch):
     from scipy import ndimage
 
-    import eels_ad.detect.cvae.detector as cvae_module
+    from eels_ad.detect.spatial import pool_evidence
 
     kw = dict(dose=20, drift=1.0, shift=0.5)
     bulk = eels_ad.simulate_fe_l23((64, 64), anomaly_fraction=0.0, seed=100, **kw)["counts"]
@@ -309,13 +309,21 @@ def test_neighbour_context_second_step_hides_shifted_blobs_from_their_neighbours
     detector = CVAEDetector(context="neighbours", scoring="shift", spatial=False, progress=False, max_epochs=3,
                             seed=0).fit(bulk)
     two_steps = detector.score(test["counts"]).values
-    cut = cvae_module.RING_EXCLUSION_PVALUE
-    monkeypatch.setattr(cvae_module, "RING_EXCLUSION_PVALUE", 0.0)  # the first step alone
+    cut = detector.SUSPECT_PVALUE
+    monkeypatch.setattr(CVAEDetector, "SUSPECT_PVALUE", 0.0)  # no suspect: the first step alone
     one_step = detector.score(test["counts"]).values
-    suspects = detector._pixel_pvalues(one_step, None)[0] < cut  # the blobs, and a few bulk pixels by chance
+    suspects = pool_evidence(detector._pixel_pvalues(one_step, None)[0]) < cut  # the blobs and the bulk beside them
     far = ~ndimage.binary_dilation(truth | suspects, iterations=10)
     assert far.sum() > 1000
-    # measured: the blobs 5.74 -> 6.17, the bulk beside them 1.14 -> 1.04; far away nothing changes
+    # a blob in the image's corner (rows 2-5, columns 0-2): its hidden centre's ring, cut by the edges, is a quarter
+    # blob, so the ring's plane made the bulk pixels beside it look shifted the other way, and the blob's own
+    # pixels (in the same hidden centre) bulk-like
+    assert truth[2:6, :3].sum() >= 8 and not truth[:2, :4].any()
+    corner_bulk, corner_blob = truth[:4, :4] == 0, truth[:4, :4]
+    # measured: the corner's bulk pixels 4.34 -> 1.09, its blob pixels 2.15 -> 7.22
+    assert two_steps[:4, :4][corner_bulk].mean() < one_step[:4, :4][corner_bulk].mean() - 2.0
+    assert two_steps[:4, :4][corner_blob].mean() > one_step[:4, :4][corner_blob].mean() + 2.0
+    # all the blobs 5.63 -> 7.23, the bulk beside them 1.14 -> 0.78; far away nothing changes
     assert two_steps[truth].mean() > one_step[truth].mean() + 0.2, (two_steps[truth].mean(), one_step[truth].mean())
     assert two_steps[halo].mean() < one_step[halo].mean()
     np.testing.assert_allclose(two_steps[far], one_step[far])  # only the patches that saw a suspect are run again
@@ -409,6 +417,41 @@ def test_a_ring_cut_by_the_image_edge_is_fitted_from_the_pixels_inside(patch, ho
     # a linear field is still followed into the hole from the part of the ring inside
     torch.testing.assert_close(model.ring_shape(exact, hole_only=True, seen=seen),
                                exact[..., model.hole[0], model.hole[1]], rtol=1e-4, atol=1e-4)
+
+
+def test_suspects_left_out_of_the_plane_only():
+    """The second step's suspects leave the ring's plane (a blob there no longer pulls it) but not the encoder's
+    view; placed by the same frame as the pixels beyond the edges."""
+    from eels_ad.detect.cvae.detector import _beyond_edges, _patch_values
+
+    patch, hole = (8, 8), (4, 4)
+    model = CVAE3D(n_channels=12, patch_size=patch, latent_dim=3, widths=(4, 4, 8), hole=hole,
+                   likelihood="gaussian").eval()
+    with torch.no_grad():
+        model.ring_basis.copy_(torch.linalg.qr(torch.rand(12, 6))[0].T)
+    shape = 1.0 + 0.01 * torch.rand(2, 1, 12, *patch)
+    left_out = torch.zeros(2, *patch, dtype=torch.bool)
+    left_out[:, 6:, :3] = True  # a blob in the ring's lower left
+    blob = shape.clone()
+    blob[left_out[:, None, None].expand_as(shape)] *= 3.0
+    with torch.no_grad():
+        plane = model.ring_shape(shape, hole_only=True, seen=~left_out)
+        torch.testing.assert_close(model.ring_shape(blob, hole_only=True, seen=~left_out), plane)
+        assert not torch.allclose(model.ring_shape(blob, hole_only=True), plane, atol=1e-3)  # it pulled the plane
+        decoded = model(blob, hole_only=True, left_out=left_out)[0]
+        encoder = model.encode(blob)[0]  # the encoder saw the blob: the decoder's own part is its
+        torch.testing.assert_close(decoded, model.decode(encoder, tuple(blob.shape[-3:]), plane, hole_only=True))
+        assert not torch.allclose(encoder, model.encode(shape)[0])
+    # a map of suspects in an image of 10 x 9, patches in the mirrored frame (2 pixels before the image):
+    # a patch's pixels as the image's, nothing beyond the edges (where the scales are zero)
+    suspects = np.zeros((10, 9), bool)
+    suspects[0, 0] = suspects[5, 8] = True
+    corners = [(0, 0), (4, 3)]
+    values = _patch_values(suspects, corners, top=0, before=(2, 2), size=patch).numpy()
+    assert values[0, 2, 2] and values[0].sum() == 1  # the image's corner pixel
+    assert values[1, 3, 7] and values[1].sum() == 1  # (5, 8) from the patch at rows 2-9, columns 1-8
+    scales = _beyond_edges(torch.ones(2, 1, 1, *patch), corners, 0, (2, 2), (10, 9))[:, 0, 0].numpy()
+    assert (scales[0, :2] == 0).all() and (scales[0, :, :2] == 0).all() and (scales[1] == 1).all()
 
 
 def test_training_patches_have_their_rings_cut_as_at_the_edges():

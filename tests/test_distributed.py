@@ -265,7 +265,7 @@ def test_one_cube_scored_by_the_cvae_over_the_cluster(tmp_path, cluster, monkeyp
     for name in ("_score_rows_task", "_first_step_task"):
         tasks = [task for task in stream.data if str(task["key"]).startswith(name)]
         assert len(tasks) >= 4 and len({task["worker"] for task in tasks}) == 2, (name, len(tasks))
-    # the second step (centres whose ring held suspects, predicted again with the suspects replaced) runs
+    # the second step (centres whose ring held suspects, predicted again with the suspects out of the plane) runs
     # on the workers too, a task per band that holds such a centre
     assert any(str(task["key"]).startswith("_second_step_task") for task in stream.data)
     # a chunk damaged in the middle of the file: the error names the file and the rows, from the cluster too

@@ -253,12 +253,18 @@ def test_cvae_neighbour_context_scores_a_lazy_cube_band_by_band_as_in_memory(pai
     eager, lazy = pair
     detector = CVAEDetector(context="neighbours", max_epochs=1, seed=0, spatial=False, progress=False).fit(eager)
     detector.SCORE_BATCH = 6  # a band of rows is one row of hidden centres (4 pixel rows): 8 bands
+    chosen = []  # the hidden centres that the second step predicts again
+    blocks_seeing = detector._blocks_seeing
+    detector._blocks_seeing = lambda *args: chosen.append(blocks_seeing(*args)) or chosen[-1]
     for scoring in ("deviance", "nll"):
         detector.scoring = scoring
+        chosen.clear()
         with Reads() as reads:
             scores = detector.score(lazy).values
+        again = sum(int(blocks.any(axis=1).sum()) for blocks in chosen)
+        assert (again > 0) == (scoring == "deviance")  # a 1-epoch model's suspects; the NLL scores in one step
         np.testing.assert_allclose(scores, detector.score(eager).values, rtol=1e-5, atol=1e-6)
-        assert reads.count == 8  # one read per band
+        assert reads.count == 8 + again  # one read per band, and one per band that the second step runs
 
 
 def test_compare_regions_in_one_pass_equals_in_memory(pair, simulated):

@@ -245,13 +245,17 @@ class CVAE3D(pl.LightningModule):
         return torch.log(fitted.clamp_min(1e-6)) if self.hparams.likelihood == "poisson" else fitted
 
     def forward(self, shape: torch.Tensor, sample: bool = False, hole_only: bool = False,
-                seen: torch.Tensor | None = None):
+                seen: torch.Tensor | None = None, left_out: torch.Tensor | None = None):
         """(decoded, latent mean, latent log-variance); ``hole_only``: decoded for the hidden centre only;
         ``seen`` (N, y, x, bool): the pixels there (None: all), the others hidden from the encoder and the ring's
-        plane alike."""
+        plane alike; ``left_out`` (N, y, x, bool): pixels left out of the ring's plane only (suspects that the
+        encoder still sees, as it learnt scattered gaps nowhere)."""
         mean, log_variance = self.encode(shape, seen)
         latent = mean + torch.randn_like(mean) * torch.exp(0.5 * log_variance) if sample else mean
-        decoded = self.decode(latent, tuple(shape.shape[-3:]), self.ring_shape(shape, hole_only, seen),
+        in_plane = seen
+        if left_out is not None:
+            in_plane = ~left_out if seen is None else seen & ~left_out
+        decoded = self.decode(latent, tuple(shape.shape[-3:]), self.ring_shape(shape, hole_only, in_plane),
                               hole_only=hole_only)
         return decoded, mean, log_variance
 
