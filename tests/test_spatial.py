@@ -351,13 +351,17 @@ def test_the_cvae_edge_band_is_scaled_by_its_part_of_the_strip_and_shares_the_st
 
     detector = CVAEDetector(scoring="shift", context="neighbours", empirical_null=False)  # patches 8, holes 4
     band = detector._strata((64, 64))
-    assert band.sum() == 64**2 - 56**2 and band[:4].all() and not band[4:60, 4:60].any()  # a 4-pixel frame
+    assert (band > 0).sum() == 64**2 - 56**2 and not band[4:60, 4:60].any()  # a 4-pixel frame
+    assert (band[:4, 4:60] == 1).all() and (band[60:, 4:60] == 1).all()  # cut at the top or bottom only
+    assert (band[:, :4] == 2).all() and (band[:, 60:] == 2).all()  # cut at the left or right (corners too)
     assert CVAEDetector(scoring="shift")._strata((64, 64)) is None  # the pixel context: one stratum
-    # a strip of 250 inside and 400 band pixels (each >= MIN_STRATUM_SCORES), the band's scores twice as large
+    # a detector calibrated with one edge stratum (saved before session 18) keeps it: a strip of 250 inside and
+    # 400 band pixels (each >= MIN_STRATUM_SCORES), the band's scores twice as large
     rng = np.random.default_rng(3)
     strata = np.r_[np.zeros(250, np.int8), np.ones(400, np.int8)]
     detector.calibration_strata_ = strata
     detector.calibration_scores_ = np.where(strata == 1, 2.0, 1.0) * np.abs(rng.normal(size=strata.size))
+    assert (detector._strata((64, 64)) == (band > 0)).all()
     raw = np.zeros((64, 64))
     raw[30, 30], raw[0, 30], raw[30, 31], raw[1, 30], raw[30, 32] = 1.0, 2.0, 2.0, 4.0, 6.0
     pvalues = detector._pixel_pvalues(raw, None)[0]
@@ -366,6 +370,34 @@ def test_the_cvae_edge_band_is_scaled_by_its_part_of_the_strip_and_shares_the_st
     # one tail fitted to all 650 scores on one scale: far beyond either part's largest score the p-values keep
     # falling (the inside alone, 250 scores, has too few for a tail: 1/251 would be its floor)
     assert pvalues[30, 32] < 0.1 / 251
+
+
+def test_the_cvae_edge_strata_take_their_scale_from_the_training_pixels_too():
+    """The held-out strip (the image's last rows) holds few pixels of the left and right edges: their stratum's
+    location and scale relative to the inside's come from the training and held-out pixels together."""
+    from eels_ad.detect import CVAEDetector
+
+    rng = np.random.default_rng(4)
+    detector = CVAEDetector(scoring="shift", context="neighbours", empirical_null=False)
+
+    def part(sizes):
+        strata = np.concatenate([np.full(n, k, np.int8) for k, n in enumerate(sizes)])
+        return np.array([1.0, 2.0, 3.0])[strata] * np.abs(rng.normal(size=strata.size)), strata
+
+    detector.calibration_scores_, detector.calibration_strata_ = part((250, 220, 20))  # left and right: 20
+    detector.training_scores_, detector.training_strata_ = part((2000, 300, 400))
+    raw = np.zeros((64, 64))
+    raw[30, 30], raw[0, 30], raw[30, 0], raw[30, 31], raw[30, 63] = 1.0, 2.0, 3.0, 2.0, 6.0
+    pvalues = detector._pixel_pvalues(raw, None)[0]
+    assert pvalues[0, 30] == pytest.approx(pvalues[30, 30], rel=0.2)  # the top edge's 2 is the inside's 1
+    assert pvalues[30, 0] == pytest.approx(pvalues[30, 30], rel=0.2)  # the left edge's 3 too, from 420 scores
+    assert 0.5 < pvalues[30, 63] / pvalues[30, 31] < 2  # the right edge's 6 the inside's 2 (a few hundred scores)
+    # from the strip alone the left and right edges (20 scores, < MIN_STRATUM_SCORES) would have no scale of their
+    # own: they would be read on the pooled tail, their 3 far less likely than the inside's 1
+    detector.STRATA_FROM_TRAINING = False
+    detector.__dict__.pop("_tail_cache", None)
+    alone = detector._pixel_pvalues(raw, None)[0]
+    assert alone[30, 0] < 0.5 * pvalues[30, 0]
 
 
 @pytest.fixture(scope="module")

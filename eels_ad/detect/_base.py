@@ -322,6 +322,10 @@ class BaseDetector(abc.ABC):
     #: with a held-out calibration set: the tail's shape also from the scores of the training pixels, each stratum's
     #: moved onto its held-out scores' location and scale first (:meth:`_training_tail_scores`)
     TAIL_FROM_TRAINING = False
+    #: with training scores (:attr:`TAIL_FROM_TRAINING`): each stratum's location and scale relative to the reference
+    #: stratum's from the training and held-out scores together (the reference's own from the held-out ones), not
+    #: from the held-out scores alone: for a held-out strip that holds few pixels of some stratum
+    STRATA_FROM_TRAINING = False
 
     def _strata(self, shape: tuple[int, int]) -> np.ndarray | None:
         """(y, x) int map of the calibration strata of a map of ``shape``: pixels whose scores have nulls of
@@ -351,9 +355,22 @@ class BaseDetector(abc.ABC):
                 inside = scores[strata == reference]
                 inside_extra = None if extra is None else extra[extra_strata == reference]
                 moves = {}
+                training, training_strata = getattr(self, "training_scores_", None), \
+                    getattr(self, "training_strata_", None)
+                if self.STRATA_FROM_TRAINING and training is not None and training_strata is not None:
+                    every = np.concatenate([scores, training])
+                    every_strata = np.concatenate([strata, training_strata])
+                    onto_held = _scale_match(every[every_strata == reference], inside)
+                    values, counts = np.unique(every_strata, return_counts=True)
+                else:
+                    every, every_strata, onto_held = scores, strata, None
                 for stratum, count in zip(values, counts, strict=True):
                     if int(stratum) != reference and count >= self.MIN_STRATUM_SCORES:
-                        move = _scale_match(scores[strata == stratum], inside)
+                        if onto_held is None:
+                            move = _scale_match(every[every_strata == stratum], inside)
+                        else:  # onto the reference's scale among all scores, then that onto the held-out one's
+                            move = _scale_match(every[every_strata == stratum], every[every_strata == reference])
+                            move = None if move is None else _composed(move, onto_held)
                         if move is not None:
                             moves[int(stratum)] = move
                 if self.STRATA_SHARE_TAIL:  # every score on the reference's scale, one tail fitted to them all
@@ -732,6 +749,13 @@ def _scale_match(values: np.ndarray, reference: np.ndarray) -> tuple[float, floa
     if not (high > low and ref_high > ref_low):
         return None
     return float(low), float(ref_low), float((ref_high - ref_low) / (high - low))
+
+
+def _composed(first: tuple[float, float, float], second: tuple[float, float, float]) -> tuple[float, float, float]:
+    """The move (:func:`_scale_match`) that makes ``first`` and then ``second``."""
+    low, ref_low, ratio = first
+    low_2, ref_low_2, ratio_2 = second
+    return low, ref_low_2 + (ref_low - low_2) * ratio_2, ratio * ratio_2
 
 
 def _moved(values: np.ndarray, low: float, ref_low: float, ratio: float) -> np.ndarray:
