@@ -84,8 +84,10 @@ class CVAEDetector(BaseDetector):
         image's edges the ring's part beyond the edge is hidden too (the network was trained on patches with their
         rings so cut), so no mirror image of a hidden pixel reaches it. To score a cube the hidden centres tile it
         (patches step by the hole's size; ``score_stride`` is not used), so each pixel is judged once, by what its
-        neighbourhood predicts. A smooth nuisance that moves the whole neighbourhood (an uncorrected energy drift,
-        a thickness gradient) is predicted; a local change is not. Measured on uncorrected +-1 eV drift with
+        neighbourhood predicts; once calibrated, the pixels whose pooled evidence is strong are left out of their
+        neighbours' planes and those neighbours predicted again (:attr:`SUSPECT_PVALUE`). A smooth nuisance that
+        moves the whole neighbourhood (an uncorrected energy drift, a thickness gradient) is predicted; a local
+        change is not. Measured on uncorrected +-1 eV drift with
         another drift pattern in training (``benchmarks/README.md``, spatial table): it lifts the CVAE's ROC AUC
         for local 0.5 eV shifts from 0.50-0.73 to 0.98 or more. Without drift it matches the pixel context within
         0.005 (shift scoring). The counterpart of :class:`~eels_ad.detect.PCADetector`'s ``context``.
