@@ -454,6 +454,30 @@ def test_suspects_left_out_of_the_plane_only():
     assert (scales[0, :2] == 0).all() and (scales[0, :, :2] == 0).all() and (scales[1] == 1).all()
 
 
+def test_the_second_step_decodes_the_first_steps_latents_again(small_cubes):
+    """Suspects leave the plane only, so a hidden centre's latent in the second step is the first step's: kept
+    there and decoded with the new plane, the same predictions as encoding the patch again."""
+    bulk, test = small_cubes
+    detector = CVAEDetector(context="neighbours", seed=0, **TINY).fit(bulk)
+    cube = test["counts"].transpose("y", "x", "energy")
+    ny, nx = cube.sizes["y"], cube.sizes["x"]
+    latents = np.zeros((*detector._hole_frame((ny, nx))[2:4], 4), np.float32)
+    first = np.concatenate([p for _, _, p, _ in detector._inpainted_bands(cube, latents=latents)])
+    assert (np.abs(latents).sum(axis=-1) > 0).all()  # every hidden centre's latent kept
+    blocks = np.zeros(latents.shape[:2], bool)
+    blocks[::2, 1::2] = True
+    left_out = np.random.default_rng(0).random((ny, nx)) < 0.2
+    again = np.concatenate([p for _, _, p, _ in detector._inpainted_bands(cube, blocks=blocks, left_out=left_out,
+                                                                         latents=latents, reuse_latents=True)])
+    encoded = np.concatenate([p for _, _, p, _ in detector._inpainted_bands(cube, blocks=blocks,
+                                                                           left_out=left_out)])
+    chosen = np.isfinite(encoded[..., 0])
+    assert chosen.any() and not chosen.all()
+    np.testing.assert_array_equal(np.isfinite(again[..., 0]), chosen)
+    np.testing.assert_allclose(again[chosen], encoded[chosen], rtol=1e-5)
+    assert not np.allclose(again[chosen], first[chosen], rtol=1e-3)  # the suspects left the planes
+
+
 def test_training_patches_have_their_rings_cut_as_at_the_edges():
     from eels_ad.detect.cvae.data import cut_rings
 

@@ -406,12 +406,16 @@ class CVAEDetector(BaseDetector):
         ny, nx = cube.sizes["y"], cube.sizes["x"]
         scores = np.empty((ny, nx))
         client = cluster_client() if is_lazy(cube) else None
+        second = not nll and getattr(self, "calibration_scores_", None) is not None
+        # the first step's latents, for the second step in this process (a few floats per hidden centre)
+        latents = np.zeros((*self._hole_frame((ny, nx))[2:4], self.model_.to_latent.out_features // 2),
+                           np.float32) if second and client is None else None
         # a lazy cube while a dask.distributed client is current: the bands over the cluster's workers
-        steps = self._first_step(self._inpainted_bands(cube, nll=nll), channels) if client is None \
-            else self._first_step_on_cluster(client, cube, channels)
+        steps = self._first_step(self._inpainted_bands(cube, nll=nll, latents=latents), channels) \
+            if client is None else self._first_step_on_cluster(client, cube, channels)
         for rows, band_scores in steps:
             scores[rows] = band_scores
-        if nll or getattr(self, "calibration_scores_", None) is None:
+        if not second:
             return scores
         vacuum = np.asarray(cube["vacuum"].values, dtype=bool) if "vacuum" in cube.coords else None
         pooled = pool_evidence(self._pixel_pvalues(scores, vacuum)[0], mask=None if vacuum is None else ~vacuum)
@@ -420,7 +424,8 @@ class CVAEDetector(BaseDetector):
         if not blocks.any():
             return scores
         # the second step where the first ran: over the cluster's workers for a lazy cube while a client is current
-        steps = self._second_step(self._inpainted_bands(cube, blocks=blocks, left_out=suspect), channels) \
+        steps = self._second_step(self._inpainted_bands(cube, blocks=blocks, left_out=suspect, latents=latents,
+                                                        reuse_latents=True), channels) \
             if client is None else self._second_step_on_cluster(client, cube, blocks, suspect, channels)
         for rows, again, band_scores in steps:
             scores[rows][again] = band_scores
@@ -475,10 +480,13 @@ class CVAEDetector(BaseDetector):
         self.model_.to("cpu")
 
     def _run_patches(self, patches: torch.Tensor, scales: torch.Tensor, corners: list, device: torch.device,
-                     batch_size: int, nll: bool, hole_only: bool = False, left_out: torch.Tensor | None = None):
+                     batch_size: int, nll: bool, hole_only: bool = False, left_out: torch.Tensor | None = None,
+                     latents: torch.Tensor | None = None, kept: list | None = None):
         """Yield (corners, counts, expected counts, voxel NLL or None) per batch of patches, as numpy
         (the model already on ``device``); ``hole_only``: of each patch's hidden centre only; ``left_out``
-        (patches, y, x; bool): pixels left out of the rings' planes.
+        (patches, y, x; bool): pixels left out of the rings' planes; ``latents`` (patches, latent_dim): the
+        patches' latents from an earlier pass (the encoder is not run); ``kept``: a list that receives each
+        batch's latents (numpy).
 
         The network runs in the memory layout :attr:`MEMORY_FORMAT` (the same numbers to float round-off
         in either); the model is put back in the contiguous layout afterwards.
@@ -490,8 +498,14 @@ class CVAEDetector(BaseDetector):
                 scale = scales[start:start + batch_size].to(device)
                 shape = model.shape_of(block, scale).contiguous(memory_format=self.MEMORY_FORMAT)
                 left = None if left_out is None else left_out[start:start + batch_size].to(device)
-                decoded, _, _ = model(shape, sample=False, hole_only=hole_only, seen=model.seen_of(scale),
-                                      left_out=left)
+                if latents is None:
+                    decoded, latent, _ = model(shape, sample=False, hole_only=hole_only, seen=model.seen_of(scale),
+                                               left_out=left)
+                    if kept is not None:
+                        kept.append(latent.float().cpu().numpy())
+                else:
+                    decoded = model.predict(latents[start:start + batch_size].to(device), shape, hole_only,
+                                            model.seen_of(scale), left)
                 if hole_only:
                     block, scale = model.crop_hole(block), model.crop_hole(scale)
                 expected = model.expected_counts(scale, decoded)
@@ -567,7 +581,8 @@ class CVAEDetector(BaseDetector):
         return max(1, self._score_batch(n_channels) // cols_of)
 
     def _inpainted_bands(self, cube: xr.DataArray, nll: bool = False, blocks: np.ndarray | None = None,
-                         left_out: np.ndarray | None = None):
+                         left_out: np.ndarray | None = None, latents: np.ndarray | None = None,
+                         reuse_latents: bool = False):
         """With ``context="neighbours"``: yield (cube rows, counts, predicted counts, mean voxel NLL or None)
         band by band, each pixel predicted once, by the patch whose hidden centre it is in.
 
@@ -580,7 +595,9 @@ class CVAEDetector(BaseDetector):
         which made the blind spot partial there: shifted blobs at the edges z 2.8 against 4.9 inside) are
         hidden from the network and its ring's plane (:func:`_beyond_edges`): the hidden centre is predicted
         from the ring's pixels inside the image. ``left_out`` (y, x; bool): pixels left out of the rings' planes
-        (the second step's suspects).
+        (the second step's suspects). ``latents`` (hidden centres down, across, latent_dim): filled with each
+        patch's latent, or with ``reuse_latents`` read from there instead of encoding the patch again (the second
+        step's patches are the first step's, suspects left out of the plane only: the same latents).
         """
         padded = self._hole_padded(cube)
         read = (lambda start, stop: _read_padded(padded, start, stop, cube)) if is_lazy(cube) else \
@@ -588,7 +605,7 @@ class CVAEDetector(BaseDetector):
         channels = self._score_channels(cube["energy"].values) if nll else None
         shape = (cube.sizes["y"], cube.sizes["x"], cube.sizes["energy"])
         yield from self._predicted_bands(read, shape, nll, channels, blocks, (0, self._hole_frame(shape[:2])[2]),
-                                         left_out)
+                                         left_out, latents, reuse_latents)
 
     def _hole_padded(self, cube: xr.DataArray):
         """The cube in :meth:`_hole_frame`'s mirrored frame (a dask array for a lazy cube, else float32)."""
@@ -602,7 +619,8 @@ class CVAEDetector(BaseDetector):
     @torch.inference_mode()
     def _predicted_bands(self, read: Callable[[int, int], np.ndarray], shape: tuple[int, int, int], nll: bool,
                          channels: np.ndarray | None, blocks: np.ndarray | None, centre_rows: tuple[int, int],
-                         left_out: np.ndarray | None = None):
+                         left_out: np.ndarray | None = None, latents: np.ndarray | None = None,
+                         reuse_latents: bool = False):
         """:meth:`_inpainted_bands` of the rows of hidden centres ``centre_rows`` of a cube of ``shape`` (y, x,
         energy), the padded frame's rows read by ``read(start, stop)``."""
         ny, nx, ne = shape
@@ -628,14 +646,23 @@ class CVAEDetector(BaseDetector):
                 scales = _beyond_edges(scales, corners, top, (before_y, before_x), (ny, nx))
                 left = None if left_out is None else _patch_values(left_out, corners, top, (before_y, before_x),
                                                                     patch)
+                centres = [(first + y // hole[0], x // hole[1]) for y, x in corners]
+                known = kept = None
+                if latents is not None and reuse_latents:
+                    known = torch.from_numpy(np.stack([latents[centre] for centre in centres]))
+                elif latents is not None:
+                    kept = []
                 outputs = self._run_patches(patches, scales, corners, device, self._score_batch(band.shape[-1]),
-                                            nll, hole_only=True, left_out=left)
-                for corners, _, expected, voxel_nll in outputs:  # (N, E, hy, hx): the hidden centres
-                    for index, (y, x) in enumerate(corners):
+                                            nll, hole_only=True, left_out=left, latents=known, kept=kept)
+                for batch_corners, _, expected, voxel_nll in outputs:  # (N, E, hy, hx): the hidden centres
+                    for index, (y, x) in enumerate(batch_corners):
                         target = (slice(y, y + hole[0]), slice(x, x + hole[1]))
                         predicted[target] = np.moveaxis(expected[index], 0, -1)
                         if nll:
                             voxel[target] = voxel_nll[index][channels].mean(axis=0)
+                if kept:
+                    for centre, latent in zip(centres, np.concatenate(kept), strict=True):
+                        latents[centre] = latent
                 cube_rows = slice(first * hole[0], min(ny, last * hole[0]))
                 height = cube_rows.stop - cube_rows.start
                 counts = band[before_y:before_y + height, before_x:before_x + nx]

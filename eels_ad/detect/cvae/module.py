@@ -252,12 +252,18 @@ class CVAE3D(pl.LightningModule):
         encoder still sees, as it learnt scattered gaps nowhere)."""
         mean, log_variance = self.encode(shape, seen)
         latent = mean + torch.randn_like(mean) * torch.exp(0.5 * log_variance) if sample else mean
+        return self.predict(latent, shape, hole_only, seen, left_out), mean, log_variance
+
+    def predict(self, latent: torch.Tensor, shape: torch.Tensor, hole_only: bool = False,
+                seen: torch.Tensor | None = None, left_out: torch.Tensor | None = None) -> torch.Tensor:
+        """The decoded output of ``latent`` (N, latent_dim) for the patches ``shape``, the ring's plane added (as
+        :meth:`forward`, whose second half it is: a latent kept from an earlier pass over the same patches is not
+        encoded again)."""
         in_plane = seen
         if left_out is not None:
             in_plane = ~left_out if seen is None else seen & ~left_out
-        decoded = self.decode(latent, tuple(shape.shape[-3:]), self.ring_shape(shape, hole_only, in_plane),
-                              hole_only=hole_only)
-        return decoded, mean, log_variance
+        return self.decode(latent, tuple(shape.shape[-3:]), self.ring_shape(shape, hole_only, in_plane),
+                           hole_only=hole_only)
 
     @staticmethod
     def seen_of(scale: torch.Tensor) -> torch.Tensor | None:
