@@ -397,10 +397,12 @@ class CVAEDetector(BaseDetector):
         step's scores are pooled as by the spatial step, the pixels whose pooled p-value falls below
         :attr:`SUSPECT_PVALUE` are left out of the ring's plane (the encoder still sees them), and the hidden
         centres whose patches held at least :attr:`MIN_SUSPECTS_SEEN` of them are predicted again (only those
-        patches are run). A blob's own pixels, their rings half blob, score weakly one by one (p 0.01-0.5 at
-        dose 20 for 0.5 eV) but strongly pooled; suspects by their own p-values (< 0.001, replaced by their
-        first-step predictions) left a blob at an image's corner in its neighbours' cut ring (under a +-1 eV
-        drift, F1 on blobs at 5 % FDR 0.928 against 0.996 so, ``benchmarks/spatial.py``).
+        patches; in this process from the first step's latents, decoded with the new plane, as the encoder's
+        input has not changed: 64 x 64 x 320 under a drift 6,300-6,600 -> 7,400-7,500 spectra/s). A blob's own
+        pixels, their rings half blob, score weakly one by one (p 0.01-0.5 at dose 20 for 0.5 eV) but strongly
+        pooled; suspects by their own p-values (< 0.001, replaced by their first-step predictions) left a blob at
+        an image's corner in its neighbours' cut ring (under a +-1 eV drift, F1 on blobs at 5 % FDR 0.928 against
+        0.996 so, ``benchmarks/spatial.py``).
         """
         nll = self.scoring == "nll"
         ny, nx = cube.sizes["y"], cube.sizes["x"]
