@@ -134,6 +134,17 @@ def test_fit_score_reconstruct_on_odd_cube(small_cubes):
     np.testing.assert_allclose(np.exp(detector.model_.bulk_shape.numpy()), mean_shape, rtol=1e-5)
 
 
+@pytest.mark.parametrize("context", ["pixel", "neighbours"])
+def test_scoring_in_the_channels_last_layout_gives_the_same_scores_and_puts_the_network_back(small_cubes, context):
+    bulk, test = small_cubes
+    detector = CVAEDetector(context=context, **TINY).fit(bulk)
+    contiguous = detector.score(test["counts"]).values
+    detector.MEMORY_FORMAT = torch.channels_last_3d
+    np.testing.assert_allclose(detector.score(test["counts"]).values, contiguous, rtol=1e-4, atol=1e-5)
+    assert all(parameter.is_contiguous() and parameter.device.type == "cpu"
+               for parameter in detector.model_.parameters())
+
+
 def test_short_training_lowers_the_loss(small_cubes):
     import lightning.pytorch as pl
 
@@ -356,6 +367,47 @@ def test_the_hidden_centre_decodes_alone_as_in_the_whole_patch(patch, hole):
         torch.testing.assert_close(model(changed, hole_only=True)[0], centre)
 
 
+@pytest.mark.parametrize("likelihood", ["poisson", "gaussian"])
+@pytest.mark.parametrize("patch,hole", [((8, 8), None), ((7, 5), None), ((8, 8), (4, 4)), ((7, 8), (3, 2))])
+def test_the_decoder_runs_as_1d_convolutions_with_the_3d_layers_numbers(likelihood, patch, hole):
+    # decode runs the 3D layers' own weights as 1D convolutions over energy, one spatial position a row: the
+    # outputs and the weights' gradients are those of the nn.Sequential of 3D layers, cropped as asked (in float64,
+    # where the sums' different order leaves no more than round-off)
+    torch.manual_seed(1)
+    model = CVAE3D(n_channels=37, patch_size=patch, latent_dim=3, widths=(4, 4, 8), likelihood=likelihood,
+                   hole=hole).double()
+    torch.nn.init.normal_(model.bulk_shape)
+    latent = torch.randn(5, 3, dtype=torch.float64)
+    weights = torch.randn(5, 2, 37, *patch, dtype=torch.float64)
+
+    def reference():
+        features = model.from_latent(latent).view(-1, *model.bottleneck_shape)
+        out = model.decoder(features)[:, :, :37, :patch[0], :patch[1]]
+        return torch.cat([out[:, :1] + model.bulk_shape.view(1, 1, 37, 1, 1), out[:, 1:]], dim=1)
+
+    def gradients(output):
+        model.zero_grad()
+        (output * weights[:, :output.shape[1]]).sum().backward()
+        return {name: parameter.grad.clone() for name, parameter in model.named_parameters()
+                if name.startswith(("decoder", "from_latent"))}
+
+    expected, decoded = reference(), model.decode(latent, (37, *patch))
+    assert decoded.shape == expected.shape == (5, 1 + (likelihood == "gaussian"), 37, *patch)
+    torch.testing.assert_close(decoded, expected, rtol=1e-12, atol=1e-12)
+    references = gradients(reference())
+    for name, grad in gradients(model.decode(latent, (37, *patch))).items():
+        torch.testing.assert_close(grad, references[name], rtol=1e-10, atol=1e-10, msg=name)
+    if hole is not None:  # the hidden centre alone: only the positions whose blocks reach it are decoded
+        with torch.no_grad():
+            torch.testing.assert_close(model.decode(latent, (37, *patch), hole_only=True), model.crop_hole(expected),
+                                       rtol=1e-12, atol=1e-12)
+    # a transposed convolution of another kind is refused by name, not decoded wrongly
+    from eels_ad.detect.cvae.module import _upsampled_rows
+
+    with pytest.raises(ValueError, match=r"kernel \(4, ky, kx\).*got kernel \(3, 2, 2\)"):
+        _upsampled_rows(torch.zeros(2, 4, 5), torch.nn.ConvTranspose3d(4, 4, (3, 2, 2), stride=(2, 2, 2)))
+
+
 @pytest.mark.parametrize("patch,hole", [((8, 8), (4, 4)), ((7, 8), (3, 2))])
 def test_the_ring_predicts_a_gradient_at_each_hidden_pixel(patch, hole):
     """A spectrum that changes linearly across the patch (a drift, a thickness gradient) is followed into the
@@ -476,6 +528,35 @@ def test_the_second_step_decodes_the_first_steps_latents_again(small_cubes):
     np.testing.assert_array_equal(np.isfinite(again[..., 0]), chosen)
     np.testing.assert_allclose(again[chosen], encoded[chosen], rtol=1e-5)
     assert not np.allclose(again[chosen], first[chosen], rtol=1e-3)  # the suspects left the planes
+
+
+def test_the_blind_spots_bands_are_scored_in_blocks_with_the_same_scores(monkeypatch):
+    # bands are gathered until they hold MIN_ELEMENTS voxels and scored in one block (the fused kernel's size):
+    # each part gets back its own scores, in order, the same as scored alone
+    from eels_ad.detect import _score_kernels
+    from eels_ad.detect._scores import score_spectra
+    from eels_ad.detect.cvae import detector as cvae_detector
+
+    rng = np.random.default_rng(0)
+    parts = [(k, rng.poisson(5.0, (3, 4, 50)).astype(float), rng.uniform(3.0, 7.0, (3, 4, 50)).astype(np.float32))
+             for k in range(7)]
+    channels = np.arange(5, 45)
+    monkeypatch.setattr(_score_kernels, "MIN_ELEMENTS", 2 * 3 * 4 * channels.size)  # two parts a block
+    calls = []
+
+    def counted(counts, model, scoring):
+        calls.append(len(counts))
+        return score_spectra(counts, model, scoring)
+
+    monkeypatch.setattr(cvae_detector, "score_spectra", counted)
+    detector = CVAEDetector()
+    got = list(detector._scored_in_blocks(iter(parts), channels))
+    assert calls == [24, 24, 24, 12]
+    assert [key for key, _ in got] == list(range(7))
+    for (_, scores), (_, counts, predicted) in zip(got, parts, strict=True):
+        alone = score_spectra(counts[..., channels].reshape(-1, channels.size),
+                              predicted[..., channels].reshape(-1, channels.size).astype(float), detector.scoring)
+        np.testing.assert_allclose(scores, alone.reshape(3, 4), rtol=1e-9, atol=1e-9)
 
 
 def test_training_patches_have_their_rings_cut_as_at_the_edges():

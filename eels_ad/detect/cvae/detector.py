@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import os
 import tempfile
 import time
@@ -15,6 +17,7 @@ import xarray as xr
 
 from ..._lightning import quiet_lightning
 from ...datacube import DatacubeReadError, cluster_client, cluster_compute, is_lazy
+from .. import _score_kernels
 from .._base import FIT_CONTEXTS, BaseDetector
 from .._scores import SCORES, score_spectra
 from ..spatial import pool_evidence
@@ -368,6 +371,25 @@ class CVAEDetector(BaseDetector):
         wants_gpu = self.accelerator in ("auto", "gpu", "cuda")
         return torch.device("cuda" if wants_gpu and torch.cuda.is_available() else "cpu")
 
+    @contextlib.contextmanager
+    def _network_on(self, device: torch.device):
+        """The network on ``device``, in the layout :attr:`MEMORY_FORMAT`, while in the block; on the CPU and
+        contiguous after it. Moved only where it is not so already: a move walks every layer (0.5 ms, as long as
+        the network takes for a few patches), and the blind spot runs it once per band of rows."""
+        moved = device.type != "cpu"
+        laid_out = self.MEMORY_FORMAT != torch.contiguous_format
+        if moved:
+            self.model_.to(device)
+        if laid_out:
+            self.model_.to(memory_format=self.MEMORY_FORMAT)
+        try:
+            yield self.model_
+        finally:
+            if laid_out:
+                self.model_.to(memory_format=torch.contiguous_format)
+            if moved:
+                self.model_.to("cpu")
+
     def _score_step(self) -> tuple[int, int]:
         """The step between scoring patches: ``score_stride`` (or ``stride``), at most the patch's side, as a
         larger step would leave pixels that no patch covers."""
@@ -433,11 +455,32 @@ class CVAEDetector(BaseDetector):
             scores[rows][again] = band_scores
         return scores
 
-    def _band_scores(self, counts: np.ndarray, predicted: np.ndarray, channels: np.ndarray) -> np.ndarray:
-        """(rows, x) scores of (rows, x, E) counts against their predictions."""
-        e = counts.shape[-1]
-        return score_spectra(counts.reshape(-1, e)[:, channels], predicted.reshape(-1, e)[:, channels]
-                             .astype(np.float64), self.scoring).reshape(counts.shape[:2])
+    def _scored_in_blocks(self, parts, channels: np.ndarray):
+        """Yield (key, scores (...)) of parts (key, counts (..., E), predicted (..., E)), scored together in blocks
+        of at least :data:`~eels_ad.detect._score_kernels.MIN_ELEMENTS` voxels (of the scored ``channels``), the
+        size from which the fused score kernel runs: a band of the blind spot holds about a scoring batch of
+        patches (256 spectra at 64 pixels across), a sixth of that, and scored alone spent a quarter of the
+        scoring time in the array versions. Each spectrum is scored alone: the blocks change no score."""
+        held, size = [], 0
+        for key, counts, predicted in parts:
+            held.append((key, counts, predicted))
+            size += int(np.prod(counts.shape[:-1])) * channels.size
+            if size >= _score_kernels.MIN_ELEMENTS:
+                yield from self._scored_block(held, channels)
+                held, size = [], 0
+        if held:
+            yield from self._scored_block(held, channels)
+
+    def _scored_block(self, held: list, channels: np.ndarray):
+        e = held[0][1].shape[-1]
+        counts = np.concatenate([part.reshape(-1, e)[:, channels] for _, part, _ in held])
+        predicted = np.concatenate([part.reshape(-1, e)[:, channels] for _, _, part in held]).astype(np.float64)
+        scores = score_spectra(counts, predicted, self.scoring)
+        start = 0
+        for key, part, _ in held:
+            stop = start + int(np.prod(part.shape[:-1]))
+            yield key, scores[start:stop].reshape(part.shape[:-1])
+            start = stop
 
     #: suspects a patch must hold (outside its centre) for its centre to be predicted again
     MIN_SUSPECTS_SEEN = 2
@@ -476,47 +519,43 @@ class CVAEDetector(BaseDetector):
         my, mx = self._margin()
         counts = np.pad(counts, ((my, my), (mx, mx), (0, 0)), mode="symmetric")
         device = self._device()
-        self.model_.to(device)
-        yield from self._run_patches(*extract_patches(counts, patch, stride), device,
-                                     self._score_batch(counts.shape[-1]), nll)
-        self.model_.to("cpu")
+        with self._network_on(device):
+            yield from self._run_patches(*extract_patches(counts, patch, stride), device,
+                                         self._score_batch(counts.shape[-1]), nll)
 
     def _run_patches(self, patches: torch.Tensor, scales: torch.Tensor, corners: list, device: torch.device,
                      batch_size: int, nll: bool, hole_only: bool = False, left_out: torch.Tensor | None = None,
                      latents: torch.Tensor | None = None, kept: list | None = None):
         """Yield (corners, counts, expected counts, voxel NLL or None) per batch of patches, as numpy
-        (the model already on ``device``); ``hole_only``: of each patch's hidden centre only; ``left_out``
+        ; ``hole_only``: of each patch's hidden centre only; ``left_out``
         (patches, y, x; bool): pixels left out of the rings' planes; ``latents`` (patches, latent_dim): the
         patches' latents from an earlier pass (the encoder is not run); ``kept``: a list that receives each
         batch's latents (numpy).
 
-        The network runs in the memory layout :attr:`MEMORY_FORMAT` (the same numbers to float round-off
-        in either); the model is put back in the contiguous layout afterwards.
+        The caller holds the network on ``device`` (:meth:`_network_on`); the patches go in the layout
+        :attr:`MEMORY_FORMAT` (the same numbers to float round-off in either).
         """
-        model = self.model_.to(memory_format=self.MEMORY_FORMAT)
-        try:
-            for start in range(0, len(patches), batch_size):
-                block = patches[start:start + batch_size].to(device)
-                scale = scales[start:start + batch_size].to(device)
-                shape = model.shape_of(block, scale).contiguous(memory_format=self.MEMORY_FORMAT)
-                left = None if left_out is None else left_out[start:start + batch_size].to(device)
-                if latents is None:
-                    decoded, latent, _ = model(shape, sample=False, hole_only=hole_only, seen=model.seen_of(scale),
-                                               left_out=left)
-                    if kept is not None:
-                        kept.append(latent.float().cpu().numpy())
-                else:
-                    decoded = model.predict(latents[start:start + batch_size].to(device), shape, hole_only,
-                                            model.seen_of(scale), left)
-                if hole_only:
-                    block, scale = model.crop_hole(block), model.crop_hole(scale)
-                expected = model.expected_counts(scale, decoded)
-                voxel_nll = model.voxel_nll(block, scale, decoded) if nll else None
-                yield (corners[start:start + batch_size], block.cpu().numpy()[:, 0],
-                       expected.float().cpu().numpy()[:, 0],
-                       None if voxel_nll is None else voxel_nll.float().cpu().numpy()[:, 0])
-        finally:
-            model.to(memory_format=torch.contiguous_format)
+        model = self.model_
+        for start in range(0, len(patches), batch_size):
+            block = patches[start:start + batch_size].to(device)
+            scale = scales[start:start + batch_size].to(device)
+            shape = model.shape_of(block, scale).contiguous(memory_format=self.MEMORY_FORMAT)
+            left = None if left_out is None else left_out[start:start + batch_size].to(device)
+            if latents is None:
+                decoded, latent, _ = model(shape, sample=False, hole_only=hole_only, seen=model.seen_of(scale),
+                                           left_out=left)
+                if kept is not None:
+                    kept.append(latent.float().cpu().numpy())
+            else:
+                decoded = model.predict(latents[start:start + batch_size].to(device), shape, hole_only,
+                                        model.seen_of(scale), left)
+            if hole_only:
+                block, scale = model.crop_hole(block), model.crop_hole(scale)
+            expected = model.expected_counts(scale, decoded)
+            voxel_nll = model.voxel_nll(block, scale, decoded) if nll else None
+            yield (corners[start:start + batch_size], block.cpu().numpy()[:, 0],
+                   expected.float().cpu().numpy()[:, 0],
+                   None if voxel_nll is None else voxel_nll.float().cpu().numpy()[:, 0])
 
     def _accumulate(self, cube: xr.DataArray, per_patch) -> np.ndarray:
         """Average a per-patch, per-pixel quantity (N, [E,] py, px) over the patches covering each pixel.
@@ -578,9 +617,11 @@ class CVAEDetector(BaseDetector):
                  zip(patch, hole, before, (rows_of, cols_of), shape, strict=True)]
         return patch, hole, rows_of, cols_of, ((before[0], after[0]), (before[1], after[1]), (0, 0))
 
-    def _band_rows(self, cols_of: int, n_channels: int) -> int:
-        """Rows of hidden centres per band: about a scoring batch of patches (:meth:`_score_batch`)."""
-        return max(1, self._score_batch(n_channels) // cols_of)
+    def _band_rows(self, cols_of: int) -> int:
+        """Rows of hidden centres per band: about :attr:`SCORE_BATCH` patches, run through the network in batches
+        of :meth:`_score_batch` (a band's own work, reading, cutting and placing its patches, is paid per band: at
+        64 x 64 x 320 bands of 1 row of 16 centres scored 10,800-11,600 spectra/s, of 3 rows 11,900-13,200)."""
+        return max(1, self.SCORE_BATCH // cols_of)
 
     def _inpainted_bands(self, cube: xr.DataArray, nll: bool = False, blocks: np.ndarray | None = None,
                          left_out: np.ndarray | None = None, latents: np.ndarray | None = None,
@@ -629,9 +670,8 @@ class CVAEDetector(BaseDetector):
         patch, hole, rows_of, cols_of, pad = self._hole_frame((ny, nx))
         (before_y, _), (before_x, _), _ = pad
         device = self._device()
-        self.model_.to(device)
-        band_rows = self._band_rows(cols_of, ne)
-        try:
+        band_rows = self._band_rows(cols_of)
+        with self._network_on(device):
             for first in range(centre_rows[0], centre_rows[1], band_rows):
                 last = min(centre_rows[1], first + band_rows)
                 if blocks is not None and not blocks[first:last].any():
@@ -670,21 +710,33 @@ class CVAEDetector(BaseDetector):
                 counts = band[before_y:before_y + height, before_x:before_x + nx]
                 yield (cube_rows, np.asarray(counts, dtype=np.float64), predicted[:height, :nx],
                        None if voxel is None else voxel[:height, :nx])
-        finally:
-            self.model_.to("cpu")
 
     def _first_step(self, parts, channels: np.ndarray):
-        """Per band of :meth:`_inpainted_bands`' output: (cube rows, scores)."""
-        for rows, counts, predicted, voxel_nll in parts:
-            yield rows, voxel_nll if voxel_nll is not None else self._band_scores(counts, predicted, channels)
+        """Per band of :meth:`_inpainted_bands`' output: (cube rows, scores); the bands scored in blocks
+        (:meth:`_scored_in_blocks`)."""
+        parts = iter(parts)
+        first = next(parts, None)
+        if first is None:
+            return
+        if first[3] is not None:  # the network's own voxel NLL: scored already
+            yield first[0], first[3]
+            for rows, _, _, voxel_nll in parts:
+                yield rows, voxel_nll
+            return
+        bands = ((rows, counts, predicted) for rows, counts, predicted, _ in itertools.chain([first], parts))
+        yield from self._scored_in_blocks(bands, channels)
 
     def _second_step(self, parts, channels: np.ndarray):
         """Per band of :meth:`_inpainted_bands`' output with ``blocks`` given: (cube rows, the pixels predicted
-        again (bool, rows x nx), their scores)."""
-        for rows, counts, predicted, _ in parts:
-            again = np.isfinite(predicted[..., 0])
-            if again.any():
-                yield rows, again, self._band_scores(counts[again][None], predicted[again][None], channels)[0]
+        again (bool, rows x nx), their scores); scored in blocks (:meth:`_scored_in_blocks`)."""
+        def again():
+            for rows, counts, predicted, _ in parts:
+                chosen = np.isfinite(predicted[..., 0])
+                if chosen.any():
+                    yield (rows, chosen), counts[chosen], predicted[chosen]
+
+        for (rows, chosen), scores in self._scored_in_blocks(again(), channels):
+            yield rows, chosen, scores
 
     def _second_step_on_cluster(self, client, cube: xr.DataArray, blocks: np.ndarray, left_out: np.ndarray,
                                 channels: np.ndarray):
@@ -697,7 +749,7 @@ class CVAEDetector(BaseDetector):
         padded = self._hole_padded(cube)
         scorer = client.scatter(self, broadcast=True)
         suspects = client.scatter(left_out, broadcast=True)
-        band_rows = self._band_rows(cols_of, shape[2])
+        band_rows = self._band_rows(cols_of)
         tasks = []
         for first in range(0, rows_of, band_rows):
             last = min(rows_of, first + band_rows)
@@ -720,7 +772,7 @@ class CVAEDetector(BaseDetector):
         nll = self.scoring == "nll"
         voxel_channels = self._score_channels(cube["energy"].values) if nll else None
         scorer = client.scatter(self, broadcast=True)
-        band_rows = self._band_rows(cols_of, shape[2])
+        band_rows = self._band_rows(cols_of)
         tasks = []
         for first in range(0, rows_of, band_rows):
             last = min(rows_of, first + band_rows)
@@ -814,57 +866,57 @@ class CVAEDetector(BaseDetector):
         row_starts = [y0 for y0 in patch_starts(height, patch[0], stride[0]) if y0 + patch[0] > first and y0 < last]
         weight = _centre_weights(patch)
         device = self._device()
-        self.model_.to(device)
-        nll = self.scoring == "nll"
-        cube_rows = slice(max(first - my, 0), max(min(last - my, ny), 0))
-        scores = np.empty((cube_rows.stop - cube_rows.start, nx))
-        window, window_start = np.empty((0, width, ne), np.float32), row_starts[0]  # padded rows held
-        depth = 1 if nll else ne
-        total = np.zeros((0, width, depth))  # (rows, x, channels): a finished row's mean is one contiguous block
-        covered = np.zeros((0, width))
-        done = row_starts[0]  # padded rows finished
-        for k, y0 in enumerate(row_starts):
-            # read the rows this row of corners needs, drop those finished
-            stop = y0 + patch[0]
-            held_stop = window_start + window.shape[0]
-            if stop > held_stop:
-                new = read(held_stop, stop)
-                window = np.concatenate([window, new])
-                total = np.concatenate([total, np.zeros((new.shape[0], width, depth))])
-                covered = np.concatenate([covered, np.zeros((new.shape[0], width))])
-            band = window[y0 - window_start:stop - window_start]
-            # one row of corners: the band is a patch high, its corners those of the whole cube in this row
-            outputs = self._run_patches(*extract_patches(band, patch, (patch[0], stride[1])), device,
-                                        self._score_batch(ne), nll)
-            for corners, _, expected, voxel_nll in outputs:
-                value = voxel_nll[:, channels].mean(axis=1, keepdims=True) if nll else expected
-                for (_, x), v in zip(corners, value, strict=True):
-                    total[y0 - window_start:stop - window_start, x:x + patch[1]] += np.moveaxis(v, 0, -1) * \
-                        weight[..., None]
-                    covered[y0 - window_start:stop - window_start, x:x + patch[1]] += weight
-            # padded rows above the next row of corners are final: score the cube rows among them (those in
-            # ``rows``), a row at a time (the float64 copies and the score's arrays stay a row of spectra)
-            final = row_starts[k + 1] if k + 1 < len(row_starts) else height  # later corners start at or past ``last``
-            for padded_row in range(max(done, first), min(final, last)):
-                cube_row = padded_row - my
-                if not 0 <= cube_row < ny:
-                    continue
-                held = padded_row - window_start
-                mean = total[held, mx:mx + nx] / covered[held, mx:mx + nx, None]
-                out = cube_row - cube_rows.start
-                if nll:
-                    scores[out] = mean[:, 0]
-                    continue
-                counts = window[held, mx:mx + nx]
-                for start in range(0, nx, self.SCORE_PIXELS):
-                    block = slice(start, start + self.SCORE_PIXELS)
-                    scores[out, block] = score_spectra(counts[block][:, channels], mean[block][:, channels],
-                                                       self.scoring)
-            done = final
-            keep = done - window_start
-            window, total, covered = window[keep:], total[keep:], covered[keep:]
-            window_start = done
-        self.model_.to("cpu")
+        with self._network_on(device):
+            nll = self.scoring == "nll"
+            cube_rows = slice(max(first - my, 0), max(min(last - my, ny), 0))
+            scores = np.empty((cube_rows.stop - cube_rows.start, nx))
+            window, window_start = np.empty((0, width, ne), np.float32), row_starts[0]  # padded rows held
+            depth = 1 if nll else ne
+            total = np.zeros((0, width, depth))  # (rows, x, channels): a finished row's mean is one contiguous block
+            covered = np.zeros((0, width))
+            done = row_starts[0]  # padded rows finished
+            for k, y0 in enumerate(row_starts):
+                # read the rows this row of corners needs, drop those finished
+                stop = y0 + patch[0]
+                held_stop = window_start + window.shape[0]
+                if stop > held_stop:
+                    new = read(held_stop, stop)
+                    window = np.concatenate([window, new])
+                    total = np.concatenate([total, np.zeros((new.shape[0], width, depth))])
+                    covered = np.concatenate([covered, np.zeros((new.shape[0], width))])
+                band = window[y0 - window_start:stop - window_start]
+                # one row of corners: the band is a patch high, its corners those of the whole cube in this row
+                outputs = self._run_patches(*extract_patches(band, patch, (patch[0], stride[1])), device,
+                                            self._score_batch(ne), nll)
+                for corners, _, expected, voxel_nll in outputs:
+                    value = voxel_nll[:, channels].mean(axis=1, keepdims=True) if nll else expected
+                    for (_, x), v in zip(corners, value, strict=True):
+                        total[y0 - window_start:stop - window_start, x:x + patch[1]] += np.moveaxis(v, 0, -1) * \
+                            weight[..., None]
+                        covered[y0 - window_start:stop - window_start, x:x + patch[1]] += weight
+                # padded rows above the next row of corners are final: score the cube rows among them (those in
+                # ``rows``), a row at a time (the float64 copies and the score's arrays stay a row of spectra)
+                # (later corners start at or past ``last``)
+                final = row_starts[k + 1] if k + 1 < len(row_starts) else height
+                for padded_row in range(max(done, first), min(final, last)):
+                    cube_row = padded_row - my
+                    if not 0 <= cube_row < ny:
+                        continue
+                    held = padded_row - window_start
+                    mean = total[held, mx:mx + nx] / covered[held, mx:mx + nx, None]
+                    out = cube_row - cube_rows.start
+                    if nll:
+                        scores[out] = mean[:, 0]
+                        continue
+                    counts = window[held, mx:mx + nx]
+                    for start in range(0, nx, self.SCORE_PIXELS):
+                        block = slice(start, start + self.SCORE_PIXELS)
+                        scores[out, block] = score_spectra(counts[block][:, channels], mean[block][:, channels],
+                                                           self.scoring)
+                done = final
+                keep = done - window_start
+                window, total, covered = window[keep:], total[keep:], covered[keep:]
+                window_start = done
         return cube_rows, scores
 
     # -- persistence ------------------------------------------------------------------------------
