@@ -195,9 +195,9 @@ class CVAEDetector(BaseDetector):
     #: 17.1 s and 364 MiB; at 64 x 64 x 320, batches of 16 to 64 patches score at the same speed within noise
     SCORE_VOXELS = 8 * 64 * 1024
     #: memory layout of the network at inference. Measured side by side on 2 CPU cores (64 x 64 x 320, best of 3,
-    #: spectra/s; pixel / neighbour context): contiguous 25,400 / 15,100 and channels-last 23,500 / 12,800 in
-    #: batches of 64; in batches of 256 19,600 / 10,300 and 21,400 / 10,500. ``torch.channels_last_3d`` is the
-    #: other choice (``benchmarks/cvae.py --speed-only`` times both)
+    #: spectra/s; pixel context / blind spot on the simulator's default cube / blind spot under a +-1 eV drift,
+    #: session 19): contiguous 26,100 / 10,600 / 12,700, channels-last 23,000 / 9,400 / 11,200.
+    #: ``torch.channels_last_3d`` is the other choice (``benchmarks/cvae.py --speed-only`` times both)
     MEMORY_FORMAT = torch.contiguous_format
 
     def __init__(
@@ -420,7 +420,8 @@ class CVAEDetector(BaseDetector):
         :attr:`SUSPECT_PVALUE` are left out of the ring's plane (the encoder still sees them), and the hidden
         centres whose patches held at least :attr:`MIN_SUSPECTS_SEEN` of them are predicted again (only those
         patches; in this process from the first step's latents, decoded with the new plane, as the encoder's
-        input has not changed: 64 x 64 x 320 under a drift 6,300-6,600 -> 7,400-7,500 spectra/s). A blob's own
+        input has not changed: 64 x 64 x 320 under a drift 6,300-6,600 -> 7,400-7,500 spectra/s, before the decoder
+        ran as 1D convolutions). A blob's own
         pixels, their rings half blob, score weakly one by one (p 0.01-0.5 at dose 20 for 0.5 eV) but strongly
         pooled; suspects by their own p-values (< 0.001, replaced by their first-step predictions) left a blob at
         an image's corner in its neighbours' cut ring (under a +-1 eV drift, F1 on blobs at 5 % FDR 0.928 against
