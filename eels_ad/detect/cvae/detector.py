@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import itertools
 import os
 import tempfile
 import time
@@ -436,7 +435,7 @@ class CVAEDetector(BaseDetector):
         latents = np.zeros((*self._hole_frame((ny, nx))[2:4], self.model_.to_latent.out_features // 2),
                            np.float32) if second and client is None else None
         # a lazy cube while a dask.distributed client is current: the bands over the cluster's workers
-        steps = self._first_step(self._inpainted_bands(cube, nll=nll, latents=latents), channels) \
+        steps = self._first_step(self._inpainted_bands(cube, nll=nll, latents=latents), channels, nll) \
             if client is None else self._first_step_on_cluster(client, cube, channels)
         for rows, band_scores in steps:
             scores[rows] = band_scores
@@ -713,20 +712,14 @@ class CVAEDetector(BaseDetector):
                 yield (cube_rows, np.asarray(counts, dtype=np.float64), predicted[:height, :nx],
                        None if voxel is None else voxel[:height, :nx])
 
-    def _first_step(self, parts, channels: np.ndarray):
+    def _first_step(self, parts, channels: np.ndarray, nll: bool = False):
         """Per band of :meth:`_inpainted_bands`' output: (cube rows, scores); the bands scored in blocks
-        (:meth:`_scored_in_blocks`)."""
-        parts = iter(parts)
-        first = next(parts, None)
-        if first is None:
+        (:meth:`_scored_in_blocks`), or with ``nll`` the network's own mean voxel NLL, scored already."""
+        if nll:
+            yield from ((rows, voxel_nll) for rows, _, _, voxel_nll in parts)
             return
-        if first[3] is not None:  # the network's own voxel NLL: scored already
-            yield first[0], first[3]
-            for rows, _, _, voxel_nll in parts:
-                yield rows, voxel_nll
-            return
-        bands = ((rows, counts, predicted) for rows, counts, predicted, _ in itertools.chain([first], parts))
-        yield from self._scored_in_blocks(bands, channels)
+        yield from self._scored_in_blocks(((rows, counts, predicted) for rows, counts, predicted, _ in parts),
+                                          channels)
 
     def _second_step(self, parts, channels: np.ndarray):
         """Per band of :meth:`_inpainted_bands`' output with ``blocks`` given: (cube rows, the pixels predicted
@@ -1025,4 +1018,4 @@ def _first_step_task(detector: CVAEDetector, band: np.ndarray, top: int, shape: 
     band = np.asarray(band, dtype=np.float32)
     parts = detector._predicted_bands(lambda start, stop: band[start - top:stop - top], shape, nll, voxel_channels,
                                       None, centre_rows)
-    return list(detector._first_step(parts, channels))
+    return list(detector._first_step(parts, channels, nll))
