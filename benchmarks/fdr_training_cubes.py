@@ -4,11 +4,11 @@
 anything in (the realised FDR at the nominal 5 %). A detector's p-values are calibrated on its own training cube's
 spectra, so that figure is one draw: here each detector is trained on several bulk cubes (the same simulator and
 cell: 64 x 64 x 320, dose 20, without and under a +-1 eV drift) and each trained detector scores the same
-bulk-only cubes (seeds 1000 on). The mean over training cubes is what a user can expect; the spread, what one
-trained detector may give.
+bulk-only cubes (seeds 1000 on, or from --null-seed). The mean over training cubes is what a user can expect; the
+spread, what one trained detector may give.
 
 Usage: python benchmarks/fdr_training_cubes.py [--detectors "PCA default; CVAE default"] [--train-seeds 100,101,102]
-       [--null-cubes 300] [--drifts 0,1] [--stem fdr_training_cubes]   ->   results/<stem>.json
+       [--null-cubes 300] [--null-seed 1000] [--drifts 0,1] [--stem fdr_training_cubes]   ->   results/<stem>.json
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from spatial import cell, detectors, wilson
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def run(names: list[str], seeds: list[int], null_cubes: int, drifts: list[float]) -> dict:
+def run(names: list[str], seeds: list[int], null_cubes: int, drifts: list[float], null_seed: int = 1000) -> dict:
     makers = detectors(120.0)
     rows = []
     for name in names:
@@ -34,7 +34,7 @@ def run(names: list[str], seeds: list[int], null_cubes: int, drifts: list[float]
                 tic = time.perf_counter()
                 detector = makers[name]().fit(cell((64, 64), drift, "pixels", seed=seed, anomalies=False)["counts"])
                 flagged = [bool(detector.flag(detector.score(
-                    cell((64, 64), drift, "pixels", seed=1000 + k, anomalies=False)["counts"])).values.any())
+                    cell((64, 64), drift, "pixels", seed=null_seed + k, anomalies=False)["counts"])).values.any())
                     for k in range(null_cubes)]
                 row = {"detector": name, "drift_eV": drift, "train_seed": seed, "context": detector.context_,
                        "cubes": null_cubes, "fdr": float(np.mean(flagged)),
@@ -50,7 +50,8 @@ def run(names: list[str], seeds: list[int], null_cubes: int, drifts: list[float]
                             "mean_fdr": float(np.mean(values)), "min_fdr": float(np.min(values)),
                             "max_fdr": float(np.max(values))})
             print(json.dumps(summary[-1]), flush=True)
-    return {"shape": [64, 64, 320], "dose": 20, "nominal_fdr": 0.05, "rows": rows, "summary": summary}
+    return {"shape": [64, 64, 320], "dose": 20, "nominal_fdr": 0.05,
+            "null_seeds": [null_seed, null_seed + null_cubes - 1], "rows": rows, "summary": summary}
 
 
 def main() -> None:
@@ -58,6 +59,7 @@ def main() -> None:
     parser.add_argument("--detectors", default="PCA default; CVAE default", help="';'-separated rows of spatial.py")
     parser.add_argument("--train-seeds", default="100,101,102", help="seeds of the training cubes")
     parser.add_argument("--null-cubes", type=int, default=300, help="bulk-only test cubes per trained detector")
+    parser.add_argument("--null-seed", type=int, default=1000, help="seed of the first bulk-only cube")
     parser.add_argument("--drifts", default="0,1", help="drifts in eV, ','-separated")
     parser.add_argument("--stem", default="fdr_training_cubes")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -66,7 +68,7 @@ def main() -> None:
     tic = time.perf_counter()
     results = run([name.strip() for name in args.detectors.split(";") if name.strip()],
                   [int(seed) for seed in args.train_seeds.split(",")], args.null_cubes,
-                  [float(drift) for drift in args.drifts.split(",")])
+                  [float(drift) for drift in args.drifts.split(",")], args.null_seed)
     results["seconds"] = time.perf_counter() - tic
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{args.stem}.json"

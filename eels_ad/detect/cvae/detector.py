@@ -168,7 +168,14 @@ class CVAEDetector(BaseDetector):
         at 64 x 64) can only extrapolate; the p-values below and the tail's mass stay the strip's
         (:class:`~eels_ad.detect.spatial.UpperTail`'s ``tail_sample``). Measured on 150 bulk-only cubes:
         realised FDR 0.027 without drift and 0.033 under a +-1 eV drift (0.013 and 0.020 from the strip
-        alone; ``benchmarks/README.md``, session 16).
+        alone; ``benchmarks/README.md``, session 16). With the blind spot (``context="neighbours"``).
+    model_null_scores_ : ndarray or None
+        In the pixel context: the scores of Poisson replicates of the network's own expected counts of the
+        held-out pixels, scored against them (:attr:`MODEL_NULL_SPECTRA` spectra, seeded). Moved onto the
+        held-out scores by a line through their Q-Q plot they shape the p-values' tail beyond the strip's reach,
+        on the squared scale of a normal score (``BaseDetector._training_tail_scores``). In the pixel context the
+        network sees the pixel it predicts, so its null is mostly the counts' own noise, which this sample holds
+        out to 1e-5; the blind spot's null is mostly its prediction error, which it does not. None otherwise.
 
     Examples
     --------
@@ -181,6 +188,11 @@ class CVAEDetector(BaseDetector):
     """
 
     _SCORINGS = (*SCORES, "nll")
+    #: spectra of the model null (``model_null_scores_``), whatever the size of the held-out strip: 32,768 drawn
+    #: and scored in ~1 s on one core (320 channels). A Pareto tail fitted to the top 2.5 % of them (800 scores)
+    #: holds its shape; the realised FDR over 6 training cubes was 0.020-0.100 (mean 0.050) with them, 0.007-0.027
+    #: (mean 0.022) with the training pixels' scores (benchmarks/README.md, session 20)
+    MODEL_NULL_SPECTRA = 32768
     #: training spectra (seeded) whose edge shifts measure the drift for ``context="auto"``
     DRIFT_SAMPLE = 4000
     #: spectra scored at a time against their reconstructions when a lazy cube is scored in bands of rows
@@ -363,7 +375,21 @@ class CVAEDetector(BaseDetector):
         self.n_calibration_spectra_ = int(holdout.sum())
         if not holdout.any():
             return None
+        self.model_null_scores_ = self._model_null_scores(cube, holdout, energy)
         return holdout.ravel() if mask is None else holdout[mask]
+
+    def _model_null_scores(self, cube: xr.DataArray, holdout: np.ndarray, energy: np.ndarray) -> np.ndarray | None:
+        """``model_null_scores_``: in the pixel context, the scores of Poisson replicates of the network's
+        expected counts of the ``holdout`` pixels (y, x), against those counts; None for the blind spot and
+        ``scoring="nll"``."""
+        if self._hole() is not None or self.scoring == "nll":
+            return None
+        channels = self._score_channels(energy)
+        expected = self._reconstruct_array(cube)[holdout][:, channels].astype(np.float64)
+        rng = np.random.default_rng(self.seed)
+        replicates = -(-self.MODEL_NULL_SPECTRA // expected.shape[0])
+        return np.concatenate([score_spectra(rng.poisson(expected).astype(np.float64), expected, self.scoring)
+                               for _ in range(replicates)])
 
     # -- inference --------------------------------------------------------------------------------
     def _device(self) -> torch.device:
@@ -442,7 +468,10 @@ class CVAEDetector(BaseDetector):
         if not second:
             return scores
         vacuum = np.asarray(cube["vacuum"].values, dtype=bool) if "vacuum" in cube.coords else None
-        pooled = pool_evidence(self._pixel_pvalues(scores, vacuum)[0], mask=None if vacuum is None else ~vacuum)
+        # suspects against the whole map's null: a stratum's own (a band of 512 pixels at 64 x 64) takes in part of
+        # a blob at the image's corner, which then stayed in its neighbours' cut rings
+        pooled = pool_evidence(self._pixel_pvalues(scores, vacuum, null_per_stratum=False)[0],
+                               mask=None if vacuum is None else ~vacuum)
         suspect = np.nan_to_num(pooled, nan=1.0) < self.SUSPECT_PVALUE
         blocks = self._blocks_seeing(*np.nonzero(suspect), (ny, nx))
         if not blocks.any():
