@@ -656,3 +656,43 @@ def test_the_tail_takes_its_shape_from_the_training_pixels_and_its_scale_from_th
     # a stratum with too few held-out scores for a scale of its own brings no training scores
     detector.calibration_strata_ = np.r_[np.zeros(400, np.int8), np.ones(112, np.int8)]
     assert (detector._training_tail_scores()[1] == 0).all()
+
+
+def test_the_pixel_context_shapes_its_tail_with_a_seeded_model_null_that_travels_with_the_model(tmp_path, small_cubes,
+                                                                                               monkeypatch):
+    from eels_ad.detect._base import _moved, _quantile_line
+
+    bulk, test = small_cubes
+    monkeypatch.setattr(CVAEDetector, "MODEL_NULL_SPECTRA", 3000)
+    detector = CVAEDetector(patch_size=4, stride=4, context="pixel", seed=3, **TINY).fit(bulk)
+    null = detector.model_null_scores_
+    holdout = detector.n_calibration_spectra_
+    assert null.size == -(-3000 // holdout) * holdout and np.isfinite(null).all()
+    # the replicates' scores are the counts' own noise about the network's expected counts: near a normal score's
+    assert 0.5 < np.std(null) < 2.0
+    again = CVAEDetector(patch_size=4, stride=4, context="pixel", seed=3, **TINY).fit(bulk)
+    np.testing.assert_array_equal(again.model_null_scores_, null)  # seeded
+    # the tail sample is the model null moved onto the held-out scores by its Q-Q line, on the squared scale
+    extra, strata = detector._training_tail_scores()
+    move = _quantile_line(null, detector.calibration_scores_, detector.MODEL_NULL_FIT_RANGE)
+    np.testing.assert_allclose(extra, _moved(null, *move))
+    assert strata is None and detector._tails()[-1].__self__.outer.squared
+    loaded = CVAEDetector.load(detector.save(tmp_path / "cvae.nc"))
+    np.testing.assert_array_equal(loaded.model_null_scores_, null)
+    xr.testing.assert_identical(loaded.score(test["counts"]), detector.score(test["counts"]))
+    # the blind spot's null is its prediction error, which Poisson replicates do not hold: none there
+    blind = CVAEDetector(patch_size=4, stride=4, context="neighbours", hole_size=2, seed=3, **TINY).fit(bulk)
+    assert blind.model_null_scores_ is None and not blind._tails()[-1].__self__.squared
+
+
+def test_the_quantile_line_recovers_a_shift_and_a_scale():
+    from eels_ad.detect._base import _moved, _quantile_line
+
+    rng = np.random.default_rng(0)
+    values = rng.gamma(4.0, 0.5, 20000)
+    reference = 0.3 + 1.7 * rng.gamma(4.0, 0.5, 600)
+    low, intercept, slope = _quantile_line(values, reference, (0.1, 0.99))
+    assert slope == pytest.approx(1.7, rel=0.1) and intercept == pytest.approx(0.3, abs=0.25)
+    assert np.median(_moved(values, low, intercept, slope)) == pytest.approx(np.median(reference), rel=0.05)
+    assert _quantile_line(values, reference[:5], (0.1, 0.99)) is None  # too few positions for a line
+    assert _quantile_line(np.ones(100), reference, (0.1, 0.99)) is None  # a sample of one value: no line

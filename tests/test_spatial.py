@@ -7,6 +7,7 @@ from scipy import stats
 import eels_ad
 from eels_ad.detect import PCADetector
 from eels_ad.detect.spatial import (
+    UpperTail,
     empirical_null,
     fdr_flags,
     pixel_pvalues,
@@ -14,6 +15,7 @@ from eels_ad.detect.spatial import (
     ring,
     ring_prediction,
     spatial_flags,
+    squared_excess,
 )
 from eels_ad.evaluate import detection_metrics
 
@@ -517,3 +519,49 @@ def test_the_automatic_context_follows_the_training_cubes_drift(tmp_path):
     assert auc["auto"] > 0.97 and auc["auto"] > auc["pixel"] + 0.1, auc
     with pytest.raises(ValueError, match="context must be one of"):
         PCADetector(context="nearby").fit(cube(0.0, 3)["counts"])
+
+
+def test_a_pareto_tail_on_the_squared_scale_follows_a_normal_scores_tail_where_the_plain_one_is_too_heavy():
+    # the CVAE's score is the larger of two normal scores (shift z, deviance z): P(X > x) = 1 - Phi(x)^2
+    from scipy import special
+
+    at = special.ndtri(np.sqrt(1 - np.array([1e-4, 1e-5])))  # its true 1e-4 and 1e-5 quantiles
+    plain, squared = [], []
+    for seed in range(8):
+        rng = np.random.default_rng(seed)
+        held, model_null = rng.normal(size=(4000, 2)).max(axis=1), rng.normal(size=(32768, 2)).max(axis=1)
+        plain.append(UpperTail(held, tail_sample=model_null).sf(at) / [1e-4, 1e-5])
+        squared.append(UpperTail(held, tail_sample=model_null, squared=True).sf(at) / [1e-4, 1e-5])
+    plain, squared = np.array(plain), np.array(squared)
+    # measured: the plain scale's exponential floor 3.6-5.8x the level at 1e-5; the squared one 0.5-4.0x, median 0.9
+    assert (plain[:, 1] > 3).all()
+    assert 0.5 < np.median(squared[:, 1]) < 2 and 0.5 < np.median(squared[:, 0]) < 2
+    # below the threshold nothing changes: the conformal p-values of the held-out sample
+    rng = np.random.default_rng(0)
+    held = rng.normal(size=(4000, 2)).max(axis=1)
+    body = np.quantile(held, [0.2, 0.5, 0.9])
+    np.testing.assert_array_equal(UpperTail(held, squared=True).sf(body), UpperTail(held).sf(body))
+    assert squared_excess(np.array([2.0, 3.0]), 2.0).tolist() == [0.0, 2.5]
+    # a threshold at or below 0 has no squared scale: the plain one is kept
+    assert not UpperTail(-np.abs(rng.normal(size=500)), squared=True).squared
+
+
+def test_the_empirical_null_per_stratum_takes_each_strata_own_centre_and_spread():
+    rng = np.random.default_rng(0)
+    strata = np.zeros((64, 64), np.int8)
+    strata[:4], strata[-4:] = 1, 1  # a band of 512 pixels whose null runs wider and higher (a cut ring's)
+    z = np.where(strata == 1, rng.normal(0.6, 1.3, strata.shape), rng.normal(0.0, 1.0, strata.shape))
+    pvalues = stats.norm.sf(z)
+    whole, _, _ = empirical_null(pvalues)
+    own, centre, spread = empirical_null(pvalues, strata)
+    band = strata == 1
+    assert np.mean(whole[band] < 0.01) > 0.04  # one null for the map: the band's tail ~7x the level (0.074)
+    assert np.mean(own[band] < 0.01) == pytest.approx(0.01, abs=0.008)
+    assert np.mean(own[~band] < 0.01) == pytest.approx(0.01, abs=0.005)
+    assert centre == pytest.approx(0.0, abs=0.1) and spread == pytest.approx(1.0, abs=0.1)  # the largest's
+    # a stratum too small for a null of its own keeps the whole map's
+    tiny = np.zeros_like(strata)
+    tiny[0, :10] = 1
+    np.testing.assert_array_equal(empirical_null(pvalues, tiny)[0][0, :10], whole[0, :10])
+    with pytest.raises(ValueError, match=r"strata must have the p-values' shape \(64, 64\), got \(64,\)"):
+        empirical_null(pvalues, strata[0])
