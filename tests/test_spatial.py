@@ -565,3 +565,30 @@ def test_the_empirical_null_per_stratum_takes_each_strata_own_centre_and_spread(
     np.testing.assert_array_equal(empirical_null(pvalues, tiny)[0][0, :10], whole[0, :10])
     with pytest.raises(ValueError, match=r"strata must have the p-values' shape \(64, 64\), got \(64,\)"):
         empirical_null(pvalues, strata[0])
+
+
+def test_the_cvae_takes_each_stratums_own_empirical_null_and_pca_one_for_the_map(monkeypatch):
+    import eels_ad.detect._base as base
+    from eels_ad.detect import CVAEDetector
+
+    seen = []
+
+    def recording(pvalues, strata=None):
+        seen.append(strata)
+        return empirical_null(pvalues, strata)
+
+    monkeypatch.setattr(base, "empirical_null", recording)
+    rng = np.random.default_rng(3)
+    cvae = CVAEDetector(scoring="shift", context="neighbours")  # patches 8, holes 4: a 4-pixel frame in 2 strata
+    strata = np.r_[np.zeros(300, np.int8), np.ones(250, np.int8), np.full(250, 2, np.int8)]
+    cvae.calibration_strata_, cvae.calibration_scores_ = strata, np.abs(rng.normal(size=strata.size))
+    raw = np.abs(rng.normal(size=(64, 64)))
+    cvae._pixel_pvalues(raw, None)
+    np.testing.assert_array_equal(seen[-1], cvae._strata((64, 64)))
+    cvae._pixel_pvalues(raw, None, null_per_stratum=False)  # the second step's suspects: one null
+    assert seen[-1] is None
+    bulk = eels_ad.simulate_fe_l23((48, 48), dose=20, drift=1.0, anomaly_fraction=0.0, seed=101)["counts"]
+    pca = PCADetector(scoring="shift", context="neighbours").fit(bulk)
+    assert pca.calibration_strata_ is not None and not pca.NULL_PER_STRATUM
+    pca._pixel_pvalues(raw[:48, :48], None)
+    assert seen[-1] is None

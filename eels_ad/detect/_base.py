@@ -327,6 +327,12 @@ class BaseDetector(abc.ABC):
     #: stratum's from the training and held-out scores together (the reference's own from the held-out ones), not
     #: from the held-out scores alone: for a held-out strip that holds few pixels of some stratum
     STRATA_FROM_TRAINING = False
+    #: with ``empirical_null=True`` and strata: each stratum of a scored map re-standardised to its own null (True)
+    #: rather than the map to one (:func:`~eels_ad.detect.spatial.empirical_null`). Measured under a +-1 eV drift
+    #: over training cubes (benchmarks/README.md, session 20): the CVAE's blind spot 0.070 (0.040-0.127) -> 0.057
+    #: (0.033-0.080) realised FDR at 5 %; PCA's neighbour context 0.039 (0.010-0.057) -> 0.046 (0.010-0.110), so
+    #: PCA keeps one null
+    NULL_PER_STRATUM = False
 
     def _strata(self, shape: tuple[int, int]) -> np.ndarray | None:
         """(y, x) int map of the calibration strata of a map of ``shape``: pixels whose scores have nulls of
@@ -451,8 +457,8 @@ class BaseDetector(abc.ABC):
                        null_per_stratum: bool = True) -> tuple[np.ndarray, float, float]:
         """Per-pixel p-values of raw scores against the calibration scores (vacuum NaN), each pixel against
         its stratum's where the detector has strata (Mondrian calibration), re-standardised to the map's own
-        null with ``empirical_null=True`` (each stratum to its own, unless ``null_per_stratum`` is False); with
-        that null's centre and spread (sigma; the largest stratum's)."""
+        null with ``empirical_null=True`` (each stratum to its own with :attr:`NULL_PER_STRATUM`, unless
+        ``null_per_stratum`` is False); with that null's centre and spread (sigma; the largest stratum's)."""
         tails = self._tails()
         strata = self._strata(raw.shape) if len(tails) > 1 and np.ndim(raw) == 2 else None
         if strata is None:
@@ -465,7 +471,7 @@ class BaseDetector(abc.ABC):
         if vacuum is not None:
             pvalues = np.where(vacuum, np.nan, pvalues)
         if self.get_params().get("empirical_null", False):
-            return empirical_null(pvalues, strata if null_per_stratum else None)
+            return empirical_null(pvalues, strata if null_per_stratum and self.NULL_PER_STRATUM else None)
         return pvalues, 0.0, 1.0
 
     def _spatial_scores(self, scores: xr.DataArray) -> bool:

@@ -332,9 +332,11 @@ def empirical_null(pvalues: np.ndarray | xr.DataArray,
     :data:`MIN_EMPIRICAL_NULL_PIXELS` finite pixels; a smaller one to the whole map's): for a detector whose
     strata have nulls of their own (the CVAE's blind spot at the image's edges, whose cut rings see a drift
     otherwise). Their calibration came from one training cube's edges; the scored map's own edges tell
-    how that cube's drift differs from this one's. Measured (benchmarks/README.md, session 20): under a +-1 eV
-    drift, trained on 6 cubes, the realised FDR at 5 % was 0.040-0.127 (mean 0.070) with the whole map's null
-    and 0.033-0.080 (mean 0.057) with each stratum's.
+    how that cube's drift differs from this one's. Measured (benchmarks/README.md, session 20): the CVAE's
+    blind spot under a +-1 eV drift, trained on 6 cubes, realised an FDR at 5 % of 0.040-0.127 (mean 0.070)
+    with the whole map's null and 0.033-0.080 (mean 0.057) with each stratum's; PCA's neighbour context
+    0.010-0.057 (mean 0.039) and 0.010-0.110 (0.046), so it keeps one null
+    (``BaseDetector.NULL_PER_STRATUM``).
 
     Parameters
     ----------

@@ -609,6 +609,7 @@ class CVAEDetector(BaseDetector):
     STRATA_SHARE_TAIL = True
     TAIL_FROM_TRAINING = True
     STRATA_FROM_TRAINING = True
+    NULL_PER_STRATUM = True
 
     def _strata(self, shape: tuple[int, int]) -> np.ndarray | None:
         """With ``context="neighbours"``: the pixels whose patch reaches past the image's edge (its ring is cut;
