@@ -673,13 +673,24 @@ def test_the_pixel_context_shapes_its_tail_with_a_seeded_model_null_that_travels
     again = CVAEDetector(patch_size=4, stride=4, context="pixel", seed=3, **TINY).fit(bulk)
     np.testing.assert_array_equal(again.model_null_scores_, null)  # seeded
     # the tail sample is the model null moved onto the held-out scores by its Q-Q line, on the squared scale
-    extra, strata = detector._training_tail_scores()
     move = _quantile_line(null, detector.calibration_scores_, detector.MODEL_NULL_FIT_RANGE)
+    # training scores that follow the moved model null (this 2-epoch network's own misfit is refused, below)
+    detector.training_scores_ = np.quantile(_moved(null, *move), (np.arange(2000) + 0.5) / 2000)
+    assert detector._model_null() is not None
+    extra, strata = detector._training_tail_scores()
     np.testing.assert_allclose(extra, _moved(null, *move))
     assert strata is None and detector._tails()[-1].__self__.outer.squared
     loaded = CVAEDetector.load(detector.save(tmp_path / "cvae.nc"))
     np.testing.assert_array_equal(loaded.model_null_scores_, null)
     xr.testing.assert_identical(loaded.score(test["counts"]), detector.score(test["counts"]))
+    # a model null that does not explain the training pixels' tail (the model's misfit matters) is refused: their
+    # scores shape the tail again, on the plain scale
+    heavy = detector.training_scores_.copy()
+    heavy[: heavy.size // 10] = np.max(extra) + 1.0
+    detector.training_scores_ = heavy
+    detector.__dict__.pop("_tail_cache", None)
+    tail = detector._tails()[-1].__self__
+    assert detector._model_null() is None and not tail.squared and (tail.outer is None or not tail.outer.squared)
     # the blind spot's null is its prediction error, which Poisson replicates do not hold: none there
     blind = CVAEDetector(patch_size=4, stride=4, context="neighbours", hole_size=2, seed=3, **TINY).fit(bulk)
     assert blind.model_null_scores_ is None and not blind._tails()[-1].__self__.squared

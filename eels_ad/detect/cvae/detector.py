@@ -168,7 +168,8 @@ class CVAEDetector(BaseDetector):
         at 64 x 64) can only extrapolate; the p-values below and the tail's mass stay the strip's
         (:class:`~eels_ad.detect.spatial.UpperTail`'s ``tail_sample``). Measured on 150 bulk-only cubes:
         realised FDR 0.027 without drift and 0.033 under a +-1 eV drift (0.013 and 0.020 from the strip
-        alone; ``benchmarks/README.md``, session 16). With the blind spot (``context="neighbours"``).
+        alone; ``benchmarks/README.md``, session 16). Used so with the blind spot (``context="neighbours"``); in the
+        pixel context ``model_null_scores_`` shape the tail instead.
     model_null_scores_ : ndarray or None
         In the pixel context: the scores of Poisson replicates of the network's own expected counts of the
         held-out pixels, scored against them (:attr:`MODEL_NULL_SPECTRA` spectra, seeded). Moved onto the
