@@ -190,7 +190,7 @@ class CVAEDetector(BaseDetector):
 
     _SCORINGS = (*SCORES, "nll")
     #: spectra of the model null (``model_null_scores_``), whatever the size of the held-out strip: 32,768 drawn
-    #: and scored in ~1 s on one core (320 channels). A Pareto tail fitted to the top 2.5 % of them (800 scores)
+    #: and scored in 1.2 s on 2 cores (320 channels). A Pareto tail fitted to the top 2.5 % of them (800 scores)
     #: holds its shape; the realised FDR over 6 training cubes was 0.020-0.100 (mean 0.050) with them, 0.007-0.027
     #: (mean 0.022) with the training pixels' scores (benchmarks/README.md, session 20)
     MODEL_NULL_SPECTRA = 32768
