@@ -691,6 +691,9 @@ def test_the_pixel_context_shapes_its_tail_with_a_seeded_model_null_that_travels
     detector.__dict__.pop("_tail_cache", None)
     tail = detector._tails()[-1].__self__
     assert detector._model_null() is None and not tail.squared and (tail.outer is None or not tail.outer.squared)
+    # and where they fall far short of its tail (the network reproduces its training pixels' noise)
+    detector.training_scores_ = np.full(2000, np.median(extra))
+    assert detector._model_null() is None
     # the blind spot's null is its prediction error, which Poisson replicates do not hold: none there
     blind = CVAEDetector(patch_size=4, stride=4, context="neighbours", hole_size=2, seed=3, **TINY).fit(bulk)
     assert blind.model_null_scores_ is None and not blind._tails()[-1].__self__.squared
