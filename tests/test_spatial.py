@@ -567,6 +567,26 @@ def test_the_empirical_null_per_stratum_takes_each_strata_own_centre_and_spread(
         empirical_null(pvalues, strata[0])
 
 
+def test_the_empirical_null_per_stratum_fits_the_whole_map_only_for_strata_too_small(monkeypatch):
+    import eels_ad.detect.spatial as spatial
+
+    fitted = []
+    one = spatial._empirical_null
+    monkeypatch.setattr(spatial, "_empirical_null", lambda values: fitted.append(values.size) or one(values))
+    pvalues = np.random.default_rng(1).uniform(size=(64, 64))
+    strata = np.zeros((64, 64), np.int8)
+    strata[:4] = 1
+    before = pvalues.copy()
+    empirical_null(pvalues, strata)  # both strata large enough: one fit each, none of the whole map (scoring path)
+    assert sorted(fitted) == [256, 64 * 60]
+    fitted.clear()
+    strata[0, :10] = 2  # a stratum of 10 pixels: the whole map's null for it
+    adjusted = empirical_null(pvalues, strata)[0]
+    assert sorted(fitted) == [246, 64 * 60, 64 * 64]
+    np.testing.assert_array_equal(pvalues, before)  # the input is left as it was
+    assert np.isfinite(adjusted).all()
+
+
 def test_the_cvae_takes_each_stratums_own_empirical_null_and_pca_one_for_the_map(monkeypatch):
     import eels_ad.detect._base as base
     from eels_ad.detect import CVAEDetector

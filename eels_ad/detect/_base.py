@@ -355,8 +355,9 @@ class BaseDetector(abc.ABC):
         if cached is None or any(a is not b for a, b in zip(cached[0], key, strict=True)) or cached[1] != family:
             scores, strata = self.calibration_scores_, getattr(self, "calibration_strata_", None)
             extra, extra_strata = self._training_tail_scores()
-            # the model null's tail: a normal one at the lightest (spatial.squared_excess)
-            squared = extra is not None and extra_strata is None and self._model_null() is not None
+            # the model null's tail (the one tail sample without strata): a normal one at the lightest
+            # (spatial.squared_excess)
+            squared = extra is not None and extra_strata is None
             tails = {-1: UpperTail(scores, family=family, tail_sample=extra, squared=squared).sf}
             if strata is not None:
                 values, counts = np.unique(strata, return_counts=True)
@@ -461,7 +462,8 @@ class BaseDetector(abc.ABC):
         narrowed the spread over training cubes.
 
         Else, with :attr:`TAIL_FROM_TRAINING`: the training pixels' scores, each stratum's moved onto the location
-        and scale (median, 95th percentile) of its held-out scores, and their strata; else (None, None).
+        and scale (median, 95th percentile) of its held-out scores, and their strata (an array always: strata of
+        None mark the model null); else (None, None).
 
         They shape the calibration's tail beyond its threshold (:class:`~.spatial.UpperTail`'s ``tail_sample``)
         while the held-out scores alone set the p-values below it and the tail's mass: the network fits its

@@ -372,17 +372,20 @@ def empirical_null(pvalues: np.ndarray | xr.DataArray,
     strata = np.asarray(strata)
     if strata.shape != values.shape:
         raise ValueError(f"strata must have the p-values' shape {values.shape}, got {strata.shape}")
-    adjusted, centre, spread = _empirical_null(values)  # the whole map's, for strata too small for their own
     labels, counts = np.unique(strata[np.isfinite(values)], return_counts=True)
-    if labels.size < 2:
-        return adjusted, centre, spread
+    own = counts >= MIN_EMPIRICAL_NULL_PIXELS
+    if labels.size < 2 or not own.any():
+        return _empirical_null(values)
+    if own.all():  # every stratum its own null: no fit of the whole map (one per scored map)
+        adjusted = np.full(values.shape, np.nan)
+    else:  # the whole map's null for the strata too small for their own (a copy: it may be the input itself)
+        adjusted = np.array(_empirical_null(values)[0])
     largest = labels[np.argmax(counts)]
-    for label, count in zip(labels, counts, strict=True):
-        if count >= MIN_EMPIRICAL_NULL_PIXELS:
-            inside = strata == label
-            adjusted[inside], own_centre, own_spread = _empirical_null(values[inside])
-            if label == largest:
-                centre, spread = own_centre, own_spread
+    for label in labels[own]:
+        inside = strata == label
+        adjusted[inside], own_centre, own_spread = _empirical_null(values[inside])
+        if label == largest:  # the largest stratum has a null of its own whenever any has
+            centre, spread = own_centre, own_spread
     return adjusted, centre, spread
 
 
